@@ -1,0 +1,132 @@
+"""Arrow schemas of every table a run writes: the contract between stages."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+STR = pa.string()
+STR_LIST = pa.list_(pa.string())
+
+ITEMS = pa.schema(
+    [
+        pa.field("item_id", STR, nullable=False),
+        pa.field("dataset", STR, nullable=False),
+        pa.field("split", STR, nullable=False),  # train / dev / test
+        pa.field("group", STR, nullable=False),  # unit that never straddles splits (the subject)
+        pa.field("relation_id", STR),
+        pa.field("question", STR, nullable=False),
+        pa.field("context", STR, nullable=False),  # the context the model is given (counterfactual)
+        pa.field("answers", STR_LIST, nullable=False),  # context answer + aliases
+        pa.field("orig_answers", STR_LIST),  # memorised (original) answer + aliases
+        pa.field("orig_context", STR),  # the same context with the original answer
+        pa.field("target_sentence", STR),  # the context sentence that carries the answer, where known
+        pa.field("counterfactual", pa.bool_(), nullable=False),
+    ]
+)
+
+STATEMENTS = pa.schema(
+    [
+        pa.field("stmt_id", STR, nullable=False),
+        pa.field("key", STR, nullable=False),  # tasks.storage.text_key(text): activation key
+        pa.field("text", STR, nullable=False),
+        pa.field("label", pa.int8(), nullable=False),  # 1 conflicting (false), 0 aligned (true)
+        pa.field("group", STR, nullable=False),
+        pa.field("relation_id", STR),
+        pa.field("split", STR, nullable=False),
+    ]
+)
+
+REJECTS = pa.schema(
+    [
+        pa.field("source", STR, nullable=False),  # file or dataset the record came from
+        pa.field("record", pa.int64(), nullable=False),  # position in the source
+        pa.field("record_id", STR),
+        pa.field("reason", STR, nullable=False),  # short machine-readable reason
+        pa.field("detail", STR),  # human-readable explanation
+        pa.field("raw", STR),  # the record as JSON, so nothing is lost
+    ]
+)
+
+SENTENCE_LABELS = ("conflict", "aligned", "irrelevant")
+
+SENTENCES = pa.schema(
+    [
+        pa.field("item_id", STR, nullable=False),
+        pa.field("sent_idx", pa.int32(), nullable=False),
+        pa.field("key", STR, nullable=False),
+        pa.field("text", STR, nullable=False),
+        pa.field("char_start", pa.int32(), nullable=False),
+        pa.field("char_end", pa.int32(), nullable=False),
+        pa.field("relevance", pa.float32()),  # question relevance, when computed
+        pa.field("label", STR),  # conflict / aligned / irrelevant, where the benchmark knows it
+        pa.field("truthful", pa.bool_()),  # whether the sentence states a true fact, where known
+    ]
+)
+
+PROBE_METRICS = pa.schema(
+    [
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("probe", STR, nullable=False),
+        pa.field("split", STR, nullable=False),
+        pa.field("n", pa.int32(), nullable=False),
+        pa.field("accuracy", pa.float64()),
+        pa.field("f1", pa.float64()),
+        pa.field("auroc", pa.float64()),
+    ]
+)
+
+SENTENCE_SCORES = pa.schema(
+    [
+        pa.field("item_id", STR, nullable=False),
+        pa.field("sent_idx", pa.int32(), nullable=False),
+        pa.field("key", STR, nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("probe", STR, nullable=False),
+        pa.field("p_conflict", pa.float64(), nullable=False),
+        pa.field("flagged", pa.bool_(), nullable=False),
+    ]
+)
+
+PREDICTIONS = pa.schema(
+    [
+        pa.field("method", STR, nullable=False),
+        pa.field("item_id", STR, nullable=False),
+        pa.field("prompt", STR, nullable=False),
+        pa.field("prediction", STR, nullable=False),
+        pa.field("em", pa.float64(), nullable=False),
+        pa.field("f1", pa.float64(), nullable=False),
+        pa.field("ps", pa.bool_(), nullable=False),  # contains the context answer, no negation, not the original
+        pa.field("po", pa.bool_(), nullable=False),  # contains the original (memorised) answer
+    ]
+)
+
+_METRIC_NAMES = ("em", "f1", "ps", "po", "mr")
+
+METRICS = pa.schema(
+    [pa.field("method", STR, nullable=False), pa.field("n", pa.int32(), nullable=False)]
+    + [pa.field(f"{m}{s}", pa.float64()) for m in _METRIC_NAMES for s in ("", "_lo", "_hi")]
+)
+
+
+def activations_schema(dim: int, value_type: pa.DataType = pa.float32()) -> pa.Schema:
+    """Schema of one activation shard; the layer lives in the hive path, not in the file."""
+    return pa.schema(
+        [
+            pa.field("key", STR, nullable=False),
+            pa.field("source", STR, nullable=False),  # statements / sentences
+            pa.field("position", STR, nullable=False),  # "last": last token of the text fed alone
+            pa.field("vector", pa.list_(value_type, dim), nullable=False),
+        ]
+    )
+
+
+TABLES: dict[str, pa.Schema] = {
+    "items": ITEMS,
+    "statements": STATEMENTS,
+    "rejects": REJECTS,
+    "sentences": SENTENCES,
+    "probe_metrics": PROBE_METRICS,
+    "sentence_scores": SENTENCE_SCORES,
+    "predictions": PREDICTIONS,
+    "metrics": METRICS,
+}

@@ -1,0 +1,90 @@
+"""Typed configuration: the one source of truth for flow parameters and CLI options."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+DEFAULT_MODEL = "smollm2-135m"
+METHODS = ("closed_book", "full_context", "opinion_instruction", "probe_marking", "clear")
+
+
+class ModelConfig(BaseModel):
+    """Which causal LM to load and how."""
+
+    name: str = Field(DEFAULT_MODEL, description="Alias, Hugging Face id or local directory of a causal LM.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1'...")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub (off unless asked).")
+
+
+class ActivationConfig(BaseModel):
+    """Which hidden states to cache."""
+
+    layers: list[int] | None = Field(None, description="Decoder layers to keep (0-based); None = all.")
+    batch_size: int = Field(32, ge=1, description="Sentences per forward pass.")
+
+
+class ProbeConfig(BaseModel):
+    """Per-layer probes on the statements' hidden states."""
+
+    kinds: list[Literal["logistic", "diffmean"]] = Field(["logistic", "diffmean"], description="Probe types per layer.")
+    select_kind: Literal["logistic", "diffmean"] = Field("logistic", description="Probe type used to flag sentences.")
+    l2: float = Field(1.0, gt=0, description="Inverse L2 strength (sklearn C) of the logistic probe.")
+    threshold: float = Field(0.5, gt=0, lt=1, description="p_conflict above which a sentence is flagged.")
+    layer: int | None = Field(None, description="Force the layer used for flagging; None = best dev AUROC.")
+
+
+class FinetuneConfig(BaseModel):
+    """Conflict-aware LoRA fine-tuning (METHOD.md stage 3)."""
+
+    max_items: int = Field(200, ge=1, description="Train-split items used (the reference uses the whole train set).")
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (reference 3e-5 on far more data).")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names LoRA adapts (names absent from the model are skipped).",
+    )
+    attn_lambda: float = Field(0.1, ge=0, le=1, description="Weight of the attention loss.")
+    max_length: int = Field(512, ge=16, description="Token budget per training example.")
+
+
+class EvalConfig(BaseModel):
+    """Generation-based evaluation of the methods."""
+
+    methods: list[str] = Field(list(METHODS), description="Methods to evaluate, in report order.")
+    split: str = Field("test", description="Items split evaluated.")
+    max_new_tokens: int = Field(24, ge=1, description="Greedy decoding budget (answers are short).")
+    batch_size: int = Field(16, ge=1)
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals.")
+
+
+class RunConfig(BaseModel):
+    """Everything one pipeline run needs; hashed into the manifest."""
+
+    run: str | None = Field(None, description="Run name (directory under runs_dir); default: a timestamp.")
+    runs_dir: Path = Field(Path("data/runs"), description="Where run directories live.")
+    dataset: str = Field("known-facts", description="Benchmark name.")
+    data_path: Path | None = Field(None, description="Input file of the dataset (known-facts: bundled).")
+    limit: int | None = Field(None, ge=1, description="Use at most this many records (quick runs).")
+    seed: int = Field(0, description="Seed of every random choice (splits, counterfactuals, training).")
+    model: ModelConfig = ModelConfig()
+    activations: ActivationConfig = ActivationConfig()
+    probe: ProbeConfig = ProbeConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvalConfig = EvalConfig()
+
+    def digest(self, *sections: str) -> str:
+        """Hash of the named sections (all when none) so a stage knows if its inputs changed."""
+        data = self.model_dump(mode="json", exclude={"run", "runs_dir"})
+        if sections:
+            data = {k: data[k] for k in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,135 @@
+"""Run directories and atomic table I/O, so a crash never leaves a half-written table."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.tables import TABLES
+
+
+def text_key(text: str) -> str:
+    """Content key of a text: identical sentences share one cached activation."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def file_sha256(path: Path) -> str:
+    """Hash of a file's bytes, for provenance in the manifest."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def to_arrow(data: pa.Table | pl.DataFrame | list[dict], schema: pa.Schema) -> pa.Table:
+    """Coerce rows or frames to exactly `schema` (column order and types), failing loudly."""
+    if isinstance(data, list):
+        return pa.Table.from_pylist(data, schema=schema)
+    if isinstance(data, pl.DataFrame):
+        data = data.to_arrow()
+    missing = [n for n in schema.names if n not in data.column_names]
+    if missing:
+        raise ValueError(f"table lacks columns {missing} required by its schema")
+    return data.select(schema.names).cast(schema)
+
+
+def write_parquet(data: pa.Table | pl.DataFrame | list[dict], path: Path, schema: pa.Schema, **kwargs: Any) -> Path:
+    """Write a table atomically (temp file, then rename) after casting it to its schema."""
+    table = to_arrow(data, schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", **kwargs)
+    return Path(path)
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    return Path(path)
+
+
+def read_table(path: Path) -> pl.DataFrame:
+    """Read a Parquet table (file or hive directory) as a polars frame."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the stage that writes it first")
+    return pl.read_parquet(path)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each table of a run lives (see ARCHITECTURE.md)."""
+
+    root: Path
+
+    def table(self, name: str) -> Path:
+        if name == "probe_metrics":
+            return self.root / "probes" / "metrics.parquet"
+        if name not in TABLES:
+            raise KeyError(f"unknown table {name!r}; known: {sorted(TABLES)}")
+        return self.root / f"{name}.parquet"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def activations(self) -> Path:
+        return self.root / "activations"
+
+    @property
+    def probes(self) -> Path:
+        return self.root / "probes"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def quality(self) -> Path:
+        return self.root / "quality"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "catalog.duckdb"
+
+
+def model_slug(name: str) -> str:
+    """A filesystem- and hive-safe name for a model id or path."""
+    base = Path(name).name if os.sep in name and Path(name).exists() else name
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in base).strip("-") or "model"

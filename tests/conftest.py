@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random-weight Llama (fast, exercises every code path)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Directory of a 4-layer, 64-wide random Llama with the SmolLM2 tokenizer."""
+    from tasks.models import tiny_model_dir
+
+    return str(tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture()
+def tiny_cfg(tiny_model, tmp_path):
+    """A RunConfig on the tiny model, writing under a temp runs dir, sized for seconds."""
+    from tasks.config import RunConfig
+
+    return RunConfig.model_validate(
+        {
+            "run": "t",
+            "runs_dir": str(tmp_path / "runs"),
+            "limit": 60,
+            "model": {"name": tiny_model},
+            "finetune": {"max_items": 4, "max_length": 256},
+            "evaluate": {"max_new_tokens": 4, "bootstrap": 50},
+        }
+    )
+
+
+@pytest.fixture()
+def run_paths(tiny_cfg):
+    from tasks.storage import RunPaths
+
+    root = Path(tiny_cfg.runs_dir) / tiny_cfg.run
+    root.mkdir(parents=True, exist_ok=True)
+    return RunPaths(root)

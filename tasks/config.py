@@ -13,6 +13,12 @@ DEFAULT_MODEL = "smollm2-135m"
 METHODS = ("closed_book", "full_context", "opinion_instruction", "probe_marking", "clear")
 
 
+class IngestConfig(BaseModel):
+    """How the offline benchmark builds its contexts."""
+
+    n_distractors: int = Field(3, ge=0, description="Irrelevant sentences (other subjects, same split) per context.")
+
+
 class ModelConfig(BaseModel):
     """Which causal LM to load and how."""
 
@@ -76,6 +82,7 @@ class RunConfig(BaseModel):
     data_path: Path | None = Field(None, description="Input file of the dataset (known-facts: bundled).")
     limit: int | None = Field(None, ge=1, description="Use at most this many records (quick runs).")
     seed: int = Field(0, description="Seed of every random choice (splits, counterfactuals, training).")
+    ingest: IngestConfig = IngestConfig()
     model: ModelConfig = ModelConfig()
     activations: ActivationConfig = ActivationConfig()
     probe: ProbeConfig = ProbeConfig()
@@ -86,5 +93,5 @@ class RunConfig(BaseModel):
         """Hash of the named sections (all when none) so a stage knows if its inputs changed."""
         data = self.model_dump(mode="json", exclude={"run", "runs_dir"})
         if sections:
-            data = {k: data[k] for k in sections}
+            data = {k: data.get(k) for k in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

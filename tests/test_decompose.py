@@ -1,0 +1,139 @@
+"""Sentence splitting with exact offsets, and the labelled `sentences` table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import tasks.decompose as dec
+from schemas.tables import ITEMS, SENTENCES, STATEMENTS
+from tasks.config import RunConfig
+from tasks.decompose import run_decompose, split_sentences
+from tasks.ingest import run_ingest
+from tasks.storage import RunPaths, read_table, text_key, write_parquet
+
+
+def _exact(text: str, spans) -> None:
+    for sent, start, end in spans:
+        assert text[start:end] == sent and sent == sent.strip() and sent
+    starts = [s for _, s, _ in spans]
+    assert starts == sorted(starts)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("He moved to St. Louis in 1990. The U.S. is large.", ["He moved to St. Louis in 1990.", "The U.S. is large."]),
+        ("Mario Bros. was developed by Nintendo. Fluminense F.C. is located in the country of Brazil.",
+         ["Mario Bros. was developed by Nintendo.", "Fluminense F.C. is located in the country of Brazil."]),
+        ("  Dr. Smith works at Acme Corp. in Ohio.  \n\n It is in Washington, D.C., near the U.S. Capitol. Really? Yes!  ",
+         ["Dr. Smith works at Acme Corp. in Ohio.", "It is in Washington, D.C., near the U.S. Capitol.", "Really?", "Yes!"]),
+        ("Fendi is owned by Salvatore Ferragamo Italia S.p.A., in Florence. iPhone was developed by Apple.",
+         ["Fendi is owned by Salvatore Ferragamo Italia S.p.A., in Florence.", "iPhone was developed by Apple."]),
+        ("No final period here", ["No final period here"]),
+    ],
+)
+def test_split_sentences_offsets_and_abbreviations(text, expected):
+    spans = split_sentences(text)
+    _exact(text, spans)
+    assert [s for s, _, _ in spans] == expected
+
+
+def test_sentence_ending_in_abbreviation_stays_whole():
+    """pysbd keeps an ambiguous "S.p.A. Next" together: never a cut inside, offsets still exact."""
+    text = "Fendi is owned by Salvatore Ferragamo Italia S.p.A. Audible.com is owned by Amazon."
+    spans = split_sentences(text)
+    _exact(text, spans)
+    assert "".join(s for s, _, _ in spans).replace(" ", "") == text.replace(" ", "")
+    assert all(not s.startswith("p.A.") and not s.endswith("S.") for s, _, _ in spans)
+
+
+def test_split_sentences_empty():
+    assert split_sentences("") == [] and split_sentences("  \n ") == []
+
+
+def test_fallback_when_pysbd_loses_or_misplaces_spans(monkeypatch):
+    """pysbd drops sentences it cannot locate; the uncovered text must still come back, exactly."""
+    from pysbd.utils import TextSpan
+
+    text = "First one here. Second one here. Third one here."
+
+    class Lossy:
+        def segment(self, t):
+            return [TextSpan("First one here. ", 0, 16), TextSpan("garbage", 30, 37)]
+
+    monkeypatch.setattr(dec, "_segmenter", lambda: Lossy())
+    spans = split_sentences(text)
+    _exact(text, spans)
+    assert [s for s, _, _ in spans] == ["First one here.", "Second one here.", "Third one here."]
+
+    class Broken:
+        def segment(self, t):
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(dec, "_segmenter", lambda: Broken())
+    assert [s for s, _, _ in split_sentences(text)] == ["First one here.", "Second one here.", "Third one here."]
+
+
+def test_real_benchmark_offsets_labels_and_speed(tmp_path):
+    """Every sentence of every context of the bundled benchmark: exact offsets, known truth, right label."""
+    cfg = RunConfig(run="t", runs_dir=tmp_path)
+    paths = RunPaths(tmp_path / "t")
+    run_ingest(cfg, paths)
+    t0 = time.perf_counter()
+    out = run_decompose(cfg, paths)
+    assert time.perf_counter() - t0 < 10
+    sents = read_table(out["sentences"])
+    items = read_table(paths.table("items"))
+    stmts = read_table(paths.table("statements"))
+    assert sents.to_arrow().schema.names == SENTENCES.names
+    assert set(sents["item_id"]) == set(items["item_id"])
+    ctx = dict(zip(items["item_id"], items["context"]))
+    target = dict(zip(items["item_id"], items["target_sentence"]))
+    for row in sents.iter_rows(named=True):
+        assert ctx[row["item_id"]][row["char_start"]:row["char_end"]] == row["text"]
+        assert row["key"] == text_key(row["text"]) and row["relevance"] is None
+        expected = "conflict" if row["text"] == target[row["item_id"]] else "irrelevant"
+        assert row["label"] == expected
+    # exactly one conflict sentence per item; every sentence's truth is known from the statements
+    per_item = sents.group_by("item_id").agg((pl.col("label") == "conflict").sum().alias("n"))
+    assert per_item["n"].to_list() == [1] * items.height
+    assert sents["truthful"].null_count() == 0
+    truth = dict(zip(stmts["key"], stmts["label"]))
+    assert all(truthful == (truth[k] == 0) for k, truthful in zip(sents["key"], sents["truthful"]))
+    assert not sents.filter(pl.col("label") == "conflict")["truthful"].any()
+    # sentence indexes are 0..n-1 in order of position
+    for _, g in sents.group_by("item_id"):
+        assert g.sort("char_start")["sent_idx"].to_list() == list(range(g.height))
+
+
+def test_labels_aligned_unknown_and_untrusted(tmp_path):
+    """Aligned targets, items without a target (label unknown) and statements stated both ways."""
+    paths = RunPaths(tmp_path / "t")
+    base = {"dataset": "x", "split": "test", "group": "g", "relation_id": None, "question": "Q?",
+            "answers": ["a"], "orig_answers": None, "orig_context": None}
+    items = [
+        {**base, "item_id": "a", "context": "Paris is in France. Rome is in Spain.",
+         "target_sentence": "Paris is in France.", "counterfactual": False},
+        {**base, "item_id": "b", "context": "Oslo is in Norway. Bern is in Chile.",
+         "target_sentence": None, "counterfactual": True},
+    ]
+    stmts = [
+        {"stmt_id": "1", "key": text_key("Paris is in France."), "text": "Paris is in France.", "label": 0, "group": "p", "split": "test"},
+        {"stmt_id": "2", "key": text_key("Bern is in Chile."), "text": "Bern is in Chile.", "label": 1, "group": "b", "split": "test"},
+        {"stmt_id": "3", "key": text_key("Bern is in Chile."), "text": "Bern is in Chile.", "label": 0, "group": "b", "split": "test"},
+    ]
+    write_parquet(items, paths.table("items"), ITEMS)
+    write_parquet([{**s, "relation_id": None} for s in stmts], paths.table("statements"), STATEMENTS)
+    sents = read_table(run_decompose(RunConfig(run="t"), paths)["sentences"])
+    got = {r["text"]: (r["label"], r["truthful"]) for r in sents.iter_rows(named=True)}
+    assert got == {
+        "Paris is in France.": ("aligned", True),
+        "Rome is in Spain.": ("irrelevant", None),
+        "Oslo is in Norway.": (None, None),
+        "Bern is in Chile.": (None, None),  # contradictory statements: truth unknown
+    }
+    assert Path(paths.table("sentences")).exists()

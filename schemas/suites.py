@@ -1,0 +1,328 @@
+"""Great Expectations suite of every table: the single source of truth of the data-quality checks.
+
+GX cannot look inside list or vector columns, so a suite may `prepare` the frame first: it adds scalar
+columns computed in polars or DuckDB (answer counts, offset round-trips, vector dimensions, finite counts)
+that the expectations then check. `great_expectations` is imported only when a suite is built (~3 s).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import polars as pl
+
+from schemas.tables import SENTENCE_LABELS, TABLES
+from tasks.storage import RunPaths, read_table
+
+SPLITS = ("train", "dev", "test")
+ACTIVATION_SOURCES = ("statements", "sentences")
+_NON_BLANK = r"\S"  # at least one non-whitespace character
+
+
+@dataclass(frozen=True)
+class Suite:
+    """The checks of one table: expectations, plus how to load and derive the columns they read."""
+
+    table: str
+    build: Callable[[ModuleType], list[Any]]  # gets great_expectations.expectations, returns expectations
+    prepare: Callable[[pl.DataFrame, RunPaths], pl.DataFrame] | None = None
+    load: Callable[[RunPaths], pl.DataFrame] | None = None  # default: read_table(paths.table(table))
+
+    def frame(self, paths: RunPaths) -> pl.DataFrame:
+        """The table as GX will see it: loaded, derived columns added, list/vector columns dropped."""
+        df = self.load(paths) if self.load else read_table(paths.table(self.table))
+        if self.prepare:
+            df = self.prepare(df, paths)
+        return df.select([c for c, t in df.schema.items() if not t.is_nested()])
+
+    def expectation_suite(self) -> Any:
+        """A fresh gx.ExpectationSuite (fresh so no run's results leak into another)."""
+        import great_expectations as gx
+        import great_expectations.expectations as gxe
+
+        return gx.ExpectationSuite(name=f"clearflow.{self.table}", expectations=self.build(gxe))
+
+
+# ---------------------------------------------------------------- shared expectation builders
+
+
+def _unit_interval(gxe: ModuleType, *columns: str) -> list[Any]:
+    """Scores and rates live in [0, 1] (nulls are left to not-null checks)."""
+    return [gxe.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=1) for c in columns]
+
+
+def _not_null(gxe: ModuleType, *columns: str) -> list[Any]:
+    """Required columns are filled."""
+    return [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in columns]
+
+
+def _all_true(gxe: ModuleType, *columns: str) -> list[Any]:
+    """Derived boolean checks (built never null) hold on every row."""
+    return [gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[True]) for c in columns]
+
+
+def _non_blank(gxe: ModuleType, *columns: str) -> list[Any]:
+    """Text columns hold some non-whitespace text."""
+    return [gxe.ExpectColumnValuesToMatchRegex(column=c, regex=_NON_BLANK) for c in columns]
+
+
+# ---------------------------------------------------------------- items
+
+
+def _items(gxe: ModuleType) -> list[Any]:
+    """Every QA example is identified, split, answerable and marked counterfactual or not."""
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        *_not_null(gxe, "item_id", "split", "group", "question", "context", "counterfactual"),
+        gxe.ExpectColumnValuesToBeUnique(column="item_id"),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        *_non_blank(gxe, "question", "context"),
+        gxe.ExpectColumnValuesToBeBetween(column="n_answers", min_value=1),
+        gxe.ExpectColumnValuesToBeBetween(column="n_blank_answers", min_value=0, max_value=0),
+    ]
+
+
+def _prepare_items(df: pl.DataFrame, paths: RunPaths) -> pl.DataFrame:
+    """Count answers and blank answers, which GX cannot see inside the list column."""
+    answers = pl.col("answers")
+    return df.with_columns(
+        n_answers=answers.list.len().fill_null(0),
+        n_blank_answers=answers.list.eval(pl.element().str.strip_chars().str.len_chars() == 0).list.sum().fill_null(0),
+    )
+
+
+# ---------------------------------------------------------------- statements
+
+
+def _statements(gxe: ModuleType) -> list[Any]:
+    """Probe statements are labelled 0/1 and a subject never straddles two splits (no leakage)."""
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        *_not_null(gxe, "stmt_id", "key", "text", "label", "group", "split"),
+        gxe.ExpectColumnValuesToBeUnique(column="stmt_id"),
+        gxe.ExpectColumnValuesToBeInSet(column="label", value_set=[0, 1]),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        *_non_blank(gxe, "text"),
+        gxe.ExpectColumnValuesToBeBetween(column="n_splits_of_group", min_value=1, max_value=1),
+    ]
+
+
+def _prepare_statements(df: pl.DataFrame, paths: RunPaths) -> pl.DataFrame:
+    """How many splits each row's group appears in (must be exactly one)."""
+    return df.with_columns(n_splits_of_group=pl.col("split").n_unique().over("group"))
+
+
+# ---------------------------------------------------------------- rejects
+
+
+def _rejects(gxe: ModuleType) -> list[Any]:
+    """Every refused record says where it came from and why (zero rows is fine)."""
+    return [
+        *_not_null(gxe, "source", "record", "reason"),
+        gxe.ExpectColumnValuesToBeBetween(column="record", min_value=0),
+    ]
+
+
+# ---------------------------------------------------------------- sentences
+
+
+def _sentences(gxe: ModuleType) -> list[Any]:
+    """Sentences point back into their item's context exactly, once each."""
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        *_not_null(gxe, "item_id", "sent_idx", "key", "text", "char_start", "char_end"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["item_id", "sent_idx"]),
+        gxe.ExpectColumnValuesToBeBetween(column="sent_idx", min_value=0),
+        gxe.ExpectColumnValuesToBeBetween(column="char_start", min_value=0),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A="char_end", column_B="char_start", or_equal=False),
+        gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(SENTENCE_LABELS)),
+        *_all_true(gxe, "item_known", "offset_ok"),
+    ]
+
+
+def _prepare_sentences(df: pl.DataFrame, paths: RunPaths) -> pl.DataFrame:
+    """Check each sentence against its item: context[char_start:char_end] must equal its text."""
+    items = read_table(paths.table("items")).select("item_id", pl.col("context").alias("_context"))
+    joined = df.join(items, on="item_id", how="left")
+    length = (pl.col("char_end").cast(pl.Int64) - pl.col("char_start")).clip(lower_bound=0)
+    span = pl.col("_context").str.slice(pl.col("char_start"), length)
+    return joined.with_columns(
+        item_known=pl.col("_context").is_not_null(),
+        offset_ok=pl.col("_context").is_not_null() & (span == pl.col("text")).fill_null(False),
+    ).drop("_context")
+
+
+# ---------------------------------------------------------------- activations
+
+
+def _activations(gxe: ModuleType) -> list[Any]:
+    """Every vector has the declared width, only finite values, and each layer holds every key once."""
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        *_not_null(gxe, "model", "layer", "key", "source", "position"),
+        gxe.ExpectColumnValuesToBeInSet(column="source", value_set=list(ACTIVATION_SOURCES)),
+        *_all_true(gxe, "has_meta", "layer_in_meta"),
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="dim", column_B="meta_dim"),
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="n_finite", column_B="dim"),
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="layer_rows", column_B="meta_n_keys"),
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="n_layers", column_B="meta_n_layers"),
+        gxe.ExpectColumnValuesToBeBetween(column="key_layer_count", min_value=1, max_value=1),
+    ]
+
+
+def _activation_metas(root: Path) -> pl.DataFrame:
+    """One row per model directory with what its meta.json declares (nulls where it is missing)."""
+    rows = []
+    for model_dir in sorted(p for p in root.glob("model=*") if p.is_dir()):
+        meta_path = model_dir / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        rows.append(
+            {
+                "model": model_dir.name.split("=", 1)[1],
+                "has_meta": meta is not None,
+                "meta_dim": meta.get("dim") if meta else None,
+                "meta_n_keys": meta.get("n_keys") if meta else None,
+                "meta_layers": [int(x) for x in meta.get("layers", [])] if meta else None,
+            }
+        )
+    schema = {"model": pl.String, "has_meta": pl.Boolean, "meta_dim": pl.Int64, "meta_n_keys": pl.Int64,
+              "meta_layers": pl.List(pl.Int64)}  # fmt: skip
+    return pl.DataFrame(rows, schema=schema)
+
+
+_ACTIVATION_SQL = """
+with rows as (
+    select model, layer, key, source, position,
+           len(vector) as dim,
+           -- fast path: a finite sum means every element is finite; else count them exactly
+           case when isfinite(list_sum(vector)) then len(vector)
+                else list_count(list_filter(vector, lambda x: isfinite(x))) end as n_finite
+    from read_parquet($files, hive_partitioning = true, hive_types = {'model': VARCHAR, 'layer': INTEGER})
+),
+per_model as (select model, count(distinct layer) as n_layers from rows group by model)
+select r.*,
+       count(*) over (partition by r.model, r.layer) as layer_rows,
+       count(*) over (partition by r.model, r.layer, r.key) as key_layer_count,
+       p.n_layers,
+       coalesce(m.has_meta, false) as has_meta,
+       m.meta_dim, m.meta_n_keys, len(m.meta_layers) as meta_n_layers,
+       coalesce(list_contains(m.meta_layers, r.layer), false) as layer_in_meta
+from rows r join per_model p using (model) left join metas m using (model)
+"""
+
+
+def _load_activations(paths: RunPaths) -> pl.DataFrame:
+    """Per (model, layer, key) row: scalar facts about its vector, computed in DuckDB without loading vectors."""
+    import duckdb
+
+    root = Path(paths.activations)
+    files = sorted(str(p.resolve()) for p in root.glob("model=*/layer=*/*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{root} holds no activation shards: run the activations stage first")
+    metas = _activation_metas(root)
+    with duckdb.connect() as con:
+        con.register("metas", metas.to_arrow())
+        return pl.from_arrow(con.sql(_ACTIVATION_SQL, params={"files": files}).to_arrow_table())
+
+
+# ---------------------------------------------------------------- probe metrics
+
+
+def _probe_metrics(gxe: ModuleType) -> list[Any]:
+    """Probe scores are rates, one row per (layer, probe, split); AUROC missing only when undefined."""
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        *_not_null(gxe, "layer", "probe", "split", "n", "accuracy"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["layer", "probe", "split"]),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        gxe.ExpectColumnValuesToBeBetween(column="layer", min_value=0),
+        gxe.ExpectColumnValuesToBeBetween(column="n", min_value=1),
+        *_unit_interval(gxe, "auroc", "accuracy", "f1"),
+        *_all_true(gxe, "auroc_null_ok"),
+    ]
+
+
+def _prepare_probe_metrics(df: pl.DataFrame, paths: RunPaths) -> pl.DataFrame:
+    """AUROC may be null only where the split's statements hold a single class (it is undefined there)."""
+    stmt_path = paths.table("statements")
+    if stmt_path.exists():
+        classes = read_table(stmt_path).group_by("split").agg(_n_classes=pl.col("label").n_unique())
+        df = df.join(classes, on="split", how="left")
+    else:  # nothing to explain a null with: accept it rather than guess
+        df = df.with_columns(_n_classes=pl.lit(None, pl.UInt32))
+    single = pl.col("_n_classes").is_null() | (pl.col("_n_classes") < 2)
+    return df.with_columns(auroc_null_ok=pl.col("auroc").is_not_null() | single).drop("_n_classes")
+
+
+# ---------------------------------------------------------------- sentence scores
+
+
+def _sentence_scores(gxe: ModuleType) -> list[Any]:
+    """One conflict probability per context sentence, and a flag decision for each."""
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        *_not_null(gxe, "item_id", "sent_idx", "key", "layer", "probe", "p_conflict", "flagged"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["item_id", "sent_idx"]),
+        *_unit_interval(gxe, "p_conflict"),
+    ]
+
+
+# ---------------------------------------------------------------- predictions
+
+
+def _predictions(gxe: ModuleType) -> list[Any]:
+    """One scored prediction per (method, item)."""
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        *_not_null(gxe, "method", "item_id", "prompt", "prediction", "em", "f1", "ps", "po"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["method", "item_id"]),
+        *_unit_interval(gxe, "em", "f1"),
+    ]
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _metrics(gxe: ModuleType) -> list[Any]:
+    """One row per method; every metric is a rate and every confidence interval is ordered."""
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        *_not_null(gxe, "method", "n", "em", "f1", "ps", "po"),
+        gxe.ExpectColumnValuesToBeUnique(column="method"),
+        gxe.ExpectColumnValuesToBeBetween(column="n", min_value=1),
+        *_unit_interval(gxe, "em", "f1", "ps", "po", "mr"),
+        *[
+            gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+                column_A=f"{m}_hi", column_B=f"{m}_lo", or_equal=True, ignore_row_if="either_value_is_missing"
+            )
+            for m in ("em", "f1", "ps", "po", "mr")
+        ],
+    ]
+
+
+SUITES: dict[str, Suite] = {
+    "items": Suite("items", _items, _prepare_items),
+    "statements": Suite("statements", _statements, _prepare_statements),
+    "rejects": Suite("rejects", _rejects),
+    "sentences": Suite("sentences", _sentences, _prepare_sentences),
+    "activations": Suite("activations", _activations, load=_load_activations),
+    "probe_metrics": Suite("probe_metrics", _probe_metrics, _prepare_probe_metrics),
+    "sentence_scores": Suite("sentence_scores", _sentence_scores),
+    "predictions": Suite("predictions", _predictions),
+    "metrics": Suite("metrics", _metrics),
+}
+
+assert set(SUITES) == set(TABLES) | {"activations"}, "every table needs a suite"
+
+
+def suite_for(table: str) -> Suite:
+    """The suite of a table, with a clear error for an unknown name."""
+    try:
+        return SUITES[table]
+    except KeyError:
+        raise KeyError(f"no quality suite for table {table!r}; known: {sorted(SUITES)}") from None

@@ -1,0 +1,212 @@
+"""Great Expectations suites: a well-formed run passes every table; each kind of breakage is named."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from schemas import tables as T
+from tasks.quality import STAGE_TABLES, DataQualityError, validate, validate_stage
+from tasks.storage import RunPaths, text_key, write_json, write_parquet
+
+CONTEXTS = {
+    "i1": "Paris is the capital of Italy. It lies on the Seine.",
+    "i2": "Zoë Müller was born in Tōkyō. She moved to Berlin.",  # non-ASCII: offsets are characters
+    "i3": "The Nile flows north. It ends in the sea.",
+}
+SPLIT_OF = {"i1": "train", "i2": "dev", "i3": "test"}
+DIM = 8
+LAYERS = [0, 2]
+
+
+def _sentences() -> list[dict]:
+    """Sentences with exact character offsets into their contexts."""
+    rows = []
+    for item_id, ctx in CONTEXTS.items():
+        start = 0
+        for idx, part in enumerate(ctx.split(". ")):
+            text = part if part.endswith(".") else part + "."
+            begin = ctx.index(text, start)
+            rows.append(
+                {"item_id": item_id, "sent_idx": idx, "key": text_key(text), "text": text, "char_start": begin,
+                 "char_end": begin + len(text), "label": "conflict" if idx == 0 else None}  # fmt: skip
+            )
+            start = begin + len(text)
+    return rows
+
+
+def _statements() -> list[dict]:
+    texts = [("Paris is in France.", 0, "paris", "train"), ("Paris is in Italy.", 1, "paris", "train"),
+             ("The Nile is in Egypt.", 0, "nile", "test"), ("The Nile is in Peru.", 1, "nile", "test")]  # fmt: skip
+    return [
+        {"stmt_id": f"s{i}", "key": text_key(t), "text": t, "label": y, "group": g, "split": s}
+        for i, (t, y, g, s) in enumerate(texts)
+    ]
+
+
+def write_activations(
+    paths: RunPaths, keys: list[str], slug: str = "tiny", nan_at: tuple[int, int] | None = None
+) -> None:
+    """A small hive-partitioned activation store plus its meta.json."""
+    rng = np.random.default_rng(0)
+    for layer in LAYERS:
+        vec = rng.normal(size=(len(keys), DIM)).astype(np.float32)
+        if nan_at is not None and layer == nan_at[0]:
+            vec[nan_at[1], 3] = np.nan
+        table = pa.table(
+            {"key": keys, "source": ["statements"] * len(keys), "position": ["last"] * len(keys),
+             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), DIM)},  # fmt: skip
+            schema=T.activations_schema(DIM),
+        )
+        out = paths.activations / f"model={slug}" / f"layer={layer}" / "part-00000.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out)
+    meta = {"model": slug, "layers": LAYERS, "dim": DIM, "n_keys": len(keys)}
+    write_json(meta, paths.activations / f"model={slug}" / "meta.json")
+
+
+def write_good_run(paths: RunPaths) -> None:
+    """Every table of a run, small and consistent."""
+    items = [
+        {"item_id": i, "dataset": "toy", "split": SPLIT_OF[i], "group": i, "question": "Where?", "context": c,
+         "answers": ["Italy"], "orig_answers": ["France"], "counterfactual": True}  # fmt: skip
+        for i, c in CONTEXTS.items()
+    ]
+    write_parquet(items, paths.table("items"), T.ITEMS)
+    statements = _statements()
+    write_parquet(statements, paths.table("statements"), T.STATEMENTS)
+    write_parquet([], paths.table("rejects"), T.REJECTS)
+    sentences = _sentences()
+    write_parquet(sentences, paths.table("sentences"), T.SENTENCES)
+    write_activations(paths, [s["key"] for s in statements])
+    write_parquet(
+        [{"layer": la, "probe": "logistic", "split": sp, "n": 2, "accuracy": 0.5, "f1": 0.5, "auroc": 0.75}
+         for la in LAYERS for sp in ("train", "test")],  # fmt: skip
+        paths.table("probe_metrics"),
+        T.PROBE_METRICS,
+    )
+    write_parquet(
+        [{"item_id": s["item_id"], "sent_idx": s["sent_idx"], "key": s["key"], "layer": 2, "probe": "logistic",
+          "p_conflict": 0.9 if s["sent_idx"] == 0 else 0.1, "flagged": s["sent_idx"] == 0}
+         for s in sentences],  # fmt: skip
+        paths.table("sentence_scores"),
+        T.SENTENCE_SCORES,
+    )
+    write_parquet(
+        [{"method": m, "item_id": i, "prompt": "p", "prediction": "Italy", "em": 1.0, "f1": 1.0,
+          "ps": True, "po": False}
+         for m in ("closed_book", "clear") for i in CONTEXTS],  # fmt: skip
+        paths.table("predictions"),
+        T.PREDICTIONS,
+    )
+    bounds = (("", 0.5), ("_lo", 0.25), ("_hi", 0.75))
+    metric = {f"{m}{s}": v for m in ("em", "f1", "ps", "po", "mr") for s, v in bounds}
+    rows = [{"method": m, "n": 3, **metric} for m in ("closed_book", "clear")]
+    write_parquet(rows, paths.table("metrics"), T.METRICS)
+
+
+@pytest.fixture()
+def good_run(run_paths):
+    write_good_run(run_paths)
+    return run_paths
+
+
+def test_every_stage_of_a_good_run_passes_and_writes_its_json(good_run):
+    """All suites pass on consistent tables, and each result lands in quality/<table>.json."""
+    for stage, tables in STAGE_TABLES.items():
+        results = validate_stage(stage, good_run)
+        assert sorted(results) == sorted(tables)
+        for table, res in results.items():
+            assert res["success"], (table, res)
+            assert res["evaluated"] >= 2 and res["failed"] == 0
+            saved = json.loads((good_run.quality / f"{table}.json").read_text())
+            assert saved["success"] is True and saved["table"] == table
+    assert validate("activations", good_run)["n_rows"] == len(LAYERS) * 4
+
+
+def test_duplicate_id_is_named_with_its_count(good_run):
+    """A repeated item_id fails the uniqueness expectation; the message quotes the id and the count."""
+    import polars as pl
+
+    items = pl.read_parquet(good_run.table("items"))
+    write_parquet(pl.concat([items, items.head(1)]), good_run.table("items"), T.ITEMS)
+    with pytest.raises(DataQualityError) as err:
+        validate("items", good_run)
+    msg = str(err.value)
+    assert "'items'" in msg and "1 of" in msg and "expectations failed" in msg
+    assert "expect_column_values_to_be_unique [item_id]" in msg
+    assert "unexpected_count=2" in msg and "'i1'" in msg
+    saved = json.loads((good_run.quality / "items.json").read_text())
+    assert saved["success"] is False and saved["failed"] == 1
+
+
+def test_bad_offset_and_straddling_group_fail(good_run):
+    """A sentence whose span does not match its context, and a subject in two splits, are caught."""
+    rows = _sentences()
+    rows[1]["char_start"] += 1  # one character off
+    write_parquet(rows, good_run.table("sentences"), T.SENTENCES)
+    with pytest.raises(DataQualityError) as err:
+        validate("sentences", good_run)
+    assert "[offset_ok]" in str(err.value) and "unexpected_count=1" in str(err.value)
+
+    stmts = _statements()
+    stmts[0]["split"] = "dev"  # group "paris" now in train and dev
+    write_parquet(stmts, good_run.table("statements"), T.STATEMENTS)
+    with pytest.raises(DataQualityError, match=r"n_splits_of_group.*unexpected_count=2"):
+        validate("statements", good_run)
+
+
+def test_nan_vector_and_missing_key_fail_activations(good_run):
+    """A NaN inside one vector fails the finite count; a layer short of a key fails the row count."""
+    keys = [s["key"] for s in _statements()]
+    write_activations(good_run, keys, nan_at=(2, 1))
+    with pytest.raises(DataQualityError) as err:
+        validate("activations", good_run)
+    msg = str(err.value)
+    assert "1 of" in msg and "[n_finite, dim]" in msg and "unexpected_count=1" in msg
+
+    write_activations(good_run, keys)
+    short = good_run.activations / "model=tiny" / "layer=0" / "part-00000.parquet"
+    pq.write_table(pq.read_table(short).slice(0, 3), short)
+    with pytest.raises(DataQualityError, match=r"\[layer_rows, meta_n_keys\]: unexpected_count=3"):
+        validate("activations", good_run)
+
+
+def test_stage_reports_every_failing_table_and_out_of_range_scores(good_run):
+    """validate_stage checks all of a stage's tables before raising one error naming each failure."""
+    write_parquet(
+        [{"method": "clear", "n": 0, "em": 1.5, "f1": 0.5, "ps": 0.5, "po": 0.5}], good_run.table("metrics"), T.METRICS
+    )
+    with pytest.raises(DataQualityError) as err:
+        validate_stage("evaluate", good_run)
+    assert err.value.tables == ["metrics"]
+    assert "2 of" in str(err.value) and "[em]" in str(err.value) and "[n]" in str(err.value)
+    assert json.loads((good_run.quality / "predictions.json").read_text())["success"] is True
+
+
+def test_null_auroc_allowed_only_for_a_single_class_split(good_run):
+    """AUROC is undefined on a one-class split, so null is fine there and nowhere else."""
+    rows = [{"layer": 0, "probe": "logistic", "split": "test", "n": 2, "accuracy": 0.5, "f1": 0.0, "auroc": None}]
+    write_parquet(rows, good_run.table("probe_metrics"), T.PROBE_METRICS)
+    with pytest.raises(DataQualityError, match="auroc_null_ok"):
+        validate("probe_metrics", good_run)
+    stmts = [s for s in _statements() if not (s["split"] == "test" and s["label"] == 1)]
+    write_parquet(stmts, good_run.table("statements"), T.STATEMENTS)
+    assert validate("probe_metrics", good_run)["success"]
+
+
+def test_missing_table_is_a_clear_error(run_paths):
+    with pytest.raises(FileNotFoundError, match="items.parquet"):
+        validate("items", run_paths)
+
+
+def test_validation_is_fast_after_warm_up(good_run):
+    """After GX is imported and the context built, one table validates in well under a second."""
+    validate("metrics", good_run)
+    res = validate("metrics", good_run)
+    assert res["validate_s"] < 1.0 and not math.isnan(res["validate_s"])

@@ -1,0 +1,205 @@
+"""Probes stage: accuracy on separable data, faithful save/load, dev-only layer choice, scores, no leakage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.tables import SENTENCES, STATEMENTS, activations_schema
+from tasks.activations import vectors_table, layer_path, load_vectors
+from tasks.probes import (
+    BEST_KEYS,
+    LinearProbe,
+    check_splits,
+    fit_diffmean,
+    fit_logistic,
+    probe_path,
+    run_probes,
+    select_best,
+    split_metrics,
+)
+from tasks.storage import model_slug, read_table, write_json, write_parquet
+
+DIM = 16
+N_PER_SPLIT = {"train": 120, "dev": 40, "test": 40}
+
+
+def make_statements(seed: int = 0) -> pl.DataFrame:
+    """Statements in pairs (true, false) per subject; each subject sits in one split."""
+    rows = []
+    for split, n in N_PER_SPLIT.items():
+        for i in range(n):
+            label = i % 2
+            rows.append({"stmt_id": f"{split}{i}", "key": f"k-{split}-{i}", "text": f"{split} {i}", "label": label,
+                         "group": f"{split}-subject{i // 2}", "relation_id": "P1", "split": split})
+    return pl.DataFrame(rows)
+
+
+def signal(labels: np.ndarray, strength: float, rng: np.random.Generator, shift: float = 3.0) -> np.ndarray:
+    """Gaussian vectors whose first axis separates the labels with `strength` (0 = pure noise)."""
+    x = rng.normal(size=(len(labels), DIM)).astype(np.float32) + shift
+    x[:, 0] += strength * (2 * labels - 1)
+    return x
+
+
+def write_case(paths, cfg, statements: pl.DataFrame, strengths: dict[int, dict[str, float]], seed: int = 0,
+               sentence_keys: int = 10) -> None:
+    """Statements, sentences and fake activations per layer with given per-split separability."""
+    write_parquet(statements, paths.table("statements"), STATEMENTS)
+    slug = model_slug(cfg.model.name)
+    rng = np.random.default_rng(seed)
+    sent_keys = [f"sent-{i}" for i in range(sentence_keys)]
+    sentences = [{"item_id": f"item{i // 3}", "sent_idx": i % 3, "key": k, "text": k, "char_start": 0,
+                  "char_end": 1, "relevance": None, "label": None, "truthful": None}
+                 for i, k in enumerate(sent_keys + sent_keys[:2])]  # two sentences repeat a key
+    write_parquet(sentences, paths.table("sentences"), SENTENCES)
+    labels = statements["label"].to_numpy()
+    for layer, per_split in strengths.items():
+        vectors = np.empty((statements.height, DIM), dtype=np.float32)
+        for split, strength in per_split.items():
+            sel = (statements["split"] == split).to_numpy()
+            vectors[sel] = signal(labels[sel], strength, rng)
+        sent_vec = signal(np.arange(sentence_keys) % 2, 4.0, rng)
+        keys = statements["key"].to_list() + sent_keys
+        sources = ["statements"] * statements.height + ["sentences"] * sentence_keys
+        table = vectors_table(keys, sources, np.concatenate([vectors, sent_vec]))
+        write_parquet(table, layer_path(paths, slug, layer), activations_schema(DIM))
+    write_json({"layers": sorted(strengths), "dim": DIM, "position": "last"},
+               paths.activations / f"model={slug}" / "meta.json")
+
+
+def with_probe(cfg, **probe):
+    return cfg.model_copy(update={"probe": cfg.probe.model_copy(update=probe)})
+
+
+def test_fitters_separate_separable_data():
+    rng = np.random.default_rng(1)
+    y = np.arange(400) % 2
+    X = signal(y, 3.0, rng)
+    for fit in (fit_logistic, fit_diffmean):
+        p = fit(X[:300], y[:300], 1.0).predict_proba(X[300:])
+        assert ((p > 0.5) == y[300:]).mean() > 0.9
+    with pytest.raises(ValueError, match="both 0 and 1"):
+        fit_logistic(X[:10], np.zeros(10, dtype=int), 1.0)
+
+
+def test_run_probes_metrics_files_and_reload(tiny_cfg, run_paths):
+    statements = make_statements()
+    strong = {"train": 4.0, "dev": 4.0, "test": 4.0}
+    write_case(run_paths, tiny_cfg, statements, {0: strong, 1: strong})
+    out = run_probes(tiny_cfg, run_paths)
+
+    metrics = read_table(out["probe_metrics"])
+    assert metrics.height == 2 * 2 * 3  # layers x kinds x splits
+    test_rows = metrics.filter(pl.col("split") == "test")
+    assert (test_rows["auroc"] > 0.95).all() and (test_rows["accuracy"] > 0.85).all()
+    assert metrics.filter(pl.col("split") == "dev")["n"].to_list() == [40] * 4
+
+    slug = model_slug(tiny_cfg.model.name)
+    X = load_vectors(run_paths, slug, 1, statements["key"].to_list())
+    for kind in ("logistic", "diffmean"):
+        path = probe_path(run_paths, kind, 1)
+        probe = LinearProbe.load(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        assert meta["kind"] == kind and meta["layer"] == 1 and meta["dim"] == DIM
+        assert probe.weight.shape == (DIM,) and probe.weight.dtype == np.float32
+        # reloaded probe reproduces the stored metrics exactly
+        sel = (statements["split"] == "test").to_numpy()
+        again = split_metrics(probe.predict_proba(X[sel]), statements["label"].to_numpy()[sel], 0.5)
+        assert again == meta["metrics"]["test"]
+    # save -> load round trip is bit-identical
+    probe = LinearProbe.load(probe_path(run_paths, "logistic", 0))
+    probe.save(run_paths.root / "copy.safetensors")
+    np.testing.assert_array_equal(LinearProbe.load(run_paths.root / "copy.safetensors").predict_proba(X),
+                                  probe.predict_proba(X))
+
+
+def test_best_layer_is_chosen_on_dev_not_test(tiny_cfg, run_paths):
+    # layer 0: dev separable, test noise; layer 1: dev noise, test separable -> dev must win
+    strengths = {0: {"train": 4.0, "dev": 4.0, "test": 0.0}, 1: {"train": 4.0, "dev": 0.0, "test": 4.0}}
+    write_case(run_paths, tiny_cfg, make_statements(), strengths)
+    run_probes(tiny_cfg, run_paths)
+    best = json.loads((run_paths.probes / "best.json").read_text())
+    assert tuple(sorted(best)) == tuple(sorted(BEST_KEYS))
+    assert best["layer"] == 0 and best["probe"] == "logistic" and best["dev_auroc"] > 0.95
+    assert best["test_auroc"] < 0.8  # test disagreed, and was not looked at
+    assert best["threshold"] == 0.5 and best["model"] == tiny_cfg.model.name
+    metrics = read_table(run_paths.table("probe_metrics"))
+    best_test = metrics.filter((pl.col("split") == "test") & (pl.col("probe") == "logistic")).sort("auroc")[-1]
+    assert best_test["layer"][0] == 1
+
+    run_probes(with_probe(tiny_cfg, layer=1), run_paths)  # a forced layer overrides the choice
+    assert json.loads((run_paths.probes / "best.json").read_text())["layer"] == 1
+
+
+def test_select_best_ties_prefer_smaller_layer():
+    metrics = pl.DataFrame({"layer": [3, 1, 2, 1], "probe": ["logistic", "logistic", "logistic", "diffmean"],
+                            "split": ["dev"] * 4, "auroc": [0.9, 0.9, 0.8, 0.99]})
+    assert select_best(metrics, "logistic")["layer"] == 1
+    assert select_best(metrics, "diffmean")["layer"] == 1
+    with pytest.raises(ValueError, match="probe.layer"):
+        select_best(metrics.with_columns(pl.lit(None, pl.Float64).alias("auroc")), "logistic")
+
+
+def test_sentence_scores_follow_threshold(tiny_cfg, run_paths):
+    strong = {"train": 2.0, "dev": 2.0, "test": 2.0}
+    write_case(run_paths, tiny_cfg, make_statements(), {0: strong, 2: strong})
+    cfg = with_probe(tiny_cfg, threshold=0.3, select_kind="diffmean", kinds=["logistic"])
+    out = run_probes(cfg, run_paths)
+    scores = read_table(out["sentence_scores"])
+    sentences = read_table(run_paths.table("sentences"))
+    assert scores.height == sentences.height  # every sentence, repeated keys included
+    assert scores.select("item_id", "sent_idx").equals(sentences.select("item_id", "sent_idx"))
+    assert scores["flagged"].to_list() == (scores["p_conflict"] > 0.3).to_list()
+    assert 0 < scores["flagged"].sum() < scores.height
+    best = json.loads((run_paths.probes / "best.json").read_text())
+    assert set(scores["layer"]) == {best["layer"]} and set(scores["probe"]) == {"diffmean"}
+    assert probe_path(run_paths, "diffmean", 0).exists()  # the select kind is trained even if not listed
+    X = load_vectors(run_paths, model_slug(cfg.model.name), best["layer"], sentences["key"].to_list())
+    probe = LinearProbe.load(probe_path(run_paths, "diffmean", best["layer"]))
+    np.testing.assert_array_equal(scores["p_conflict"].to_numpy(), probe.predict_proba(X))
+
+
+def test_probes_train_on_train_split_only(tiny_cfg, run_paths):
+    statements = make_statements()
+    strengths = {0: {"train": 2.0, "dev": 2.0, "test": 2.0}}
+    write_case(run_paths, tiny_cfg, statements, strengths, seed=0)
+    run_probes(tiny_cfg, run_paths)
+    first = {k: LinearProbe.load(probe_path(run_paths, k, 0)).weight for k in ("logistic", "diffmean")}
+
+    # held-out labels flipped and held-out vectors redrawn; train rows untouched -> identical probes
+    held_out = (statements["split"] != "train").to_numpy()
+    flipped = statements.with_columns(pl.Series("label", np.where(held_out, 1 - statements["label"].to_numpy(),
+                                                                  statements["label"].to_numpy()), dtype=pl.Int8))
+    write_parquet(flipped, run_paths.table("statements"), STATEMENTS)
+    run_probes(tiny_cfg, run_paths)
+    for kind, weight in first.items():
+        np.testing.assert_array_equal(LinearProbe.load(probe_path(run_paths, kind, 0)).weight, weight)
+    test_auroc = read_table(run_paths.table("probe_metrics")).filter(pl.col("split") == "test")["auroc"]
+    assert (test_auroc < 0.2).all()  # the flipped held-out labels reached only the evaluation
+
+    slug = model_slug(tiny_cfg.model.name)
+    path = layer_path(run_paths, slug, 0)
+    table = pq.read_table(path)
+    vectors = table["vector"].combine_chunks().flatten().to_numpy().reshape(-1, DIM).copy()
+    vectors[: statements.height][held_out] = np.random.default_rng(7).normal(size=(held_out.sum(), DIM))
+    write_parquet(vectors_table(table["key"].to_pylist(), table["source"].to_pylist(), vectors), path,
+                  activations_schema(DIM))
+    run_probes(tiny_cfg, run_paths)
+    for kind, weight in first.items():
+        np.testing.assert_array_equal(LinearProbe.load(probe_path(run_paths, kind, 0)).weight, weight)
+
+
+def test_check_splits_refuses_subject_leakage():
+    statements = make_statements()
+    leaky = statements.with_columns(pl.when(pl.col("stmt_id") == "test0").then(pl.lit("train-subject0"))
+                                    .otherwise(pl.col("group")).alias("group"))
+    check_splits(statements)
+    with pytest.raises(ValueError, match="straddle"):
+        check_splits(leaky)
+    with pytest.raises(ValueError, match="unknown splits"):
+        check_splits(statements.with_columns(pl.lit("val").alias("split")))

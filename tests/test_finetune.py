@@ -1,0 +1,211 @@
+"""Conflict-aware fine-tuning: the attention loss, the example encoding and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from schemas.tables import ITEMS, SENTENCE_SCORES, SENTENCES
+from tasks import prompts
+from tasks.finetune import (
+    IGNORE,
+    AttentionGrabber,
+    attention_loss,
+    build_example,
+    last_attention_module,
+    load_finetuned,
+    marked_char_spans,
+    run_finetune,
+    select_train_items,
+)
+from tasks.models import load_model, load_tokenizer
+from tasks.storage import read_table, text_key, write_parquet
+
+FACTS = [
+    ("Beats Music is owned by Apple.", "Who owns Beats Music?", "Apple"),
+    ("Audible.com is owned by Amazon.", "Who owns Audible.com?", "Amazon"),
+    ("Giuseppe Angeli is a citizen of Italy.", "Which country is Giuseppe Angeli a citizen of?", "Italy"),
+    ("The Eiffel Tower is located in Rome.", "Where is the Eiffel Tower located?", "Rome"),
+    ("Toyota was founded in Japan.", "Where was Toyota founded?", "Japan"),
+    ("Danielle Darrieux speaks English.", "Which language does Danielle Darrieux speak?", "English"),
+]
+FILLER = ["Paris is the capital of France.", "Water boils at 100 degrees.", "The Nile flows north."]
+
+
+def test_attention_loss_hand_case():
+    # 2 heads, 4 positions, key 2 is marked: queries 2 and 3 can see it, queries 0-1 cannot.
+    p = torch.zeros(2, 4, 4)
+    p[:, 0, 0] = 1.0
+    p[:, 1, :2] = 0.5
+    p[0, 2, :3] = torch.tensor([0.25, 0.25, 0.5])  # mass on marked 0.5
+    p[1, 2, :3] = torch.tensor([0.0, 0.0, 1.0])  # 1.0
+    p[0, 3] = torch.tensor([0.1, 0.1, 0.8, 0.0])  # 0.8
+    p[1, 3] = torch.tensor([0.4, 0.3, 0.2, 0.1])  # 0.2
+    mask = torch.tensor([False, False, True, False])
+    expected = ((1 - 0.5) + (1 - 1.0) + (1 - 0.8) + (1 - 0.2)) / 4
+    assert attention_loss(p, mask).item() == pytest.approx(expected)
+    # All mass on marked keys costs nothing; no marked key gives 0 but keeps a graph.
+    q = torch.zeros(1, 3, 3, requires_grad=True)
+    assert attention_loss(q, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+    assert attention_loss(q, torch.zeros(3, dtype=torch.bool)).requires_grad
+    full = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])
+    assert attention_loss(full, torch.tensor([True, True])).item() == pytest.approx(0.0)
+
+
+def test_attention_loss_has_useful_gradient():
+    logits = torch.zeros(1, 3, 3, requires_grad=True)
+    causal = torch.triu(torch.ones(3, 3, dtype=torch.bool), 1)
+    probs = logits.masked_fill(causal, float("-inf")).softmax(-1)
+    loss = attention_loss(probs, torch.tensor([False, True, False]))
+    loss.backward()
+    # Gradient descent raises the logit of the marked key for every query that sees it.
+    assert logits.grad[0, 1, 1] < 0 and logits.grad[0, 2, 1] < 0
+    assert logits.grad[0, 0].abs().sum() == 0  # query 0 cannot see the marked key
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    from tasks.config import ModelConfig
+
+    return load_tokenizer(ModelConfig(name=tiny_model))
+
+
+def test_example_labels_and_marked_mask(tok):
+    context = prompts.mark_context(["Paris is in France.", "The Eiffel Tower is in Rome.", "Cats purr."],
+                                   [False, True, False])
+    ex = build_example(tok, "Where is the Eiffel Tower?", context, ["Rome", "Roma"], max_length=512)
+    prompt_text = prompts.render(tok, prompts.messages_for("clear", "Where is the Eiffel Tower?", context))
+    enc = prompts.encode(tok, prompt_text, return_offsets_mapping=True)
+    n_prompt = len(enc["input_ids"])
+    target = tok(prompts.target_text(["Rome"], tok), add_special_tokens=False)["input_ids"]
+
+    assert ex.input_ids == list(enc["input_ids"]) + target and not ex.truncated
+    assert ex.labels[:n_prompt] == [IGNORE] * n_prompt  # CE on answer tokens only
+    assert ex.labels[n_prompt:] == target and target[-1] == tok.eos_token_id
+
+    spans = marked_char_spans(prompt_text, context)
+    assert len(spans) == 1
+    s, e = spans[0]
+    assert prompt_text[s:e] == "<conflict> The Eiffel Tower is in Rome. </conflict>"
+    # Marked tokens are exactly those overlapping the span, and together they cover all of it.
+    offsets = enc["offset_mapping"]
+    covered = set()
+    for (ts, te), m in zip(offsets, ex.marked[:n_prompt]):
+        assert m == (ts < e and te > s)
+        if m:
+            covered.update(range(ts, te))
+    assert set(range(s, e)) <= covered
+    assert not any(ex.marked[n_prompt:])
+    # The markers named in the system prompt are not marked.
+    first_marked_char = min(ts for (ts, te), m in zip(offsets, ex.marked) if m)
+    assert first_marked_char >= prompt_text.rfind(context)
+    decoded = tok.decode([i for i, m in zip(ex.input_ids, ex.marked) if m])
+    assert "<conflict>" in decoded and "</conflict>" in decoded and "Rome" in decoded and "Paris" not in decoded
+
+
+def test_example_truncates_prompt_from_left(tok):
+    context = prompts.mark_context(FILLER * 6 + ["The Eiffel Tower is in Rome."], [False] * 18 + [True])
+    full = build_example(tok, "Where is the Eiffel Tower?", context, ["Rome"], max_length=4096)
+    ex = build_example(tok, "Where is the Eiffel Tower?", context, ["Rome"], max_length=64)
+    assert ex.truncated and len(ex.input_ids) == 64
+    assert ex.input_ids == full.input_ids[-64:] and ex.labels == full.labels[-64:] and ex.marked == full.marked[-64:]
+    assert any(ex.marked)  # the marked span sits near the end, so it survives
+
+
+def test_select_train_items_seeded():
+    import polars as pl
+
+    items = pl.DataFrame({"item_id": [f"i{k:02d}" for k in range(30)], "split": ["train", "test"] * 15})
+    a = select_train_items(items, 5, seed=1)
+    assert a.height == 5 and set(a["split"]) == {"train"}
+    assert a["item_id"].to_list() == select_train_items(items.reverse(), 5, seed=1)["item_id"].to_list()
+    assert select_train_items(items, 100, seed=1).height == 15
+
+
+def _write_run(paths, n_items: int = 6, flag_first: bool = True) -> None:
+    """Synthetic items/sentences/sentence_scores: each item a 3-sentence context, the fact one flagged."""
+    items, sents, scores = [], [], []
+    for k in range(n_items):
+        fact, question, answer = FACTS[k % len(FACTS)]
+        texts = [FILLER[k % 3], fact, FILLER[(k + 1) % 3]]
+        item_id = f"item{k}"
+        items.append({
+            "item_id": item_id, "dataset": "synthetic", "split": "train" if k < n_items - 1 else "test",
+            "group": f"g{k}", "relation_id": "P0", "question": question, "context": " ".join(texts),
+            "answers": [answer], "orig_answers": ["x"], "orig_context": None, "target_sentence": fact,
+            "counterfactual": True,
+        })
+        pos = 0
+        for j, t in enumerate(texts):
+            sents.append({"item_id": item_id, "sent_idx": j, "key": text_key(t), "text": t, "char_start": pos,
+                          "char_end": pos + len(t), "relevance": None, "label": None, "truthful": None})
+            flagged = j == 1 and (flag_first or k > 0)
+            scores.append({"item_id": item_id, "sent_idx": j, "key": text_key(t), "layer": 2, "probe": "logistic",
+                           "p_conflict": 0.9 if flagged else 0.1, "flagged": flagged})
+            pos += len(t) + 1
+    write_parquet(items, paths.table("items"), ITEMS)
+    write_parquet(sents, paths.table("sentences"), SENTENCES)
+    write_parquet(scores, paths.table("sentence_scores"), SENTENCE_SCORES)
+
+
+def test_run_finetune_end_to_end(tiny_cfg, run_paths):
+    cfg = tiny_cfg.model_copy(update={"finetune": tiny_cfg.finetune.model_copy(update={"lr": 5e-3, "epochs": 2})})
+    _write_run(run_paths)
+    out = run_finetune(cfg, run_paths)
+    adapter = run_paths.adapter
+    assert out["adapter"] == str(adapter)
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
+    log = json.loads((adapter / "train_log.json").read_text())
+    assert log["n_items"] == 4 and log["steps"] == 8 and log["n_truncated"] == 0 and log["n_marked"] == 4
+    for key in ("ce_first", "ce_last", "attn_first", "attn_last", "seconds"):
+        assert math.isfinite(log[key]), key
+    assert 0.0 < log["attn_first"] < 1.0
+    assert log["lr"] == 5e-3 and log["config"]["attn_lambda"] == cfg.finetune.attn_lambda
+    assert not list(adapter.parent.glob(".adapter.*"))  # no temp dir left behind
+
+    # The merged model differs from the base model.
+    merged = load_finetuned(cfg, run_paths)
+    base = load_model(cfg.model)
+    ids = torch.tensor([[1, 50, 300, 700, 12]])
+    with torch.no_grad():
+        assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits)
+    assert not merged.training
+
+
+def test_unflagged_item_has_zero_attention_loss(tiny_cfg, tok):
+    model = load_model(tiny_cfg.model, attn_implementation="eager")
+    grabber = AttentionGrabber(last_attention_module(model))
+    context = prompts.mark_context(["Paris is in France.", "Cats purr."], [False, False])
+    ex = build_example(tok, "Where is Paris?", context, ["France"], max_length=256)
+    assert not any(ex.marked)
+    model(input_ids=torch.tensor([ex.input_ids]))
+    weights = grabber.pop()[0]
+    grabber.remove()
+    n = len(ex.input_ids)
+    assert weights.shape == (model.config.num_attention_heads, n, n)
+    assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[:2]), atol=1e-5)
+    assert attention_loss(weights, torch.tensor(ex.marked)).item() == 0.0
+    # With a marked span the same model gets a positive attention loss.
+    marked_ctx = prompts.mark_context(["Paris is in France.", "Cats purr."], [True, False])
+    ex2 = build_example(tok, "Where is Paris?", marked_ctx, ["France"], max_length=256)
+    grabber = AttentionGrabber(last_attention_module(model))
+    model(input_ids=torch.tensor([ex2.input_ids]))
+    assert 0.0 < attention_loss(grabber.pop()[0], torch.tensor(ex2.marked)).item() < 1.0
+    grabber.remove()
+
+
+def test_items_without_flags_train_on_ce_only(tiny_cfg, run_paths):
+    _write_run(run_paths, n_items=3, flag_first=False)  # item0 unflagged, item1 flagged, item2 test
+    run_paths.adapter.mkdir()
+    (run_paths.adapter / "stale.txt").write_text("from an earlier run")
+    run_finetune(tiny_cfg, run_paths)
+    # The earlier adapter directory is replaced whole, with no temp dir left behind.
+    assert not (run_paths.adapter / "stale.txt").exists()
+    assert (run_paths.adapter / "adapter_model.safetensors").exists()
+    assert not list(run_paths.adapter.parent.glob(".adapter.*"))
+    log = json.loads((run_paths.adapter / "train_log.json").read_text())
+    assert log["n_items"] == 2 and log["n_marked"] == 1
+    assert read_table(run_paths.table("items")).height == 3

@@ -1,0 +1,356 @@
+"""Report stage: report.md and its figures, every number computed from the run's tables (none typed in)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from pydantic import ValidationError
+from sklearn.metrics import precision_score, recall_score, roc_auc_score
+
+from tasks.config import RunConfig
+from tasks.storage import RunPaths, atomic_path, read_table
+
+log = logging.getLogger(__name__)
+
+LABELS = {
+    "closed_book": "closed book",
+    "full_context": "full context",
+    "opinion_instruction": "opinion + instruction",
+    "probe_marking": "probe marking",
+    "clear": "CLEAR",
+}
+METRIC_LABELS = {"em": "EM", "f1": "F1", "ps": "p_s", "po": "p_o", "mr": "MR"}
+N_EXAMPLES = 3
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _optional_table(path: Path) -> pl.DataFrame | None:
+    """A table a report can do without (its section then says the stage did not run)."""
+    return read_table(path) if Path(path).exists() else None
+
+
+def _optional_json(path: Path) -> Any:
+    """A JSON file a report can do without."""
+    return json.loads(Path(path).read_text()) if Path(path).exists() else None
+
+
+def run_config(cfg: RunConfig, paths: RunPaths) -> RunConfig:
+    """The configuration the run recorded in its manifest (what actually ran), else the one given."""
+    manifest = _optional_json(paths.manifest)
+    if isinstance(manifest, dict) and isinstance(manifest.get("config"), dict):
+        try:
+            return RunConfig.model_validate(manifest["config"])
+        except ValidationError as err:
+            log.warning("manifest config unreadable (%s); reporting with the given config", err.errors()[0]["msg"])
+    return cfg
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number for a table, 'n/a' when undefined."""
+    return "n/a" if _missing(x) else f"{x:.{digits}f}"
+
+
+def pct_ci(value: Any, lo: Any, hi: Any, unit: str = "") -> str:
+    """A fraction and its CI as percentages: '45.0 [38.0, 52.0]'."""
+    if _missing(value):
+        return "n/a"
+    ci = "" if _missing(lo) or _missing(hi) else f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return f"{100 * value:.1f}{unit}{ci}"
+
+
+def _cell(text: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def label(method: str) -> str:
+    """Human name of a method."""
+    return LABELS.get(method, method)
+
+
+# ---------------------------------------------------------------- sections
+
+
+def section_what_ran(conf: RunConfig, items: pl.DataFrame, metrics: pl.DataFrame, train_log: Any) -> str:
+    """Model, data, seed and sizes, so a reader knows what the numbers are about."""
+    counts = items.group_by("split").len().sort("split")
+    lines = [
+        "## What ran",
+        f"- model: `{conf.model.name}` (dtype {conf.model.dtype})",
+        f"- dataset: `{conf.dataset}`" + (f" (limit {conf.limit})" if conf.limit else ""),
+        f"- seed: {conf.seed}",
+        f"- evaluated split: `{conf.evaluate.split}`; methods: {', '.join(label(m) for m in metrics['method'])}",
+        f"- greedy decoding, at most {conf.evaluate.max_new_tokens} new tokens; "
+        f"{conf.evaluate.bootstrap} bootstrap resamples for the 95% CIs",
+        "",
+        md_table(["split", "items"], [[s, n] for s, n in counts.iter_rows()]),
+    ]
+    if isinstance(train_log, dict):
+        scalars = [[k, fmt(v, 4) if isinstance(v, float) else v] for k, v in train_log.items()
+                   if isinstance(v, (int, float, str, bool)) or v is None]
+        lines += ["", "Conflict-aware fine-tuning (`adapter/train_log.json`):", "", md_table(["", "value"], scalars)]
+    return "\n".join(lines)
+
+
+def probe_rows(probe_metrics: pl.DataFrame) -> pl.DataFrame:
+    """One row per (probe, layer) with dev/test AUROC and accuracy side by side."""
+    wide = None
+    for split in ("dev", "test"):
+        part = probe_metrics.filter(pl.col("split") == split).select(
+            "probe", "layer", pl.col("auroc").alias(f"{split}_auroc"), pl.col("accuracy").alias(f"{split}_acc")
+        )
+        wide = part if wide is None else wide.join(part, on=["probe", "layer"], how="full", coalesce=True)
+    return wide.sort("probe", "layer")
+
+
+def best_summary(probe_metrics: pl.DataFrame, best: dict) -> str:
+    """'best layer L (probe): test AUROC x' with the numbers read from the metrics table."""
+    rows = probe_rows(probe_metrics).filter((pl.col("probe") == best["probe"]) & (pl.col("layer") == best["layer"]))
+    r = rows.row(0, named=True) if rows.height else {}
+    test_auroc = r.get("test_auroc", best.get("test_auroc"))
+    test_acc = r.get("test_acc", best.get("test_accuracy"))
+    dev_auroc = r.get("dev_auroc", best.get("dev_auroc"))
+    return (
+        f"**best layer {best['layer']}** ({best['probe']} probe, chosen on dev AUROC {fmt(dev_auroc)}): "
+        f"test AUROC {fmt(test_auroc)}, test accuracy {fmt(test_acc)}; sentences flagged at "
+        f"p_conflict > {best.get('threshold', 'n/a')}."
+    )
+
+
+def section_probes(probe_metrics: pl.DataFrame | None, best: dict | None) -> str:
+    """Per-layer probe quality on held-out statements, best layer marked."""
+    if probe_metrics is None:
+        return "## Probe per layer\n\nNo `probes/metrics.parquet`: the probes stage did not run."
+    wide = probe_rows(probe_metrics)
+    rows = []
+    for r in wide.iter_rows(named=True):
+        is_best = best is not None and r["layer"] == best["layer"] and r["probe"] == best["probe"]
+        rows.append([r["probe"], f"**{r['layer']}** (best)" if is_best else r["layer"],
+                     fmt(r["dev_auroc"]), fmt(r["dev_acc"]), fmt(r["test_auroc"]), fmt(r["test_acc"])])
+    parts = ["## Probe per layer",
+             "Conflicting (false) vs aligned (true) statements; probes fitted on train, layer chosen on dev."]
+    if best is not None:
+        parts.append(best_summary(probe_metrics, best))
+    parts += [md_table(["probe", "layer", "dev AUROC", "dev acc", "test AUROC", "test acc"], rows),
+              "![Probe AUROC and accuracy per layer](figures/probe_layers.png)"]
+    return "\n\n".join(parts)
+
+
+def localisation_stats(frame: pl.DataFrame) -> dict[str, Any]:
+    """AUROC of p_conflict for false vs true sentences; precision/recall of the flags for 'conflict' sentences."""
+    known = frame.filter(pl.col("truthful").is_not_null())
+    y_false = (~known["truthful"]).to_numpy()
+    auroc = float(roc_auc_score(y_false, known["p_conflict"].to_numpy())) if len(set(y_false)) == 2 else None
+    labelled = frame.filter(pl.col("label").is_not_null())
+    y_conf = (labelled["label"] == "conflict").to_numpy()
+    flags = labelled["flagged"].to_numpy()
+    has = len(labelled) > 0
+    precision = float(precision_score(y_conf, flags, zero_division=np.nan)) if has else None
+    recall = float(recall_score(y_conf, flags, zero_division=np.nan)) if has else None
+    return {"n": frame.height, "n_truth": known.height, "auroc": auroc, "precision": precision, "recall": recall,
+            "flagged": int(frame["flagged"].sum())}
+
+
+def _examples(scored: pl.DataFrame, items: pl.DataFrame, predictions: pl.DataFrame | None, split: str) -> list[str]:
+    """Three evaluated items (those with a conflict sentence first) with every sentence's score and flag."""
+    ids = scored.filter(pl.col("split") == split).group_by("item_id").agg(
+        (pl.col("label") == "conflict").any().alias("has_conflict")
+    ).sort(["has_conflict", "item_id"], descending=[True, False])["item_id"].head(N_EXAMPLES).to_list()
+    out = []
+    for item_id in ids:
+        item = items.filter(pl.col("item_id") == item_id).row(0, named=True)
+        lines = [f"**{item_id}**: {item['question']}  ",
+                 f"context answer: {', '.join(item['answers'])}; memorised answer: {', '.join(item['orig_answers'] or ['n/a'])}"]
+        if predictions is not None:
+            preds = predictions.filter(pl.col("item_id") == item_id)
+            if preds.height:
+                lines[-1] += "  "
+                lines.append("answers: " + "; ".join(f"{label(m)}: \"{p}\"" for m, p in preds.select("method", "prediction").iter_rows()))
+        sents = scored.filter(pl.col("item_id") == item_id).sort("sent_idx")
+        rows = [[r["sent_idx"], r["label"] or "n/a", "n/a" if r["truthful"] is None else r["truthful"],
+                 fmt(r["p_conflict"]), "yes" if r["flagged"] else "", r["text"]] for r in sents.iter_rows(named=True)]
+        out.append("\n".join(lines) + "\n\n" + md_table(["#", "label", "true", "p_conflict", "flagged", "sentence"], rows))
+    return out
+
+
+def section_localisation(
+    sentences: pl.DataFrame | None, scores: pl.DataFrame | None, items: pl.DataFrame,
+    predictions: pl.DataFrame | None, best: dict | None, split: str,
+) -> str:
+    """How well the probe finds the false / conflicting sentences inside real contexts."""
+    head = "## Conflict localisation on context sentences"
+    if sentences is None or scores is None:
+        return f"{head}\n\nNo `sentences` or `sentence_scores` table: the decompose or probes stage did not run."
+    if best is not None:
+        chosen = scores.filter((pl.col("layer") == best["layer"]) & (pl.col("probe") == best["probe"]))
+        scores = chosen if chosen.height else scores
+    scored = scores.join(sentences.select("item_id", "sent_idx", "text", "label", "truthful"),
+                         on=["item_id", "sent_idx"], how="inner").join(
+        items.select("item_id", "split"), on="item_id", how="left")
+    rows = []
+    for name, part in [*sorted(scored.group_by("split"), key=lambda g: str(g[0][0])), (("all",), scored)]:
+        s = localisation_stats(part)
+        rows.append([name[0], s["n"], s["flagged"], s["n_truth"], fmt(s["auroc"]), fmt(s["precision"]), fmt(s["recall"])])
+    parts = [
+        head,
+        "AUROC: p_conflict separating false from true sentences (where the benchmark knows which). "
+        "Precision / recall: the `flagged` sentences against those labelled `conflict` (the one that "
+        "contradicts the model's memory).",
+        md_table(["split", "sentences", "flagged", "with truth", "AUROC false vs true", "flag precision", "flag recall"], rows),
+        f"Examples from the evaluated split (`{split}`):",
+        *_examples(scored, items, predictions, split),
+    ]
+    return "\n\n".join(parts)
+
+
+def verdict(metrics: pl.DataFrame, method: str, baseline: str, metric: str = "ps") -> str:
+    """One computed sentence: does `method` beat `baseline` on `metric`, judged by disjoint 95% CIs."""
+    a_name, b_name, m_name = label(method), label(baseline), METRIC_LABELS[metric]
+    by = {r["method"]: r for r in metrics.iter_rows(named=True)}
+    missing = [label(m) for m in (method, baseline) if m not in by]
+    if missing:
+        return f"{a_name} vs {b_name} on {m_name}: not compared ({' and '.join(missing)} not evaluated)."
+    a, b = by[method], by[baseline]
+    if any(_missing(x) for x in (a[f"{metric}_lo"], a[f"{metric}_hi"], b[f"{metric}_lo"], b[f"{metric}_hi"])):
+        return f"{a_name} vs {b_name} on {m_name}: no confidence intervals (bootstrap off), so no verdict."
+    numbers = (f"{pct_ci(a[metric], a[f'{metric}_lo'], a[f'{metric}_hi'], '%')} vs "
+               f"{pct_ci(b[metric], b[f'{metric}_lo'], b[f'{metric}_hi'], '%')}")
+    if a[f"{metric}_lo"] > b[f"{metric}_hi"]:
+        return f"{a_name} beats {b_name} on {m_name} ({numbers}; the 95% CIs are disjoint)."
+    if a[f"{metric}_hi"] < b[f"{metric}_lo"]:
+        return f"{a_name} is worse than {b_name} on {m_name} ({numbers}; the 95% CIs are disjoint)."
+    return (f"{a_name} vs {b_name} on {m_name}: not distinguishable at this sample size "
+            f"({numbers}, n = {a['n']} and {b['n']}; the 95% CIs overlap).")
+
+
+def _sentence(text: str) -> str:
+    """Capitalise the first letter (method names like 'probe marking' start lower case)."""
+    return text[:1].upper() + text[1:]
+
+
+def section_methods(metrics: pl.DataFrame) -> str:
+    """Every method's metrics with CIs, and the computed verdicts of CLEAR and probe marking vs full context."""
+    rows = [[label(r["method"]), r["n"], *(pct_ci(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for m in METRIC_LABELS)]
+            for r in metrics.iter_rows(named=True)]
+    return "\n\n".join([
+        "## Method comparison",
+        "Percent, with 95% bootstrap confidence intervals over items. p_s: the answer states the context's "
+        "answer (not negated, without the memorised one); p_o: it states the memorised answer; "
+        "MR = p_o / (p_s + p_o), lower is more faithful to the context. Per-sample answers: `predictions.parquet`.",
+        md_table(["method", "n", *METRIC_LABELS.values()], rows),
+        " ".join(_sentence(verdict(metrics, m, "full_context")) for m in ("clear", "probe_marking")),
+        "![Metrics per method with 95% CIs](figures/methods.png)",
+    ])
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Render a figure to PNG with the Agg canvas, atomically."""
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return Path(path)
+
+
+def plot_probe_layers(probe_metrics: pl.DataFrame, best: dict | None, path: Path) -> Path:
+    """AUROC and accuracy per layer, dev solid and test dashed, one colour per probe kind."""
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2, sharex=True)
+    colours = dict(zip(sorted(probe_metrics["probe"].unique()), ["C0", "C1", "C2", "C3", "C4"] * 4))
+    for ax, col, name in zip(axes, ("auroc", "accuracy"), ("AUROC", "accuracy")):
+        for (probe, split), part in sorted(probe_metrics.filter(pl.col("split").is_in(["dev", "test"]))
+                                           .group_by("probe", "split"), key=lambda g: g[0]):
+            part = part.sort("layer")
+            ax.plot(part["layer"], part[col].cast(pl.Float64).fill_null(float("nan")), marker=".",
+                    color=colours[probe], linestyle="-" if split == "dev" else "--", label=f"{probe} {split}")
+        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+        if best is not None:
+            ax.axvline(best["layer"], color="black", linewidth=0.8, linestyle=":", label=f"best layer {best['layer']}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(name)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"probe {name} per layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)
+
+
+def plot_methods(metrics: pl.DataFrame, path: Path) -> Path:
+    """Grouped bars of EM, F1, p_s, p_o, MR per method with their 95% CI error bars."""
+    fig = Figure(figsize=(10, 4))
+    ax = fig.subplots()
+    names = list(METRIC_LABELS)
+    n_methods = max(metrics.height, 1)
+    width = 0.8 / n_methods
+    x = np.arange(len(names))
+    for i, r in enumerate(metrics.iter_rows(named=True)):
+        vals = np.array([np.nan if _missing(r[m]) else r[m] for m in names], dtype=float)
+        lo = np.array([np.nan if _missing(r[f"{m}_lo"]) else r[f"{m}_lo"] for m in names], dtype=float)
+        hi = np.array([np.nan if _missing(r[f"{m}_hi"]) else r[f"{m}_hi"] for m in names], dtype=float)
+        err = np.nan_to_num(np.vstack([vals - lo, hi - vals]), nan=0.0).clip(min=0)
+        ax.bar(x + (i - (n_methods - 1) / 2) * width, np.nan_to_num(vals), width, yerr=err, capsize=2,
+               label=label(r["method"]))
+    ax.set_xticks(x, [METRIC_LABELS[m] for m in names])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction (MR: ratio)")
+    ax.set_title("methods on the evaluated split (95% bootstrap CIs)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- stage
+
+
+def run_report(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
+    """Write report.md and figures/{probe_layers,methods}.png from the run's tables."""
+    conf = run_config(cfg, paths)
+    items = read_table(paths.table("items"))
+    metrics = read_table(paths.table("metrics"))
+    probe_metrics = _optional_table(paths.table("probe_metrics"))
+    best = _optional_json(paths.probes / "best.json")
+    train_log = _optional_json(paths.adapter / "train_log.json")
+    out: dict[str, str] = {}
+    if probe_metrics is not None:
+        out["probe_layers"] = str(plot_probe_layers(probe_metrics, best, paths.figures / "probe_layers.png"))
+    out["methods"] = str(plot_methods(metrics, paths.figures / "methods.png"))
+    sections = [
+        f"# clearflow report: {paths.root.name}",
+        section_what_ran(conf, items, metrics, train_log),
+        section_probes(probe_metrics, best),
+        section_localisation(
+            _optional_table(paths.table("sentences")), _optional_table(paths.table("sentence_scores")), items,
+            _optional_table(paths.table("predictions")), best, conf.evaluate.split,
+        ),
+        section_methods(metrics),
+    ]
+    with atomic_path(paths.report) as tmp:
+        tmp.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    out["report"] = str(paths.report)
+    return out

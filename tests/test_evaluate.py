@@ -1,0 +1,208 @@
+"""Evaluate stage on the tiny model: method registry, batched greedy generation, predictions and metrics tables."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+import torch
+
+from schemas.tables import ITEMS, METRICS, PREDICTIONS, SENTENCE_SCORES, SENTENCES
+from tasks import evaluate as ev
+from tasks.storage import read_table, text_key, write_parquet
+
+ALL = ["closed_book", "full_context", "opinion_instruction", "probe_marking", "clear"]
+FLAGGED = "The Eiffel Tower is in Rome."
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny model gains nothing from threads, and on a busy machine two threads ran ~10x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _item(i: int, split: str) -> dict:
+    sentences = ["Berlin is in Germany.", FLAGGED if i % 2 == 0 else f"Item {i} is in Rome.", "Cats are mammals."]
+    return {
+        "item_id": f"it{i:02d}",
+        "dataset": "synthetic",
+        "split": split,
+        "group": f"g{i}",
+        "relation_id": "P17",
+        "question": f"Where is landmark number {i}?",
+        "context": " ".join(sentences),
+        "answers": ["Rome", "Roma"],
+        "orig_answers": ["Paris"],
+        "orig_context": None,
+        "target_sentence": sentences[1],
+        "counterfactual": True,
+        "_sentences": sentences,
+    }
+
+
+@pytest.fixture()
+def run_with_items(run_paths):
+    """A run dir with 5 test items, 2 train items, their sentences and probe flags (the middle sentence flagged)."""
+    items = [_item(i, "test") for i in range(5)] + [_item(i, "train") for i in range(5, 7)]
+    sentences, scores = [], []
+    for it in items:
+        pos = 0
+        for j, s in enumerate(it["_sentences"]):
+            sentences.append(
+                {"item_id": it["item_id"], "sent_idx": j, "key": text_key(s), "text": s, "char_start": pos,
+                 "char_end": pos + len(s), "relevance": None, "label": "conflict" if j == 1 else "irrelevant",
+                 "truthful": j != 1}
+            )
+            scores.append(
+                {"item_id": it["item_id"], "sent_idx": j, "key": text_key(s), "layer": 2, "probe": "logistic",
+                 "p_conflict": 0.9 if j == 1 else 0.1, "flagged": j == 1}
+            )
+            pos += len(s) + 1
+    write_parquet([{k: v for k, v in it.items() if k != "_sentences"} for it in items], run_paths.table("items"), ITEMS)
+    write_parquet(sentences, run_paths.table("sentences"), SENTENCES)
+    write_parquet(scores, run_paths.table("sentence_scores"), SENTENCE_SCORES)
+    return run_paths
+
+
+def _save_random_adapter(cfg, paths) -> None:
+    """A real (non-zero) LoRA adapter in paths.adapter, as the finetune stage would leave it."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.models import load_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        load_model(cfg.model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    peft_model.save_pretrained(str(paths.adapter))
+
+
+def test_unknown_method_is_refused_with_known_list(tiny_cfg, run_paths):
+    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": ["full_context", "cad"]})})
+    with pytest.raises(ValueError, match=r"unknown evaluation method.*'cad'.*known: \['clear', 'closed_book'"):
+        ev.run_evaluate(cfg, run_paths)
+
+
+def test_empty_split_is_refused(tiny_cfg, run_with_items):
+    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"split": "dev"})})
+    with pytest.raises(ValueError, match=r"no items in split 'dev'; splits present: \['test', 'train'\]"):
+        ev.run_evaluate(cfg, run_with_items)
+
+
+def test_first_line_and_eos_cut():
+    assert ev.first_line("\n\n  Rome  \nBecause the context says so.") == "Rome"
+    assert ev.first_line(" \n ") == ""
+    assert ev._cut_at_eos([5, 6, 2, 7, 2], {2}) == [5, 6]
+    assert ev._cut_at_eos([5, 6], {2}) == [5, 6]
+
+
+def test_first_line_stop_criterion(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = tok("Q:")["input_ids"]
+    rows = [tok(t)["input_ids"] for t in ("\nRome\n", "\n", " Rome")]
+    width = max(map(len, rows))
+    ids = torch.tensor([prompt + r + [tok.eos_token_id] * (width - len(r)) for r in rows])
+    assert ev.FirstLineDone(tok, len(prompt))(ids, None).tolist() == [True, False, False]
+
+
+class _EchoModel:
+    """Fake LM whose answer is the last prompt token twice, then EOS and junk: shows which prompt each answer got."""
+
+    device = torch.device("cpu")
+    generation_config = None
+
+    def __init__(self, eos: int):
+        self.eos, self.calls = eos, []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.calls.append(kwargs)
+        last = input_ids[:, -1:]
+        junk = torch.full_like(last, 42)
+        return torch.cat([input_ids, last, last, torch.full_like(last, self.eos), junk], dim=1)
+
+
+def test_generate_batches_by_length_and_keeps_input_order(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = None  # plain text prompts: encode adds no special tokens of its own here
+    words = ["alpha", "beta gamma delta epsilon zeta", "eta", "theta iota kappa", "lambda mu"]
+    prompts = [f"say {w} banana" if i % 2 else f"say {w} apple" for i, w in enumerate(words)]
+    model = _EchoModel(tok.eos_token_id)
+    out = ev.generate(model, tok, prompts, max_new_tokens=7, batch_size=2, desc="echo")
+    expected = [tok.decode([tok(p)["input_ids"][-1]] * 2).strip() for p in prompts]
+    assert out == expected
+    assert len(model.calls) == 3
+    assert all(c["do_sample"] is False and c["max_new_tokens"] == 7 for c in model.calls)
+    assert tok.padding_side == "left"
+
+
+def test_scores_follow_predictions(tiny_cfg, run_with_items, monkeypatch):
+    """With scripted answers, EM/p_s/p_o/MR in both tables are exactly what the rules give."""
+    scripted = {"closed_book": "Paris", "full_context": "Rome.", "opinion_instruction": "Not Rome", "probe_marking": "Roma or Paris"}
+
+    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, desc=""):
+        return [scripted[desc]] * len(prompts)
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": list(scripted)})})
+    out = ev.run_evaluate(cfg, run_with_items)
+    metrics = {r["method"]: r for r in read_table(out["metrics"]).iter_rows(named=True)}
+    assert list(metrics) == list(scripted)
+    assert (metrics["closed_book"]["po"], metrics["closed_book"]["ps"]) == (1.0, 0.0)
+    assert metrics["closed_book"]["mr"] == 1.0
+    assert (metrics["full_context"]["em"], metrics["full_context"]["ps"], metrics["full_context"]["mr"]) == (1.0, 1.0, 0.0)
+    assert (metrics["opinion_instruction"]["em"], metrics["opinion_instruction"]["ps"]) == (0.0, 0.0)  # negated
+    assert metrics["opinion_instruction"]["f1"] == pytest.approx(2 / 3)
+    assert (metrics["probe_marking"]["ps"], metrics["probe_marking"]["po"]) == (0.0, 1.0)  # both answers stated
+    assert all(m["n"] == 5 for m in metrics.values())
+
+
+def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkeypatch):
+    import tasks.finetune
+
+    _save_random_adapter(tiny_cfg, run_with_items)
+    calls = []
+    real = tasks.finetune.load_finetuned
+
+    def spy(cfg, paths):
+        calls.append(paths)
+        return real(cfg, paths)
+
+    monkeypatch.setattr(tasks.finetune, "load_finetuned", spy)
+    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"batch_size": 4})})
+    out = ev.run_evaluate(cfg, run_with_items)
+
+    assert len(calls) == 1
+    preds = read_table(out["predictions"])
+    assert preds.columns == PREDICTIONS.names
+    assert preds.height == 5 * len(ALL)
+    assert preds["method"].unique(maintain_order=True).to_list() == ALL
+    assert set(preds["item_id"]) == {f"it{i:02d}" for i in range(5)}  # train items are not evaluated
+    by = {m: preds.filter(pl.col("method") == m) for m in ALL}
+    assert not any("Context:" in p for p in by["closed_book"]["prompt"])
+    assert all("Berlin is in Germany." in p for p in by["full_context"]["prompt"])
+    assert all("Bob said" in p for p in by["opinion_instruction"]["prompt"])
+    marked = by["probe_marking"]["prompt"].to_list()
+    assert f"<conflict> {FLAGGED} </conflict>" in marked[0]
+    assert not any("<conflict> Berlin" in p for p in marked)
+    assert by["clear"]["prompt"].to_list() == marked  # same prompt, fine-tuned weights
+    assert all("\n" not in p for p in preds["prediction"])
+    metrics = read_table(out["metrics"])
+    assert metrics.columns == METRICS.names
+    assert metrics["method"].to_list() == ALL
+    assert metrics["n"].to_list() == [5] * len(ALL)
+    for col in ("em", "f1", "ps", "po"):
+        assert metrics[col].is_between(0, 1).all()
+
+
+def test_missing_marking_is_refused(tiny_cfg, run_with_items):
+    write_parquet(read_table(run_with_items.table("sentences")).filter(pl.col("item_id") != "it03"),
+                  run_with_items.table("sentences"), SENTENCES)
+    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": ["probe_marking"]})})
+    with pytest.raises(ValueError, match=r"1 evaluated items have no sentences to mark"):
+        ev.run_evaluate(cfg, run_with_items)

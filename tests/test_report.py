@@ -1,0 +1,165 @@
+"""Report stage on a synthetic run directory: sections, best layer, valid PNGs and computed verdicts."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from schemas.tables import ITEMS, METRICS, PREDICTIONS, PROBE_METRICS, SENTENCE_SCORES, SENTENCES
+from tasks.report import localisation_stats, run_report, verdict
+from tasks.config import RunConfig
+from tasks.storage import RunPaths, text_key, write_json, write_parquet
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METHODS = ["closed_book", "full_context", "opinion_instruction", "probe_marking", "clear"]
+
+
+def _metric_row(method: str, ps: float, half_width: float, n: int = 40) -> dict:
+    row = {"method": method, "n": n}
+    for name, v in {"em": ps - 0.05, "f1": ps, "ps": ps, "po": 0.6 - ps / 2}.items():
+        row |= {name: v, f"{name}_lo": max(v - half_width, 0.0), f"{name}_hi": min(v + half_width, 1.0)}
+    mr = row["po"] / (row["ps"] + row["po"])
+    return row | {"mr": mr, "mr_lo": max(mr - half_width, 0), "mr_hi": min(mr + half_width, 1)}
+
+
+def _write_metrics(paths, ps: dict[str, float], half_width: float) -> None:
+    write_parquet([_metric_row(m, ps[m], half_width) for m in METHODS], paths.table("metrics"), METRICS)
+
+
+@pytest.fixture()
+def cfg(tmp_path) -> RunConfig:
+    """The report loads no model: a default config under tmp is enough (no tiny model to build)."""
+    return RunConfig(run="t", runs_dir=tmp_path / "runs")
+
+
+@pytest.fixture()
+def synthetic_run(cfg) -> RunPaths:
+    paths = RunPaths(cfg.runs_dir / cfg.run)
+    paths.root.mkdir(parents=True)
+    return build_synthetic_run(paths)
+
+
+def build_synthetic_run(run_paths: RunPaths) -> RunPaths:
+    """Every table the report reads; layer 2 of the logistic probe is the best on dev."""
+    items, sentences, scores, preds = [], [], [], []
+    for i in range(6):
+        split = "test" if i < 4 else "train"
+        iid = f"q{i}"
+        texts = [f"Fact {i} is in Rome.", f"Filler {i} is blue.", f"Other {i} is false."]
+        items.append({"item_id": iid, "dataset": "synthetic", "split": split, "group": iid, "relation_id": "P1",
+                      "question": f"Where is fact {i}?", "context": " ".join(texts), "answers": ["Rome"],
+                      "orig_answers": ["Paris"], "orig_context": None, "target_sentence": texts[0],
+                      "counterfactual": True})
+        for j, t in enumerate(texts):
+            label = ["conflict", "irrelevant", "irrelevant"][j]
+            truthful = [False, True, False][j]
+            # the false sentences score high, the true one low; the flag catches the conflict one only
+            sentences.append({"item_id": iid, "sent_idx": j, "key": text_key(t), "text": t, "char_start": 0,
+                              "char_end": len(t), "relevance": None, "label": label, "truthful": truthful})
+            scores.append({"item_id": iid, "sent_idx": j, "key": text_key(t), "layer": 2, "probe": "logistic",
+                           "p_conflict": [0.9, 0.2, 0.4][j], "flagged": j == 0})
+        for m in METHODS:
+            if split == "test":
+                preds.append({"method": m, "item_id": iid, "prompt": "p", "prediction": "Rome", "em": 1.0,
+                              "f1": 1.0, "ps": True, "po": False})
+    probe_rows = []
+    for layer in range(4):
+        for probe in ("logistic", "diffmean"):
+            for split in ("train", "dev", "test"):
+                auroc = 0.9 if (layer == 2 and probe == "logistic") else 0.6 + 0.02 * layer
+                probe_rows.append({"layer": layer, "probe": probe, "split": split, "n": 50,
+                                   "accuracy": auroc - 0.1, "f1": auroc - 0.15,
+                                   "auroc": auroc - (0.03 if split == "test" else 0.0)})
+    write_parquet(items, run_paths.table("items"), ITEMS)
+    write_parquet(sentences, run_paths.table("sentences"), SENTENCES)
+    write_parquet(scores, run_paths.table("sentence_scores"), SENTENCE_SCORES)
+    write_parquet(preds, run_paths.table("predictions"), PREDICTIONS)
+    write_parquet(probe_rows, run_paths.table("probe_metrics"), PROBE_METRICS)
+    write_json({"layer": 2, "probe": "logistic", "dev_auroc": 0.9, "test_auroc": 0.87, "test_accuracy": 0.77,
+                "threshold": 0.5, "model": "tiny"}, run_paths.probes / "best.json")
+    write_json({"steps": 12, "ce_first": 3.5, "ce_last": 1.25, "target_modules": ["q_proj"]},
+               run_paths.adapter / "train_log.json")
+    return run_paths
+
+
+def test_report_sections_best_layer_and_pngs(cfg, synthetic_run):
+    _write_metrics(synthetic_run, {"closed_book": 0.1, "full_context": 0.4, "opinion_instruction": 0.45,
+                                   "probe_marking": 0.42, "clear": 0.7}, half_width=0.05)
+    out = run_report(cfg, synthetic_run)
+    text = synthetic_run.report.read_text()
+    for heading in ("## What ran", "## Probe per layer", "## Conflict localisation on context sentences",
+                    "## Method comparison"):
+        assert heading in text
+    assert f"model: `{cfg.model.name}`" in text
+    assert "| test | 4 |" in text and "| train | 2 |" in text
+    assert "**best layer 2** (logistic probe" in text
+    assert "test AUROC 0.870, test accuracy 0.800" in text  # read from probes/metrics.parquet (0.9-0.03, 0.9-0.1)
+    assert "| logistic | **2** (best) |" in text
+    assert text.count("(best)") == 1
+    assert "| ce_last | 1.2500 |" in text
+    assert "![Probe AUROC and accuracy per layer](figures/probe_layers.png)" in text
+    assert "![Metrics per method with 95% CIs](figures/methods.png)" in text
+    assert "| CLEAR | 40 | 65.0 [60.0, 70.0] | 70.0 [65.0, 75.0] | 70.0 [65.0, 75.0] |" in text
+    assert "**q0**: Where is fact 0?" in text and "**q4**" not in text  # examples come from the evaluated split
+    assert "| 0 | conflict | False | 0.900 | yes | Fact 0 is in Rome. |" in text
+    for name in ("probe_layers", "methods"):
+        data = (synthetic_run.figures / f"{name}.png").read_bytes()
+        assert out[name] == str(synthetic_run.figures / f"{name}.png")
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+    assert out["report"] == str(synthetic_run.report)
+
+
+def test_localisation_numbers(cfg, synthetic_run):
+    _write_metrics(synthetic_run, dict.fromkeys(METHODS, 0.5), half_width=0.1)
+    text = (run_report(cfg, synthetic_run), synthetic_run.report.read_text())[1]
+    # false sentences score 0.9 and 0.4, the true one 0.2: AUROC 1; the flag hits exactly the conflict ones
+    assert "| all | 18 | 6 | 18 | 1.000 | 1.000 | 1.000 |" in text
+    assert "| test | 12 | 4 | 12 | 1.000 | 1.000 | 1.000 |" in text
+
+
+def test_verdict_beats_and_indistinguishable(cfg, synthetic_run):
+    _write_metrics(synthetic_run, {"closed_book": 0.1, "full_context": 0.4, "opinion_instruction": 0.45,
+                                   "probe_marking": 0.42, "clear": 0.7}, half_width=0.05)
+    run_report(cfg, synthetic_run)
+    text = synthetic_run.report.read_text()
+    assert "CLEAR beats full context on p_s (70.0% [65.0, 75.0] vs 40.0% [35.0, 45.0]; the 95% CIs are disjoint)." in text
+    assert "Probe marking vs full context on p_s: not distinguishable at this sample size" in text
+
+    _write_metrics(synthetic_run, {"closed_book": 0.1, "full_context": 0.4, "opinion_instruction": 0.45,
+                                   "probe_marking": 0.1, "clear": 0.5}, half_width=0.1)
+    run_report(cfg, synthetic_run)
+    text = synthetic_run.report.read_text()
+    assert "CLEAR vs full context on p_s: not distinguishable at this sample size (50.0% [40.0, 60.0] vs 40.0%" in text
+    assert "CLEAR beats" not in text
+    assert "Probe marking is worse than full context on p_s" in text
+
+
+def test_verdict_edge_cases():
+    m = pl.DataFrame([_metric_row("full_context", 0.4, 0.05)])
+    assert "CLEAR not evaluated" in verdict(m, "clear", "full_context")
+    no_ci = pl.DataFrame([_metric_row("full_context", 0.4, 0.05), _metric_row("clear", 0.7, 0.05)]).with_columns(
+        ps_lo=None, ps_hi=None)
+    assert "no confidence intervals" in verdict(no_ci, "clear", "full_context")
+    touching = pl.DataFrame([_metric_row("full_context", 0.4, 0.1), _metric_row("clear", 0.6, 0.1)])
+    assert "not distinguishable" in verdict(touching, "clear", "full_context")  # CIs meet at 0.5: not disjoint
+
+
+def test_manifest_config_is_reported_and_probe_stage_optional(cfg, synthetic_run):
+    _write_metrics(synthetic_run, dict.fromkeys(METHODS, 0.5), half_width=0.1)
+    recorded = cfg.model_copy(update={"seed": 1234, "dataset": "confiqa-qa"}).model_dump(mode="json")
+    synthetic_run.manifest.write_text(json.dumps({"config": recorded}))
+    synthetic_run.table("probe_metrics").unlink()
+    out = run_report(cfg, synthetic_run)
+    text = synthetic_run.report.read_text()
+    assert "- seed: 1234" in text and "dataset: `confiqa-qa`" in text
+    assert "the probes stage did not run" in text
+    assert "probe_layers" not in out and "methods" in out
+
+
+def test_localisation_stats_undefined_cases():
+    frame = pl.DataFrame({"p_conflict": [0.1, 0.2], "truthful": [True, None], "label": [None, None],
+                          "flagged": [False, False]}, schema_overrides={"label": pl.String})
+    s = localisation_stats(frame)
+    assert s["auroc"] is None and s["precision"] is None and s["n_truth"] == 1

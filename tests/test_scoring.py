@@ -1,0 +1,140 @@
+"""Hand cases for every scoring rule of the reference protocol, and the bootstrap metrics table."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from schemas.tables import METRICS
+from tasks.scoring import (
+    bootstrap_cis,
+    contains_answer,
+    exact_match,
+    f1_score,
+    faithfulness,
+    has_negation,
+    memorisation_ratio,
+    method_metrics,
+    normalize,
+    score_prediction,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The Eiffel Tower", "eiffel tower"),
+        ("  an   apple  ", "apple"),
+        ("A Tale of Two Cities", "tale of two cities"),
+        ("Paris, France.", "paris france"),
+        ("U.S.A.", "usa"),  # punctuation is deleted, not spaced (SQuAD)
+        ("«Théâtre»!", "théâtre"),  # Unicode punctuation too
+        ("Theatre", "theatre"),  # 'the' only as a whole word
+        ("Tab\tand\nnewline", "tab and newline"),
+    ],
+)
+def test_normalize(text, expected):
+    assert normalize(text) == expected
+
+
+def test_exact_match_articles_punctuation_case():
+    assert exact_match("The Paris.", ["paris"]) == 1.0
+    assert exact_match("paris", ["Paris"]) == 1.0
+    assert exact_match("Paris, France", ["Paris"]) == 0.0  # EM is equality, not containment
+
+
+def test_exact_match_takes_max_over_aliases():
+    assert exact_match("NYC", ["New York City", "NYC"]) == 1.0
+    assert exact_match("Boston", ["New York City", "NYC"]) == 0.0
+    assert exact_match("anything", []) == 0.0
+    assert exact_match("", ["!!"]) == 0.0  # an alias that normalises to nothing matches nothing
+
+
+def test_negation_zeroes_em_only_on_counterfactual_items():
+    # "none" is both the gold and a negation word: the rule applies to counterfactual data only.
+    assert exact_match("None", ["none"], counterfactual=True) == 0.0
+    assert exact_match("None", ["none"], counterfactual=False) == 1.0
+    assert has_negation("It is not Paris")
+    assert has_negation("Nobody knows")
+    assert has_negation("cannot say")
+    assert not has_negation("Nothingham")  # whole words only
+    assert not has_negation("Norway")
+
+
+def test_f1_partial_overlap_and_aliases():
+    assert f1_score("Paris, France", ["Paris"]) == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert f1_score("Paris", ["Paris"]) == 1.0
+    assert f1_score("London", ["Paris"]) == 0.0
+    assert f1_score("the big apple", ["New York", "Big Apple"]) == 1.0
+    assert f1_score("", ["Paris"]) == 0.0
+
+
+def test_contains_answer_on_word_boundaries():
+    assert contains_answer("It is in Paris, France.", ["Paris"])
+    assert not contains_answer("Parisian food", ["Paris"])
+    assert contains_answer("The capital is New York City", ["NYC", "new york city"])
+    assert not contains_answer("Paris", None)
+
+
+def test_ps_requires_context_answer_without_negation_or_original():
+    assert faithfulness("Paris, France", ["Paris"], ["London"]) == (True, False)
+    assert faithfulness("not Paris", ["Paris"], ["London"]) == (False, False)  # negated
+    assert faithfulness("Paris or London", ["Paris"], ["London"]) == (False, True)  # original also present
+    assert faithfulness("London", ["Paris"], ["London"]) == (False, True)
+    assert faithfulness("Berlin", ["Paris"], ["London"]) == (False, False)
+    assert faithfulness("Paris", ["Paris"], None) == (True, False)  # no memorised answer known
+
+
+def test_score_prediction_row():
+    assert score_prediction("The Paris", ["Paris"], ["Rome"], True) == {"em": 1.0, "f1": 1.0, "ps": True, "po": False}
+
+
+def test_memorisation_ratio():
+    assert memorisation_ratio(0.6, 0.2) == pytest.approx(0.25)
+    assert memorisation_ratio(0.0, 0.0) is None
+
+
+def _preds(method: str, em, f1, ps, po) -> pl.DataFrame:
+    return pl.DataFrame({"method": method, "em": em, "f1": f1, "ps": ps, "po": po})
+
+
+def test_method_metrics_point_values_and_schema():
+    preds = pl.concat(
+        [
+            _preds("a", [1.0, 0.0, 1.0, 0.0], [1.0, 0.5, 1.0, 0.0], [True, False, True, False], [False, True, False, False]),
+            _preds("b", [0.0, 0.0], [0.0, 0.0], [False, False], [False, False]),
+        ]
+    )
+    m = method_metrics(preds, n_boot=200, seed=0)
+    assert m.columns == METRICS.names
+    assert m["method"].to_list() == ["a", "b"]  # order of appearance
+    a = m.row(0, named=True)
+    assert a["n"] == 4
+    assert a["em"] == 0.5 and a["f1"] == pytest.approx(0.625)
+    assert a["ps"] == 0.5 and a["po"] == 0.25
+    assert a["mr"] == pytest.approx(0.25 / 0.75)
+    for name in ("em", "f1", "ps", "po", "mr"):
+        assert 0.0 <= a[f"{name}_lo"] <= a[name] <= a[f"{name}_hi"] <= 1.0
+    b = m.row(1, named=True)
+    assert b["mr"] is None and b["mr_lo"] is None and b["mr_hi"] is None  # MR undefined when p_s = p_o = 0
+
+
+def test_bootstrap_is_seeded_and_narrows_with_n():
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 2, size=(20, 4)).astype(float)
+    large = np.tile(small, (25, 1))
+    assert bootstrap_cis(small, 300, seed=7) == bootstrap_cis(small, 300, seed=7)
+    lo_s, hi_s = bootstrap_cis(small, 300, seed=7)["em"]
+    lo_l, hi_l = bootstrap_cis(large, 300, seed=7)["em"]
+    assert hi_l - lo_l < hi_s - lo_s
+    assert bootstrap_cis(small, 0, seed=7)["em"] == (None, None)
+
+
+def test_constant_column_has_degenerate_ci():
+    m = method_metrics(_preds("x", [1.0] * 5, [1.0] * 5, [True] * 5, [False] * 5), n_boot=100, seed=0)
+    row = m.row(0, named=True)
+    assert row["em_lo"] == row["em_hi"] == 1.0
+    assert row["mr"] == 0.0 and not math.isnan(row["mr_hi"])

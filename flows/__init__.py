@@ -1,0 +1,16 @@
+"""Prefect flows of clearflow: one per stage plus the end-to-end pipeline.
+
+Prefect reads its settings at import, so the offline-friendly defaults are set here, before any
+flow module imports it; anything the user exported wins.
+"""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
+    _cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clearflow"
+    os.environ["PREFECT_HOME"] = str(Path(os.environ.get("CLEARFLOW_CACHE", _cache)) / "prefect")

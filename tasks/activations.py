@@ -192,6 +192,14 @@ def collect_texts(paths: RunPaths) -> tuple[list[str], list[str], list[str]]:
     return keys, texts, sources
 
 
+def fed_text(text: str, strip_final_punct: bool) -> str:
+    """What the model reads for a text: without its closing . ! ? the last token ends the claim itself."""
+    if strip_final_punct:
+        stripped = text.rstrip().rstrip(".!?").rstrip()
+        return stripped or text
+    return text
+
+
 def layer_path(paths: RunPaths, slug: str, layer: int) -> Path:
     """Hive-partitioned shard of one layer's vectors."""
     return paths.activations / f"model={slug}" / f"layer={layer}" / "part-00000.parquet"
@@ -261,7 +269,8 @@ def run_activations(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     log.info("activations: %d texts, layers %s of %s, batch %d", len(keys), layers, slug, cfg.activations.batch_size)
 
     start = time.perf_counter()
-    stream = iter_activations(model, tokenizer, texts, layers, cfg.activations.batch_size)
+    fed = [fed_text(t, cfg.activations.strip_final_punct) for t in texts]
+    stream = iter_activations(model, tokenizer, fed, layers, cfg.activations.batch_size)
     with contextlib.closing(stream), contextlib.ExitStack() as stack:
         writers: _LayerWriters | None = None
         for batch, vectors in stream:
@@ -285,6 +294,7 @@ def run_activations(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
         "n_model_layers": len(blocks),
         "dim": dim,
         "position": POSITION,
+        "strip_final_punct": cfg.activations.strip_final_punct,
         "n_keys": len(keys),
         "n_statements": sources.count("statements"),
         "n_sentences": sources.count("sentences"),

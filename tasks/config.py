@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 DEFAULT_MODEL = "smollm2-135m"
-METHODS = ("closed_book", "full_context", "opinion_instruction", "probe_marking", "clear")
+METHODS = ("closed_book", "full_context", "opinion_instruction", "probe_marking", "clear", "clear_unmarked")
 
 
 class IngestConfig(BaseModel):
@@ -34,6 +34,11 @@ class ActivationConfig(BaseModel):
 
     layers: list[int] | None = Field(None, description="Decoder layers to keep (0-based); None = all.")
     batch_size: int = Field(32, ge=1, description="Sentences per forward pass.")
+    strip_final_punct: bool = Field(
+        True,
+        description="Feed each text without its final . ! or ?, so its last token ends the claim itself"
+        " (the reference's statements have no period; better on dev).",
+    )
 
 
 class ProbeConfig(BaseModel):
@@ -41,7 +46,11 @@ class ProbeConfig(BaseModel):
 
     kinds: list[Literal["logistic", "diffmean"]] = Field(["logistic", "diffmean"], description="Probe types per layer.")
     select_kind: Literal["logistic", "diffmean"] = Field("logistic", description="Probe type used to flag sentences.")
-    l2: float = Field(1.0, gt=0, description="Inverse L2 strength (sklearn C) of the logistic probe.")
+    l2_grid: list[float] = Field(
+        [0.003, 0.01, 0.1, 1.0], min_length=1, description="Inverse L2 strengths (sklearn C) of the logistic"
+        " probe tried per layer; the best dev AUROC is kept."
+    )
+    refit: bool = Field(True, description="Refit the chosen probe on train+dev before scoring (test stays unseen).")
     threshold: float = Field(0.5, gt=0, lt=1, description="p_conflict above which a sentence is flagged.")
     layer: int | None = Field(None, description="Force the layer used for flagging; None = best dev AUROC.")
 

@@ -40,6 +40,7 @@ REGISTRY: dict[str, Method] = {
         Method("opinion_instruction", "plain", "base"),
         Method("probe_marking", "marked", "base"),
         Method("clear", "marked", "finetuned"),
+        Method("clear_unmarked", "plain", "finetuned"),  # ablation: the adapter without the probe's markers
     )
 }
 

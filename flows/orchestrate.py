@@ -1,0 +1,72 @@
+"""Prefect wiring shared by every stage flow: the work and its quality check as tasks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.runner import (
+    is_current,
+    load_manifest,
+    missing_upstream,
+    paths_of,
+    record_stage,
+    resolve_run,
+    start_manifest,
+    timed,
+)
+from flows.stages import STAGES
+from tasks.config import RunConfig
+from tasks.storage import RunPaths
+
+log = logging.getLogger("clearflow")
+
+
+@task(name="stage-work", task_run_name="{stage_name}", cache_policy=NO_CACHE)
+def stage_work(stage_name: str, cfg: RunConfig) -> dict[str, str]:
+    """The stage's plain function from tasks/; returns the paths it wrote."""
+    return STAGES[stage_name].function()(cfg, paths_of(cfg))
+
+
+@task(name="quality-check", task_run_name="quality-{stage_name}", cache_policy=NO_CACHE)
+def quality_check(stage_name: str, run_dir: str) -> dict:
+    """Great Expectations suites of the stage's tables; raises DataQualityError on a failure."""
+    from tasks.quality import validate_stage
+
+    return validate_stage(stage_name, RunPaths(Path(run_dir)))
+
+
+def run_stage(stage_name: str, cfg: RunConfig, force: bool = False) -> dict[str, str]:
+    """Run a stage unless its outputs are current; check them; record them in the manifest."""
+    stage = STAGES[stage_name]
+    paths = paths_of(cfg)
+    missing = missing_upstream(stage, load_manifest(paths))
+    if missing:
+        raise RuntimeError(
+            f"stage {stage_name!r} needs {missing} first: run `clearflow stage {missing[0]} --run {cfg.run}`"
+            " or the whole pipeline"
+        )
+    manifest = start_manifest(cfg, paths)
+    if not force and is_current(stage, cfg, paths, manifest):
+        log.info("%-11s up to date, skipped", stage_name)
+        return {n: str(paths.root / o["path"]) for n, o in manifest["stages"][stage_name]["outputs"].items()}
+    log.info("%-11s %s", stage_name, stage.summary)
+    outputs, seconds = timed(stage_work, stage_name, cfg)
+    quality = quality_check(stage_name, str(paths.root))
+    record_stage(stage, cfg, paths, outputs, seconds, quality)
+    log.info("%-11s done in %.1f s", stage_name, seconds)
+    return outputs
+
+
+def make_stage_flow(stage_name: str):
+    """A Prefect flow that runs one stage of a run (resuming unless forced)."""
+
+    def stage_flow(cfg: RunConfig = RunConfig(), force: bool = False) -> dict[str, str]:
+        return run_stage(stage_name, resolve_run(cfg), force)
+
+    stage_flow.__doc__ = STAGES[stage_name].summary
+    stage_flow.__name__ = f"{stage_name}_flow"
+    return flow(stage_flow, name=stage_name, log_prints=True, validate_parameters=True)

@@ -1,0 +1,43 @@
+"""The end-to-end pipeline: every stage flow in order, resuming where a previous try stopped."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+
+from prefect import flow
+
+from flows.runner import load_manifest, now, paths_of, resolve_run
+from flows.stages import ORDER
+from tasks.config import RunConfig
+from tasks.storage import write_json
+
+log = logging.getLogger("clearflow")
+
+
+def stage_flows() -> dict:
+    """name -> its Prefect flow (each lives in flows/<name>.py, the deployments' entrypoints)."""
+    return {name: getattr(importlib.import_module(f"flows.{name}"), f"{name}_flow") for name in ORDER}
+
+
+def finish_run(cfg: RunConfig, seconds: float) -> None:
+    """Stamp the manifest and write the run's DuckDB catalog once every stage is done."""
+    from tasks.catalog import write_run_catalog
+
+    paths = paths_of(cfg)
+    manifest = load_manifest(paths)
+    manifest.update(finished_at=now(), seconds=round(seconds, 1))
+    write_json(manifest, paths.manifest)
+    write_run_catalog(paths)
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline_flow(cfg: RunConfig = RunConfig(), force: bool = False) -> str:
+    """Ingest, decompose, activations, probes, finetune, evaluate, report; returns the report's path."""
+    cfg = resolve_run(cfg)
+    t0 = time.perf_counter()
+    for name, stage_flow in stage_flows().items():
+        stage_flow(cfg=cfg, force=force)
+    finish_run(cfg, time.perf_counter() - t0)
+    return str(paths_of(cfg).report)

@@ -1,0 +1,145 @@
+"""Running one stage: resume check, the work, its quality checks, and the manifest's record of it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from flows.stages import STAGES, Stage
+from tasks.config import RunConfig
+from tasks.storage import RunPaths, file_sha256, write_json
+
+log = logging.getLogger("clearflow")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_run(cfg: RunConfig) -> RunConfig:
+    """Give an unnamed run a timestamp name, so every stage of it writes to one directory."""
+    if cfg.run:
+        return cfg
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return cfg.model_copy(update={"run": stamp})
+
+
+def paths_of(cfg: RunConfig) -> RunPaths:
+    if not cfg.run:
+        raise ValueError("the run has no name: call resolve_run first")
+    return RunPaths(Path(cfg.runs_dir) / cfg.run)
+
+
+def load_manifest(paths: RunPaths) -> dict[str, Any]:
+    if paths.manifest.exists():
+        return json.loads(paths.manifest.read_text())
+    return {}
+
+
+def digest(path: Path) -> str:
+    """sha256 of a file, or of a directory's (relative path, file hash) list."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(f"{f.relative_to(path)}:{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def fingerprint(stage: Stage, cfg: RunConfig, manifest: dict[str, Any]) -> str:
+    """What a stage's outputs depend on: its config sections and its inputs' content hashes."""
+    done = manifest.get("stages", {})
+    upstream = {u: done.get(u, {}).get("outputs", {}) for u in stage.after}
+    blob = json.dumps([stage.name, cfg.digest(*stage.sections) if stage.sections else "", upstream], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def is_current(stage: Stage, cfg: RunConfig, paths: RunPaths, manifest: dict[str, Any]) -> bool:
+    """True when the recorded outputs exist and were made from the same config and inputs."""
+    rec = manifest.get("stages", {}).get(stage.name)
+    if not rec or rec.get("fingerprint") != fingerprint(stage, cfg, manifest):
+        return False
+    return all((paths.root / o["path"]).exists() for o in rec.get("outputs", {}).values())
+
+
+def missing_upstream(stage: Stage, manifest: dict[str, Any]) -> list[str]:
+    done = manifest.get("stages", {})
+    return [u for u in stage.after if u not in done]
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit (and whether the tree was dirty) the run was made with."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("clearflow")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    return {"package": pkg, "commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+
+
+def environment() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def start_manifest(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
+    """Create or refresh the manifest's header (config, code, environment) before a stage runs."""
+    manifest = load_manifest(paths)
+    manifest.setdefault("created_at", now())
+    manifest.update(
+        run=cfg.run,
+        config=cfg.model_dump(mode="json"),
+        code=code_version(),
+        environment=environment(),
+    )
+    manifest.setdefault("stages", {})
+    write_json(manifest, paths.manifest)
+    return manifest
+
+
+def record_stage(
+    stage: Stage, cfg: RunConfig, paths: RunPaths, outputs: dict[str, str], seconds: float, quality: dict[str, Any]
+) -> dict[str, Any]:
+    """Write what a finished stage produced (with content hashes) into the manifest."""
+    manifest = load_manifest(paths)
+    recorded = {}
+    for name, p in outputs.items():
+        p = Path(p)
+        recorded[name] = {"path": str(p.resolve().relative_to(paths.root.resolve())), "sha256": digest(p)}
+    manifest.setdefault("stages", {})[stage.name] = {
+        "fingerprint": fingerprint(stage, cfg, manifest),
+        "outputs": recorded,
+        "seconds": round(seconds, 2),
+        "finished_at": now(),
+        "quality": {t: {"success": r.get("success"), "expectations": r.get("evaluated")} for t, r in quality.items()},
+    }
+    write_json(manifest, paths.manifest)
+    return manifest
+
+
+def timed(fn, *args) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0

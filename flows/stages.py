@@ -1,0 +1,47 @@
+"""The DAG: which stage runs what, after which, and which config sections it depends on."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tasks.config import RunConfig
+from tasks.storage import RunPaths
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the pipeline: the work is the plain function `target` in tasks/."""
+
+    name: str
+    target: str  # "module:function", imported lazily so `clearflow sql` never imports torch
+    sections: tuple[str, ...]  # RunConfig fields whose change makes this stage stale
+    after: tuple[str, ...]  # upstream stages whose outputs it reads
+    summary: str
+
+    def function(self) -> Callable[[RunConfig, RunPaths], dict[str, str]]:
+        module, func = self.target.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("ingest", "tasks.ingest:run_ingest", ("dataset", "data_path", "limit", "seed", "ingest"), (),
+              "build items, probe statements and rejects from the dataset"),
+        Stage("decompose", "tasks.decompose:run_decompose", (), ("ingest",),
+              "split every context into sentences with character offsets"),
+        Stage("activations", "tasks.activations:run_activations", ("model", "activations"), ("ingest", "decompose"),
+              "cache last-token hidden states of statements and sentences per layer"),
+        Stage("probes", "tasks.probes:run_probes", ("probe",), ("ingest", "decompose", "activations"),
+              "train a probe per layer, pick the best on dev, score every context sentence"),
+        Stage("finetune", "tasks.finetune:run_finetune", ("model", "finetune", "seed"), ("ingest", "decompose", "probes"),
+              "LoRA fine-tuning with <conflict> markers and the attention loss"),
+        Stage("evaluate", "tasks.evaluate:run_evaluate", ("model", "evaluate", "seed"),
+              ("ingest", "decompose", "probes", "finetune"), "generate answers per method and score them"),
+        Stage("report", "tasks.report:run_report", (), ("ingest", "decompose", "probes", "finetune", "evaluate"),
+              "write report.md and its figures"),
+    )
+}
+ORDER = list(STAGES)

@@ -1,0 +1,107 @@
+"""The pipeline flow on the tiny model: every stage, quality checks, manifest, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from flows.cli import main
+from flows.stages import ORDER
+from tasks.storage import RunPaths
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model, tmp_path_factory, prefect_harness):
+    """One pipeline run of the tiny model on 60 facts, shared by the tests below."""
+    from flows.pipeline import pipeline_flow
+    from tasks.config import RunConfig
+
+    cfg = RunConfig.model_validate(
+        {
+            "run": "tiny",
+            "runs_dir": str(tmp_path_factory.mktemp("runs")),
+            "limit": 60,
+            "model": {"name": tiny_model},
+            "finetune": {"max_items": 4, "max_length": 256},
+            "evaluate": {"max_new_tokens": 4, "bootstrap": 50},
+        }
+    )
+    report = pipeline_flow(cfg=cfg)
+    return cfg, RunPaths(cfg.runs_dir / "tiny"), report
+
+
+def test_pipeline_writes_every_artifact(tiny_run):
+    cfg, paths, report = tiny_run
+    assert report == str(paths.report) and paths.report.exists()
+    for table in ("items", "statements", "rejects", "sentences", "probe_metrics", "sentence_scores",
+                  "predictions", "metrics"):
+        assert paths.table(table).exists(), table
+        assert (paths.quality / f"{table}.json").exists(), table
+    assert list(paths.activations.glob("model=*/layer=*/*.parquet"))
+    assert (paths.adapter / "adapter_model.safetensors").exists()
+    assert list(paths.figures.glob("*.png"))
+    assert paths.catalog.exists()
+    manifest = json.loads(paths.manifest.read_text())
+    assert set(manifest["stages"]) == set(ORDER)
+    assert manifest["config"]["limit"] == 60 and manifest["finished_at"]
+    assert all(len(o["sha256"]) == 64 for s in manifest["stages"].values() for o in s["outputs"].values())
+    methods = set(pl.read_parquet(paths.table("metrics"))["method"])
+    assert methods == set(cfg.evaluate.methods)
+
+
+def test_second_run_resumes_without_redoing_stages(tiny_run):
+    from flows.pipeline import pipeline_flow
+
+    cfg, paths, _ = tiny_run
+    before = json.loads(paths.manifest.read_text())["stages"]
+    pipeline_flow(cfg=cfg)
+    after = json.loads(paths.manifest.read_text())["stages"]
+    assert {s: r["finished_at"] for s, r in after.items()} == {s: r["finished_at"] for s, r in before.items()}
+
+
+def test_stage_rerun_with_new_option_makes_downstream_stale(tiny_run, capsys):
+    from flows.runner import is_current, load_manifest
+    from flows.stages import STAGES
+
+    cfg, paths, _ = tiny_run
+    main(["stage", "probes", "--run", "tiny", "--runs-dir", str(cfg.runs_dir), "--probe.threshold", "0.9"])
+    manifest = load_manifest(paths)
+    assert manifest["config"]["probe"]["threshold"] == 0.9
+    assert manifest["config"]["limit"] == 60  # the rest of the run's config is kept
+    scores = pl.read_parquet(paths.table("sentence_scores"))
+    assert scores["flagged"].to_list() == (scores["p_conflict"] > 0.9).to_list()
+    new_cfg = cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"threshold": 0.9})})
+    assert is_current(STAGES["probes"], new_cfg, paths, manifest)
+    # finetune read the old flags: it is no longer current for the new probes outputs
+    assert not is_current(STAGES["finetune"], new_cfg, paths, manifest)
+
+
+def test_stage_of_unknown_run_is_a_clear_error(tiny_cfg, capsys):
+    with pytest.raises(SystemExit):
+        main(["stage", "probes", "--run", "nothing-here", "--runs-dir", str(tiny_cfg.runs_dir)])
+    assert "no run 'nothing-here'" in capsys.readouterr().err
+    assert not (tiny_cfg.runs_dir / "nothing-here").exists()
+
+
+def test_stage_needs_its_upstream(tiny_run, prefect_harness):
+    from flows.orchestrate import run_stage
+
+    cfg, _, _ = tiny_run
+    fresh = cfg.model_copy(update={"run": "fresh"})
+    (cfg.runs_dir / "fresh").mkdir()
+    with pytest.raises(RuntimeError, match="needs"):
+        run_stage("probes", fresh)
+
+
+def test_sql_answers_from_latest_run_and_is_read_only(tiny_run, capsys):
+    cfg, paths, _ = tiny_run
+    main(["sql", "select layer, max(auroc) as auroc from probe_metrics group by layer order by layer",
+          "--runs-dir", str(cfg.runs_dir)])
+    out = capsys.readouterr().out
+    n_layers = pl.read_parquet(paths.table("probe_metrics"))["layer"].n_unique()
+    assert "auroc" in out and len([line for line in out.splitlines() if line.strip()]) >= n_layers
+    with pytest.raises(SystemExit):
+        main(["sql", "drop view items", "--runs-dir", str(cfg.runs_dir)])
+    assert "read-only" in capsys.readouterr().err

@@ -88,6 +88,37 @@ class Report(BaseModel):
         Stage.model_validate({"name": "report", "run": self.run, "runs_dir": self.runs_dir}).cli_cmd()
 
 
+class Serve(RunConfig):
+    """Serve Prefect deployments from this process: the pipeline on a schedule, every stage on demand."""
+
+    cron: str = Field("0 3 * * *", description="When the pipeline deployment runs (cron, UTC).")
+
+    def cli_cmd(self) -> None:
+        import os
+
+        if not os.environ.get("PREFECT_API_URL"):
+            raise RuntimeError(
+                "schedules need a Prefect server: start one with `prefect server start --host 127.0.0.1` "
+                "and export PREFECT_API_URL=http://127.0.0.1:4200/api"
+            )
+        from prefect import serve
+        from prefect.types.entrypoint import EntrypointType
+
+        from flows.pipeline import pipeline_flow, stage_flows
+
+        cfg = RunConfig.model_validate(self.model_dump(exclude={"cron"}) | {"runs_dir": self.runs_dir.resolve()})
+        params = {"cfg": cfg.model_dump(mode="json")}
+        by_module = EntrypointType.MODULE_PATH  # flows.<stage>.<stage>_flow, importable wherever clearflow is installed
+        deployments = [
+            pipeline_flow.to_deployment(name="clearflow", cron=self.cron, parameters=params, entrypoint_type=by_module)
+        ]
+        deployments += [
+            f.to_deployment(name="clearflow", parameters=params, entrypoint_type=by_module)
+            for f in stage_flows().values()
+        ]
+        serve(*deployments)
+
+
 class Clearflow(BaseSettings):
     """CLEAR on a Prefect DAG: find the context sentences an LLM's memory disagrees with, and fix it."""
 
@@ -105,6 +136,7 @@ class Clearflow(BaseSettings):
     stage: CliSubCommand[Stage]
     sql: CliSubCommand[Sql]
     report: CliSubCommand[Report]
+    serve: CliSubCommand[Serve]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

@@ -68,5 +68,7 @@ def make_stage_flow(stage_name: str):
         return run_stage(stage_name, resolve_run(cfg), force)
 
     stage_flow.__doc__ = STAGES[stage_name].summary
-    stage_flow.__name__ = f"{stage_name}_flow"
+    # Deployments locate a flow by module and name: make them those of flows/<stage>.py's attribute.
+    stage_flow.__name__ = stage_flow.__qualname__ = f"{stage_name}_flow"
+    stage_flow.__module__ = f"flows.{stage_name}"
     return flow(stage_flow, name=stage_name, log_prints=True, validate_parameters=True)

@@ -72,9 +72,14 @@ class Sql(BaseModel):
     run: str | None = Field(None, description="Run the plain views show; default: the latest finished run.")
 
     def cli_cmd(self) -> None:
+        import duckdb
+
         from tasks.catalog import format_table, query
 
-        columns, rows = query(self.query, self.runs_dir, run=self.run)
+        try:
+            columns, rows = query(self.query, self.runs_dir, run=self.run)
+        except duckdb.Error as exc:  # the analyst's SQL: say what DuckDB said, no traceback
+            raise ValueError(f"query failed: {exc}") from None
         print(format_table(columns, rows))
 
 

@@ -105,3 +105,7 @@ def test_sql_answers_from_latest_run_and_is_read_only(tiny_run, capsys):
     with pytest.raises(SystemExit):
         main(["sql", "drop view items", "--runs-dir", str(cfg.runs_dir)])
     assert "read-only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sql", "select * from no_such_table", "--runs-dir", str(cfg.runs_dir)])
+    err = capsys.readouterr().err
+    assert err.startswith("clearflow: error: query failed") and "Traceback" not in err

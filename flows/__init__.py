@@ -14,3 +14,4 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
     _cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clearflow"
     os.environ["PREFECT_HOME"] = str(Path(os.environ.get("CLEARFLOW_CACHE", _cache)) / "prefect")
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level

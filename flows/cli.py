@@ -20,6 +20,7 @@ assert set(StageName.__args__) == set(ORDER), "StageName must list every stage"
 
 
 def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config with only the options the user gave replaced (nested sections merged)."""
     out = dict(base)
     for k, v in new.items():
         out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v

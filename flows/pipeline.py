@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import time
 
 from prefect import flow
@@ -12,8 +11,6 @@ from flows.runner import load_manifest, now, paths_of, resolve_run
 from flows.stages import ORDER
 from tasks.config import RunConfig
 from tasks.storage import write_json
-
-log = logging.getLogger("clearflow")
 
 
 def stage_flows() -> dict:
@@ -37,7 +34,7 @@ def pipeline_flow(cfg: RunConfig = RunConfig(), force: bool = False) -> str:
     """Ingest, decompose, activations, probes, finetune, evaluate, report; returns the report's path."""
     cfg = resolve_run(cfg)
     t0 = time.perf_counter()
-    for name, stage_flow in stage_flows().items():
+    for stage_flow in stage_flows().values():
         stage_flow(cfg=cfg, force=force)
     finish_run(cfg, time.perf_counter() - t0)
     return str(paths_of(cfg).report)

@@ -21,6 +21,10 @@ ITEMS = pa.schema(
         pa.field("orig_context", STR),  # the same context with the original answer
         pa.field("target_sentence", STR),  # the context sentence that carries the answer, where known
         pa.field("counterfactual", pa.bool_(), nullable=False),
+        pa.field("source_id", STR),  # the record's id in its source file, where it has one
+        pa.field("choices", STR_LIST),  # multiple-choice options, shown with the question (FaithEval)
+        pa.field("instruction", STR),  # extra answer-format instruction (FaithEval: answer "unknown")
+        pa.field("truncated", pa.bool_()),  # the context was cut to the token budget (ingest.truncation)
     ]
 )
 
@@ -48,6 +52,7 @@ REJECTS = pa.schema(
 )
 
 SENTENCE_LABELS = ("conflict", "aligned", "irrelevant")
+UNITS = ("sentence", "fact")
 
 SENTENCES = pa.schema(
     [
@@ -60,6 +65,9 @@ SENTENCES = pa.schema(
         pa.field("relevance", pa.float32()),  # question relevance, when computed
         pa.field("label", STR),  # conflict / aligned / irrelevant, where the benchmark knows it
         pa.field("truthful", pa.bool_()),  # whether the sentence states a true fact, where known
+        pa.field("unit", STR),  # "sentence" (a span of the context) or "fact" (an LLM-rewritten atomic fact)
+        pa.field("source_idx", pa.int32()),  # index of the context sentence the unit comes from
+        pa.field("is_relevant", pa.bool_()),  # kept by the question-step relevance filter, when computed
     ]
 )
 

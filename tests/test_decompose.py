@@ -8,10 +8,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-import tasks.decompose as dec
+import tasks.splitter as dec
 from schemas.tables import ITEMS, SENTENCES, STATEMENTS
 from tasks.config import RunConfig
-from tasks.decompose import run_decompose, split_sentences
+from tasks.decompose import run_decompose
+from tasks.splitter import split_sentences
 from tasks.ingest import run_ingest
 from tasks.storage import RunPaths, read_table, text_key, write_parquet
 

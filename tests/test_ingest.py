@@ -12,7 +12,7 @@ import pytest
 from schemas.tables import ITEMS, REJECTS, STATEMENTS
 from tasks.config import RunConfig
 from tasks.ingest import KNOWN_FACTS_PATH, RELATION_TEMPLATES, ingest, make_sentence, run_ingest
-from tasks.decompose import split_sentences
+from tasks.splitter import split_sentences
 from tasks.storage import RunPaths, read_table, text_key
 
 

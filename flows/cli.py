@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +85,17 @@ class Sql(BaseModel):
         print(format_table(columns, rows))
 
 
+class Datasets(BaseModel):
+    """List the datasets `--dataset` accepts, with where to get each file."""
+
+    def cli_cmd(self) -> None:
+        from tasks.formats import READERS
+
+        for r in READERS.values():
+            usage = f"clearflow run --dataset {r.name}" + (" --data-path FILE" if r.needs_path else "")
+            print(f"{r.name}\n  {r.summary}\n  get it: {r.source}\n  run:    {usage}\n")
+
+
 class Report(BaseModel):
     """Write the report of a run again and print its path."""
 
@@ -142,6 +154,7 @@ class Clearflow(BaseSettings):
     stage: CliSubCommand[Stage]
     sql: CliSubCommand[Sql]
     report: CliSubCommand[Report]
+    datasets: CliSubCommand[Datasets]
     serve: CliSubCommand[Serve]
 
     def cli_cmd(self) -> None:
@@ -153,9 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for ours in ("clearflow", "tasks", "flows"):
         logging.getLogger(ours).setLevel(logging.INFO)
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # not its temp-dir notices
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
+    if not debug:  # a failed run is reported once, as the line below: not as Prefect's flow and task tracebacks
+        for which in ("FLOW_RUNS", "TASK_RUNS"):
+            os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{which}_LEVEL", "CRITICAL")
     try:
         CliApp.run(Clearflow, cli_args=args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:

@@ -59,7 +59,10 @@ def fingerprint(stage: Stage, cfg: RunConfig, manifest: dict[str, Any]) -> str:
     """What a stage's outputs depend on: its config sections and its inputs' content hashes."""
     done = manifest.get("stages", {})
     upstream = {u: done.get(u, {}).get("outputs", {}) for u in stage.after}
-    blob = json.dumps([stage.name, cfg.digest(*stage.sections) if stage.sections else "", upstream], sort_keys=True)
+    outside = stage.input_fingerprint(cfg)
+    blob = json.dumps(
+        [stage.name, cfg.digest(*stage.sections) if stage.sections else "", upstream, outside], sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -135,6 +138,8 @@ def record_stage(
         "finished_at": now(),
         "quality": {t: {"success": r.get("success"), "expectations": r.get("evaluated")} for t, r in quality.items()},
     }
+    if "provenance" in outputs:  # where the data came from (files, sha256, loader versions) heads the manifest
+        manifest["inputs"] = json.loads(Path(outputs["provenance"]).read_text())
     write_json(manifest, paths.manifest)
     return manifest
 

@@ -19,19 +19,28 @@ class Stage:
     sections: tuple[str, ...]  # RunConfig fields whose change makes this stage stale
     after: tuple[str, ...]  # upstream stages whose outputs it reads
     summary: str
+    inputs: str | None = None  # "module:function" (cfg -> JSON-able): outside inputs, e.g. input file hashes
 
     def function(self) -> Callable[[RunConfig, RunPaths], dict[str, str]]:
-        module, func = self.target.split(":")
-        return getattr(importlib.import_module(module), func)
+        return _resolve(self.target)
+
+    def input_fingerprint(self, cfg: RunConfig) -> object:
+        """What the stage reads from outside the run (file contents), so an edited input file makes it stale."""
+        return _resolve(self.inputs)(cfg) if self.inputs else None
+
+
+def _resolve(target: str) -> Callable:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage("ingest", "tasks.ingest:run_ingest", ("dataset", "data_path", "limit", "seed", "ingest"), (),
-              "build items, probe statements and rejects from the dataset"),
-        Stage("decompose", "tasks.decompose:run_decompose", (), ("ingest",),
-              "split every context into sentences with character offsets"),
+              "build items, probe statements and rejects from the dataset", inputs="tasks.provenance:input_fingerprint"),
+        Stage("decompose", "tasks.decompose:run_decompose", ("decompose", "model"), ("ingest",),
+              "split every context into units (sentences or LLM atomic facts), score their relevance"),
         Stage("activations", "tasks.activations:run_activations", ("model", "activations"), ("ingest", "decompose"),
               "cache last-token hidden states of statements and sentences per layer"),
         Stage("probes", "tasks.probes:run_probes", ("probe",), ("ingest", "decompose", "activations"),

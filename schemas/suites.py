@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from schemas.tables import SENTENCE_LABELS, TABLES
+from schemas.tables import SENTENCE_LABELS, TABLES, UNITS
 from tasks.storage import RunPaths, read_table
 
 SPLITS = ("train", "dev", "test")
@@ -132,7 +132,7 @@ def _rejects(gxe: ModuleType) -> list[Any]:
 
 
 def _sentences(gxe: ModuleType) -> list[Any]:
-    """Sentences point back into their item's context exactly, once each."""
+    """Units point back into their item's context exactly (a fact: to its source sentence's span), once each."""
     return [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         *_not_null(gxe, "item_id", "sent_idx", "key", "text", "char_start", "char_end"),
@@ -141,19 +141,26 @@ def _sentences(gxe: ModuleType) -> list[Any]:
         gxe.ExpectColumnValuesToBeBetween(column="char_start", min_value=0),
         gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A="char_end", column_B="char_start", or_equal=False),
         gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(SENTENCE_LABELS)),
+        gxe.ExpectColumnValuesToBeInSet(column="unit", value_set=list(UNITS)),
+        gxe.ExpectColumnValuesToBeBetween(column="source_idx", min_value=0),
+        *_unit_interval(gxe, "relevance_01"),
         *_all_true(gxe, "item_known", "offset_ok"),
     ]
 
 
 def _prepare_sentences(df: pl.DataFrame, paths: RunPaths) -> pl.DataFrame:
-    """Check each sentence against its item: context[char_start:char_end] must equal its text."""
+    """Check each unit against its item: context[char_start:char_end] is its text (a fact's: a span inside it)."""
     items = read_table(paths.table("items")).select("item_id", pl.col("context").alias("_context"))
     joined = df.join(items, on="item_id", how="left")
     length = (pl.col("char_end").cast(pl.Int64) - pl.col("char_start")).clip(lower_bound=0)
     span = pl.col("_context").str.slice(pl.col("char_start"), length)
+    inside = pl.col("char_end") <= pl.col("_context").str.len_chars()
+    exact = pl.when(pl.col("unit") == "fact").then(inside).otherwise(span == pl.col("text"))
     return joined.with_columns(
         item_known=pl.col("_context").is_not_null(),
-        offset_ok=pl.col("_context").is_not_null() & (span == pl.col("text")).fill_null(False),
+        offset_ok=pl.col("_context").is_not_null() & exact.fill_null(False),
+        # cosine relevance lies in [-1, 1]: checked as (r + 1) / 2 in [0, 1]
+        relevance_01=(pl.col("relevance") + 1) / 2,
     ).drop("_context")
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -172,15 +173,28 @@ def extract(
     return out
 
 
-def collect_texts(paths: RunPaths) -> tuple[list[str], list[str], list[str]]:
-    """Unique (keys, texts, sources): every statement, then sentences whose key no statement has."""
+def probed_sentences(paths: RunPaths, sentences: str = "all") -> pl.DataFrame:
+    """The context units that are probed: all of them, or only those the relevance filter kept."""
+    frame = read_table(paths.table("sentences"))
+    if sentences == "all":
+        return frame
+    if sentences != "relevant":
+        raise ValueError(f"activations.sentences must be 'all' or 'relevant', not {sentences!r}")
+    if "is_relevant" not in frame.columns or frame["is_relevant"].null_count() == frame.height:
+        raise ValueError(f"{paths.table('sentences')} has no is_relevant values: run decompose with "
+                         "decompose.relevance=true, or set activations.sentences='all'")
+    return frame.filter(pl.col("is_relevant").fill_null(False))
+
+
+def collect_texts(paths: RunPaths, sentences: str = "all") -> tuple[list[str], list[str], list[str]]:
+    """Unique (keys, texts, sources): every statement, then probed sentences whose key no statement has."""
     keys: list[str] = []
     texts: list[str] = []
     sources: list[str] = []
     seen: set[str] = set()
-    for source in ("statements", "sentences"):
-        frame = read_table(paths.table(source)).select("key", "text")
-        for key, text in frame.iter_rows():
+    frames = {"statements": read_table(paths.table("statements")), "sentences": probed_sentences(paths, sentences)}
+    for source, frame in frames.items():
+        for key, text in frame.select("key", "text").iter_rows():
             if key in seen:
                 continue
             if key != text_key(text):
@@ -258,7 +272,7 @@ class _LayerWriters:
 
 def run_activations(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     """Cache last-token hidden states of all statements and sentences for the configured layers."""
-    keys, texts, sources = collect_texts(paths)
+    keys, texts, sources = collect_texts(paths, cfg.activations.sentences)
     if not keys:
         raise ValueError("no statements or sentences to extract activations for")
     model = load_model(cfg.model)
@@ -295,6 +309,7 @@ def run_activations(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
         "dim": dim,
         "position": POSITION,
         "strip_final_punct": cfg.activations.strip_final_punct,
+        "sentences": cfg.activations.sentences,
         "n_keys": len(keys),
         "n_statements": sources.count("statements"),
         "n_sentences": sources.count("sentences"),

@@ -16,7 +16,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from schemas.tables import METRICS, PREDICTIONS
 from tasks.config import RunConfig
 from tasks.models import load_model, load_tokenizer
-from tasks.prompts import encode, messages_for, render
+from tasks.prompts import encode, item_question, messages_for, render
 from tasks.scoring import method_metrics, score_prediction
 from tasks.storage import RunPaths, read_table, to_arrow, write_parquet
 
@@ -129,7 +129,7 @@ def build_prompts(method: Method, items: pl.DataFrame, tokenizer, marked: dict[s
             context = item["context"]
         else:
             context = marked[item["item_id"]]
-        prompts.append(render(tokenizer, messages_for(method.name, item["question"], context)))
+        prompts.append(render(tokenizer, messages_for(method.name, item_question(item), context)))
     return prompts
 
 

@@ -236,7 +236,7 @@ def run_finetune(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     tok = load_tokenizer(cfg.model)
     examples = [
         build_example(
-            tok, row["question"], contexts.get(row["item_id"], row["context"]), row["answers"], fcfg.max_length
+            tok, prompts.item_question(row), contexts.get(row["item_id"], row["context"]), row["answers"], fcfg.max_length
         )
         for row in items.iter_rows(named=True)
     ]

@@ -145,3 +145,18 @@ def tiny_model_dir(out_dir: Path, layers: int = 4, hidden: int = 64, seed: int =
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def model_window(cfg: ModelConfig) -> int | None:
+    """Context window in tokens from the model's config (no weights loaded); None when it declares none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        resolve_model_path(cfg.name), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    config = getattr(config, "text_config", None) or config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

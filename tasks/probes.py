@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from schemas.tables import PROBE_METRICS, SENTENCE_SCORES
-from tasks.activations import load_vectors, read_meta
+from tasks.activations import load_vectors, probed_sentences, read_meta
 from tasks.config import RunConfig
 from tasks.storage import RunPaths, atomic_path, model_slug, read_table, write_json, write_parquet
 
@@ -231,11 +231,16 @@ def refit_train_dev(probe: LinearProbe, X: np.ndarray, y: np.ndarray, split: np.
     return final
 
 
-def score_sentences(paths: RunPaths, slug: str, probe: LinearProbe, layer: int, kind: str, threshold: float) -> Path:
-    """p_conflict and the flag of every context sentence under the chosen probe."""
-    sentences = read_table(paths.table("sentences")).select("item_id", "sent_idx", "key")
-    p = probe.predict_proba(load_vectors(paths, slug, layer, sentences["key"].to_list()))
-    scores = sentences.with_columns(
+def score_sentences(
+    paths: RunPaths, slug: str, probe: LinearProbe, layer: int, kind: str, threshold: float, sentences: str = "all"
+) -> Path:
+    """p_conflict and the flag of every probed context sentence (all, or the relevant ones) under the chosen probe.
+
+    Sentences left out in 'relevant' mode get no row, so marking never flags them.
+    """
+    probed = probed_sentences(paths, sentences).select("item_id", "sent_idx", "key")
+    p = probe.predict_proba(load_vectors(paths, slug, layer, probed["key"].to_list()))
+    scores = probed.with_columns(
         pl.lit(layer).alias("layer"),
         pl.lit(kind).alias("probe"),
         pl.Series("p_conflict", p, dtype=pl.Float64),
@@ -290,7 +295,8 @@ def run_probes(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     best_path = write_json(best_json, paths.probes / "best.json")
     log.info("probes: best %s layer %d (dev AUROC %.3f, test AUROC %s)", best_json["probe"], best_json["layer"],
              best_json["dev_auroc"] or math.nan, best_json["test_auroc"])
-    scores_path = score_sentences(paths, slug, chosen, best["layer"], cfg.probe.select_kind, cfg.probe.threshold)
+    scores_path = score_sentences(paths, slug, chosen, best["layer"], cfg.probe.select_kind, cfg.probe.threshold,
+                                  cfg.activations.sentences)
     return {
         "probe_metrics": str(metrics_path),
         "best_probe": str(best_path),

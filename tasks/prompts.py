@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 OPEN, CLOSE = "<conflict>", "</conflict>"
 
@@ -18,6 +19,21 @@ def mark_context(sentences: Sequence[str], flagged: Sequence[bool]) -> str:
     if len(sentences) != len(flagged):
         raise ValueError(f"{len(sentences)} sentences but {len(flagged)} flags")
     return " ".join(f"{OPEN} {s} {CLOSE}" if f else s for s, f in zip(sentences, flagged))
+
+
+def full_question(question: str, choices: Sequence[str] | None = None, instruction: str | None = None) -> str:
+    """The question as the model sees it: multiple-choice options and an answer-format instruction appended."""
+    parts = [question.strip()]
+    if choices:
+        parts.append("Options: " + "; ".join(c.strip() for c in choices))
+    if instruction:
+        parts.append(instruction.strip())
+    return "\n".join(parts)
+
+
+def item_question(item: Mapping[str, Any]) -> str:
+    """full_question of an items-table row (columns choices/instruction may be absent or null)."""
+    return full_question(item["question"], item.get("choices"), item.get("instruction"))
 
 
 def messages_for(method: str, question: str, context: str | None) -> list[dict[str, str]]:

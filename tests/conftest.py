@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.llm_server import server  # noqa: F401  (fixture: local OpenAI-compatible endpoint)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from schemas.tables import SENTENCES, STATEMENTS, activations_schema
-from tasks.activations import fed_text, extract, layer_path, load_vectors, resolve_layers, run_activations
+from tasks.activations import (
+    collect_texts,
+    extract,
+    fed_text,
+    layer_path,
+    load_vectors,
+    resolve_layers,
+    run_activations,
+)
 from tasks.config import ModelConfig
 from tasks.models import decoder_layers, load_model, load_tokenizer
 from tasks.storage import model_slug, text_key, write_parquet
@@ -114,7 +122,7 @@ def test_resolve_layers():
         resolve_layers([4], 4)
 
 
-def _write_inputs(paths, statements: list[str], sentences: list[str]) -> None:
+def _write_inputs(paths, statements: list[str], sentences: list[str], relevant: list[bool] | None = None) -> None:
     stmt_rows = [
         {"stmt_id": f"s{i}", "key": text_key(t), "text": t, "label": i % 2, "group": f"g{i}",
          "relation_id": "P1", "split": "train"}
@@ -122,7 +130,8 @@ def _write_inputs(paths, statements: list[str], sentences: list[str]) -> None:
     ]
     sent_rows = [
         {"item_id": f"i{i // 2}", "sent_idx": i % 2, "key": text_key(t), "text": t, "char_start": 0,
-         "char_end": len(t), "relevance": None, "label": None, "truthful": None}
+         "char_end": len(t), "relevance": None, "label": None, "truthful": None,
+         "is_relevant": None if relevant is None else relevant[i]}
         for i, t in enumerate(sentences)
     ]
     write_parquet(stmt_rows, paths.table("statements"), STATEMENTS)
@@ -174,3 +183,31 @@ def test_fed_text_drops_only_the_closing_punctuation():
     assert fed_text("Is it?  ", True) == "Is it"
     assert fed_text("Mario Bros.", False) == "Mario Bros."
     assert fed_text("...", True) == "..."  # nothing would be left: keep the text
+
+
+def relevant_cfg(cfg, **activations):
+    """A config that probes only the units the relevance filter kept."""
+    return cfg.model_copy(update={
+        "decompose": cfg.decompose.model_copy(update={"relevance": True}),
+        "activations": cfg.activations.model_copy(update={"sentences": "relevant", **activations}),
+    })
+
+
+def test_relevant_mode_extracts_only_relevant_sentences(tiny_cfg, run_paths):
+    statements, sentences = TEXTS[:2], TEXTS[2:]
+    relevant = [True, False, None, True, False]  # None (not scored) counts as not relevant
+    _write_inputs(run_paths, statements, sentences, relevant)
+    assert collect_texts(run_paths)[1] == TEXTS  # the default probes every sentence, as before
+    keys, texts, sources = collect_texts(run_paths, "relevant")
+    assert texts == TEXTS[:2] + [TEXTS[2], TEXTS[5]] and sources == ["statements"] * 2 + ["sentences"] * 2
+
+    run_activations(relevant_cfg(tiny_cfg, layers=[0]), run_paths)
+    slug = model_slug(tiny_cfg.model.name)
+    table = pq.read_table(layer_path(run_paths, slug, 0))
+    assert sorted(table["key"].to_pylist()) == sorted(keys)
+    meta = json.loads((run_paths.activations / f"model={slug}" / "meta.json").read_text())
+    assert meta["sentences"] == "relevant" and meta["n_sentences"] == 2
+
+    _write_inputs(run_paths, statements, sentences)  # relevance never computed
+    with pytest.raises(ValueError, match="decompose.relevance=true"):
+        collect_texts(run_paths, "relevant")

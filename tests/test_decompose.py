@@ -138,3 +138,43 @@ def test_labels_aligned_unknown_and_untrusted(tmp_path):
         "Bern is in Chile.": (None, None),  # contradictory statements: truth unknown
     }
     assert Path(paths.table("sentences")).exists()
+
+
+def _one_item(paths: RunPaths) -> None:
+    """One item whose first sentence holds two facts, the second none, the third one."""
+    item = {"item_id": "a", "dataset": "x", "split": "test", "group": "g", "relation_id": None,
+            "question": "What is the capital of France?",
+            "context": "Paris is the capital of France and Paris lies on the Seine. Hello there! Berlin is in Germany.",
+            "answers": ["Paris"], "orig_answers": None, "orig_context": None,
+            "target_sentence": "Paris is the capital of France and Paris lies on the Seine.", "counterfactual": False}
+    write_parquet([item], paths.table("items"), ITEMS)
+
+
+def test_llm_facts_and_relevance_through_the_stage(server, tmp_path, monkeypatch):
+    """Atomic facts from an OpenAI-compatible endpoint keep their source sentence; a rerun makes no call."""
+    from tasks.quality import validate_stage
+
+    monkeypatch.setenv("CLEARFLOW_CACHE", str(tmp_path / "cache"))
+    from tests.llm_server import _facts_reply
+
+    steps_reply = "Steps:\n1. Which city is the capital of France?"
+    server.reply_fn = lambda body: steps_reply if "Question:" in body["messages"][-1]["content"] else _facts_reply(body)
+    paths = RunPaths(tmp_path / "t")
+    _one_item(paths)
+    llm = {"backend": "openai", "base_url": server.base_url, "model": "test-model", "max_retries": 0}
+    cfg = RunConfig.model_validate({"run": "t", "decompose": {"method": "llm", "llm": llm, "relevance": True, "top_k": 1}})
+    sents = read_table(run_decompose(cfg, paths)["sentences"])
+    got = [(r["text"], r["unit"], r["source_idx"], r["char_start"], r["label"]) for r in sents.iter_rows(named=True)]
+    first_end = len("Paris is the capital of France and Paris lies on the Seine.")
+    assert got == [
+        ("Paris is the capital of France.", "fact", 0, 0, "aligned"),
+        ("Paris lies on the Seine.", "fact", 0, 0, "aligned"),
+        ("Hello there!", "sentence", 1, first_end + 1, "irrelevant"),
+        ("Berlin is in Germany.", "fact", 2, first_end + 14, "irrelevant"),
+    ]
+    # one LLM step, top-1: exactly the capital fact is kept, and it is the most relevant unit
+    assert sents["is_relevant"].to_list() == [True, False, False, False] and sents["relevance"].arg_max() == 0
+    assert validate_stage("decompose", paths)["sentences"]["success"]
+    calls = len(server.requests)
+    run_decompose(cfg, paths)
+    assert len(server.requests) == calls  # every reply came from the cache

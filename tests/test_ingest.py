@@ -150,16 +150,22 @@ def test_broken_records_are_rejected(tmp_path):
         assert read_table(written[name]).to_arrow().schema.names == schema.names
 
 
-def test_run_ingest_summary_line(tmp_path, capsys):
+def test_run_ingest_summary_line(tmp_path, caplog):
+    caplog.set_level("INFO", logger="tasks")
     written = run_ingest(_cfg(tmp_path, limit=40), RunPaths(tmp_path / "runs" / "t"))
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = [r.getMessage() for r in caplog.records if r.name == "tasks.ingest"][-1]
     assert line.startswith("known-facts: 40 read, 40 kept, 0 rejected")
-    assert set(written) == {"items", "statements", "rejects"} and all(Path(p).exists() for p in written.values())
+    assert set(written) == {"items", "statements", "rejects", "provenance"}
+    assert all(Path(p).exists() for p in written.values())
+    prov = json.loads(Path(written["provenance"]).read_text())
+    assert prov["files"][0]["path"] == str(KNOWN_FACTS_PATH) and prov["files"][0]["role"] == "data"
+    assert prov["loaders"]["data"]["dataset"] == "known-facts" and prov["loaders"]["data"]["version"]
+    assert prov["counts"]["known-facts"] == {"read": 40, "kept": 40, "rejected": 0, "by_reason": {}}
 
 
 def test_unknown_dataset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="known-facts"):
-        ingest(_cfg(tmp_path, dataset="confiqa-qa"))
+        ingest(_cfg(tmp_path, dataset="no-such-dataset"))
 
 
 def test_sentence_grammar_helpers():

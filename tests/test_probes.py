@@ -23,6 +23,8 @@ from tasks.probes import (
     select_best,
     split_metrics,
 )
+from tasks.marking import marked_contexts
+from tasks.prompts import CLOSE, OPEN
 from tasks.storage import model_slug, read_table, write_json, write_parquet
 
 DIM = 16
@@ -48,25 +50,31 @@ def signal(labels: np.ndarray, strength: float, rng: np.random.Generator, shift:
 
 
 def write_case(paths, cfg, statements: pl.DataFrame, strengths: dict[int, dict[str, float]], seed: int = 0,
-               sentence_keys: int = 10) -> None:
-    """Statements, sentences and fake activations per layer with given per-split separability."""
+               sentence_keys: int = 10, relevant: list[bool] | None = None) -> None:
+    """Statements, sentences and fake activations per layer with given per-split separability.
+
+    With `relevant` (one flag per sentence row), only keys of relevant rows get activations, as in
+    activations.sentences='relevant'.
+    """
     write_parquet(statements, paths.table("statements"), STATEMENTS)
     slug = model_slug(cfg.model.name)
     rng = np.random.default_rng(seed)
     sent_keys = [f"sent-{i}" for i in range(sentence_keys)]
     sentences = [{"item_id": f"item{i // 3}", "sent_idx": i % 3, "key": k, "text": k, "char_start": 0,
-                  "char_end": 1, "relevance": None, "label": None, "truthful": None}
+                  "char_end": 1, "relevance": None, "label": None, "truthful": None,
+                  "is_relevant": None if relevant is None else relevant[i]}
                  for i, k in enumerate(sent_keys + sent_keys[:2])]  # two sentences repeat a key
     write_parquet(sentences, paths.table("sentences"), SENTENCES)
+    kept = {r["key"] for r in sentences if relevant is None or r["is_relevant"]}
     labels = statements["label"].to_numpy()
     for layer, per_split in strengths.items():
         vectors = np.empty((statements.height, DIM), dtype=np.float32)
         for split, strength in per_split.items():
             sel = (statements["split"] == split).to_numpy()
             vectors[sel] = signal(labels[sel], strength, rng)
-        sent_vec = signal(np.arange(sentence_keys) % 2, 4.0, rng)
-        keys = statements["key"].to_list() + sent_keys
-        sources = ["statements"] * statements.height + ["sentences"] * sentence_keys
+        sent_vec = signal(np.arange(sentence_keys) % 2, 4.0, rng)[[k in kept for k in sent_keys]]
+        keys = statements["key"].to_list() + [k for k in sent_keys if k in kept]
+        sources = ["statements"] * statements.height + ["sentences"] * len(sent_vec)
         table = vectors_table(keys, sources, np.concatenate([vectors, sent_vec]))
         write_parquet(table, layer_path(paths, slug, layer), activations_schema(DIM))
     write_json({"layers": sorted(strengths), "dim": DIM, "position": "last"},
@@ -240,3 +248,26 @@ def test_l2_is_chosen_on_dev(tiny_cfg, run_paths):
     aurocs = {c: split_metrics(fit_on_dev("logistic", X, y, split, [c])[0].predict_proba(X[dev]), y[dev], 0.5)["auroc"]
               for c in grid}
     assert aurocs[l2] == max(aurocs.values())
+
+
+def test_relevant_mode_scores_only_relevant_sentences(tiny_cfg, run_paths):
+    relevant = [i % 3 != 2 for i in range(12)]  # sent_idx 2 of every item left out (so one of the two sent-1 rows)
+    write_case(run_paths, tiny_cfg, make_statements(), {0: {"train": 4.0, "dev": 4.0, "test": 4.0}},
+               relevant=relevant)
+    cfg = with_probe(tiny_cfg, threshold=0.01)  # a low threshold, so that most scored sentences are flagged
+    cfg = cfg.model_copy(update={"decompose": cfg.decompose.model_copy(update={"relevance": True}),
+                                 "activations": cfg.activations.model_copy(update={"sentences": "relevant"})})
+    scores = read_table(run_probes(cfg, run_paths)["sentence_scores"])
+    sentences = read_table(run_paths.table("sentences"))
+    kept = sentences.filter(pl.col("is_relevant"))
+    assert scores.select("item_id", "sent_idx").equals(kept.select("item_id", "sent_idx"))
+    assert scores.height == 8 and scores["flagged"].sum() >= 6
+    flagged = set(scores.filter(pl.col("flagged")).select("item_id", "sent_idx").iter_rows())
+    marked = marked_contexts(run_paths)  # unscored sentences are never marked
+    for item_id, group in sentences.group_by("item_id"):
+        parts = [f"{OPEN} {text} {CLOSE}" if (item_id[0], idx) in flagged else text
+                 for idx, text in group.sort("sent_idx").select("sent_idx", "text").iter_rows()]
+        assert marked[item_id[0]] == " ".join(parts)
+    assert all(not m.endswith(CLOSE) for m in marked.values())  # sent_idx 2 (not relevant) is never marked
+    with pytest.raises(KeyError, match="no activation"):  # 'all' would need the left-out sentences too
+        run_probes(tiny_cfg, run_paths)

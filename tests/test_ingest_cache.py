@@ -1,0 +1,89 @@
+"""Ingest provenance and cache: sha256 of every input, a second read of the same file parses nothing."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+import tests.format_fixtures as fixtures
+from flows.runner import fingerprint
+from flows.stages import STAGES
+from tasks.config import RunConfig
+import tasks.ingest
+from tasks.ingest import run_ingest
+from tasks.storage import RunPaths, file_sha256
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLEARFLOW_CACHE", str(tmp_path / "cache"))
+
+
+def _cfg(tmp_path, run: str, data_path, **kw) -> RunConfig:
+    return RunConfig.model_validate(
+        {"run": run, "runs_dir": str(tmp_path / "runs"), "dataset": "confiqa-qa", "data_path": str(data_path),
+         "limit": 30, "ingest": {"max_context_tokens": 400}, **kw}
+    )
+
+
+def _lines(caplog) -> list[str]:
+    """The stage's summary lines (one per source), as the CLI shows them."""
+    out = [r.getMessage() for r in caplog.records if r.name == "tasks.ingest" and " read, " in r.getMessage()]
+    caplog.clear()
+    return out
+
+
+def test_same_file_and_options_are_not_parsed_again(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="tasks")
+    data = fixtures.write_confiqa_qa(tmp_path / "data", broken=True)
+    first = run_ingest(_cfg(tmp_path, "a", data), RunPaths(tmp_path / "runs" / "a"))
+    lines = _lines(caplog)
+    prov = json.loads(open(first["provenance"]).read())
+    assert prov["files"][0] == {"role": "data", "path": str(data.resolve()), "bytes": data.stat().st_size,
+                                "sha256": file_sha256(data)}
+    assert prov["files"][1]["role"] == "probe" and prov["loaders"]["probe"]["dataset"] == "known-facts"
+    # the counts add up per source, and both sources' lines are printed
+    for counts in prov["counts"].values():
+        assert counts["read"] == counts["kept"] + counts["rejected"]
+    assert lines[0].startswith("confiqa-qa: ") and lines[1].startswith("known-facts: ")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(tasks.ingest, "read_sources", refuse)
+    second = run_ingest(_cfg(tmp_path, "b", data), RunPaths(tmp_path / "runs" / "b"))
+    assert _lines(caplog) == lines
+    for table in ("items", "statements", "rejects"):
+        assert pl.read_parquet(second[table]).equals(pl.read_parquet(first[table]))
+    assert json.loads(open(second["provenance"]).read()) == prov
+
+
+def test_edited_file_or_other_options_miss_the_cache(tmp_path, monkeypatch):
+    data = fixtures.write_confiqa_qa(tmp_path / "data")
+    first = json.loads(open(run_ingest(_cfg(tmp_path, "a", data), RunPaths(tmp_path / "runs" / "a"))["provenance"]).read())
+    other = json.loads(open(run_ingest(_cfg(tmp_path, "b", data, seed=3), RunPaths(tmp_path / "runs" / "b"))["provenance"]).read())
+    assert other["cache_key"] != first["cache_key"]
+    records = json.loads(data.read_text())
+    data.write_text(json.dumps(records[:-1]))
+    edited = json.loads(open(run_ingest(_cfg(tmp_path, "c", data), RunPaths(tmp_path / "runs" / "c"))["provenance"]).read())
+    assert edited["cache_key"] != first["cache_key"] and edited["files"][0]["sha256"] != first["files"][0]["sha256"]
+
+
+def test_an_edited_input_file_makes_the_ingest_stage_stale(tmp_path):
+    data = fixtures.write_confiqa_qa(tmp_path / "data")
+    cfg = _cfg(tmp_path, "a", data)
+    before = fingerprint(STAGES["ingest"], cfg, {})
+    assert fingerprint(STAGES["ingest"], cfg, {}) == before
+    data.write_text(data.read_text().replace("[", "[ ", 1))
+    assert fingerprint(STAGES["ingest"], cfg, {}) != before
+
+
+def test_missing_path_and_bad_probe_source_are_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="needs --data-path"):
+        run_ingest(RunConfig(run="x", dataset="nq-swap"), RunPaths(tmp_path / "x"))
+    with pytest.raises(FileNotFoundError, match="nope.json: no such file or directory \\(dataset nq-swap; get it from"):
+        run_ingest(RunConfig(run="x", dataset="nq-swap", data_path=tmp_path / "nope.json"), RunPaths(tmp_path / "x"))
+    with pytest.raises(ValueError, match="has no probe statements"):
+        run_ingest(RunConfig(run="x", ingest={"probe_dataset": "squad"}), RunPaths(tmp_path / "x"))

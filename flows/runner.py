@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.stages import STAGES, Stage
+from flows.stages import Stage
 from tasks.config import RunConfig
 from tasks.storage import RunPaths, file_sha256, write_json
 

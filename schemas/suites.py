@@ -121,10 +121,14 @@ def _prepare_statements(df: pl.DataFrame, paths: RunPaths) -> pl.DataFrame:
 
 
 def _rejects(gxe: ModuleType) -> list[Any]:
-    """Every refused record says where it came from and why (zero rows is fine)."""
+    """Every refused record says where it came from, why (a known reason) and what it was (zero rows is fine)."""
+    from tasks.formats.common import REASONS
+
     return [
-        *_not_null(gxe, "source", "record", "reason"),
+        *_not_null(gxe, "source", "record", "reason", "raw"),
         gxe.ExpectColumnValuesToBeBetween(column="record", min_value=0),
+        gxe.ExpectColumnValuesToBeInSet(column="reason", value_set=list(REASONS)),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["source", "record"]),
     ]
 
 

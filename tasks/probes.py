@@ -293,8 +293,8 @@ def run_probes(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
         "model": cfg.model.name,
     }
     best_path = write_json(best_json, paths.probes / "best.json")
-    log.info("probes: best %s layer %d (dev AUROC %.3f, test AUROC %s)", best_json["probe"], best_json["layer"],
-             best_json["dev_auroc"] or math.nan, best_json["test_auroc"])
+    log.info("probes: best %s layer %d (dev AUROC %.3f, test AUROC %.3f)", best_json["probe"], best_json["layer"],
+             best_json["dev_auroc"] or math.nan, best_json["test_auroc"] or math.nan)
     scores_path = score_sentences(paths, slug, chosen, best["layer"], cfg.probe.select_kind, cfg.probe.threshold,
                                   cfg.activations.sentences)
     return {

@@ -63,3 +63,26 @@ def test_each_format_runs_to_a_report(dataset, tiny_model, tmp_path, prefect_har
     roles = {f["role"] for f in manifest["inputs"]["files"]}
     assert "data" in roles and all(len(f["sha256"]) == 64 for f in manifest["inputs"]["files"])
     assert manifest["inputs"]["loaders"]["data"]["dataset"] == dataset
+
+
+def test_llm_facts_relevance_and_relevant_only_probing_through_the_pipeline(tiny_model, tmp_path, prefect_harness):
+    """The reference's decomposition options end to end: local-LLM facts, relevance filter, only relevant units probed."""
+    from flows.pipeline import pipeline_flow
+
+    data_path = fixtures.write_nq_swap(tmp_path / "data")
+    cfg = _cfg(
+        "nq-swap", data_path, tiny_model, tmp_path / "runs",
+        decompose={"method": "llm", "llm": {"max_new_tokens": 24}, "relevance": True, "top_k": 1},
+        activations={"sentences": "relevant"},
+    )
+    pipeline_flow(cfg=cfg)
+    paths = RunPaths(cfg.runs_dir / "nq-swap")
+    sentences = pl.read_parquet(paths.table("sentences"))
+    assert sentences["unit"].is_in(["sentence", "fact"]).all() and sentences["source_idx"].min() == 0
+    assert sentences["relevance"].null_count() == 0 and sentences["is_relevant"].any()
+    # every item keeps at least its top-1 unit per step; only relevant units were scored by the probe
+    assert set(sentences.filter("is_relevant")["item_id"]) == set(sentences["item_id"])
+    scores = pl.read_parquet(paths.table("sentence_scores"))
+    relevant = sentences.filter("is_relevant").select("item_id", "sent_idx")
+    assert scores.select("item_id", "sent_idx").sort(["item_id", "sent_idx"]).equals(relevant.sort(["item_id", "sent_idx"]))
+    assert paths.report.exists()

@@ -210,3 +210,22 @@ def test_validation_is_fast_after_warm_up(good_run):
     validate("metrics", good_run)
     res = validate("metrics", good_run)
     assert res["validate_s"] < 1.0 and not math.isnan(res["validate_s"])
+
+
+def test_fact_units_and_rejects_are_checked(good_run):
+    """A fact may differ from its span (it is a rewrite) but must lie inside the context; rejects need a known reason."""
+    rows = _sentences()
+    rows[1] |= {"text": "A rewritten fact.", "unit": "fact", "source_idx": 1}
+    write_parquet(rows, good_run.table("sentences"), T.SENTENCES)
+    validate("sentences", good_run)  # a fact's text is not its span: fine
+    rows[1]["char_end"] = 10_000  # ... but its span must still be inside the context
+    write_parquet(rows, good_run.table("sentences"), T.SENTENCES)
+    with pytest.raises(DataQualityError, match=r"\[offset_ok\].*unexpected_count=1"):
+        validate("sentences", good_run)
+
+    reject = {"source": "f.json", "record": 3, "record_id": None, "reason": "empty_answers", "detail": "d", "raw": "{}"}
+    write_parquet([reject], good_run.table("rejects"), T.REJECTS)
+    validate("rejects", good_run)
+    write_parquet([reject, {**reject, "record": 4, "reason": "because"}], good_run.table("rejects"), T.REJECTS)
+    with pytest.raises(DataQualityError, match=r"\[reason\].*'because'"):
+        validate("rejects", good_run)

@@ -72,7 +72,8 @@ class Ingested:
         """One line a human reads after the stage: nothing may vanish between read and kept + rejected."""
         reasons = Counter(r["reason"] for r in self.rejects)
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
-        line = f"{self.dataset}: {self.n_read} read, {self.n_kept} kept, {len(self.rejects)} rejected ({detail})"
+        line = f"{self.dataset}: {self.n_read} read, {self.n_kept} kept, {len(self.rejects)} rejected"
+        line += f" ({detail})" if detail else ""
         return f"{line} [{self.note}]" if self.note else line
 
 
@@ -376,14 +377,20 @@ def split_groups(groups: list[str], rng: random.Random) -> dict[str, str]:
     return dict(zip(order, names))
 
 
-def target_sentence(context: str, answers: list[str]) -> str | None:
-    """The first context sentence that contains a context answer (case-insensitive), else None."""
+def target_sentence(context: str, answers: list[str], orig_context: str | None = None) -> str | None:
+    """The context sentence that carries a context answer (case-insensitive), else None.
+
+    With the original context at hand, a sentence that the substitution changed is preferred: an unchanged
+    sentence that merely mentions the answer (a distractor) is not the conflicting one.
+    """
     needles = [a.casefold() for a in answers if a.strip()]
-    for sentence, _, _ in split_sentences(context):
-        folded = sentence.casefold()
-        if any(n in folded for n in needles):
-            return sentence
-    return None
+    holding = [s for s, _, _ in split_sentences(context) if any(n in s.casefold() for n in needles)]
+    if orig_context:
+        unchanged = {s for s, _, _ in split_sentences(orig_context)}
+        changed = [s for s in holding if s not in unchanged]
+        if changed:
+            return changed[0]
+    return holding[0] if holding else None
 
 
 def _fitting_prefix(context: str, budget: int, count: Callable[[str], int]) -> str | None:
@@ -470,6 +477,31 @@ class Parsed:
     locate_target: bool = True  # fill target_sentence from the (final) context and answers
 
 
+def conflict_item(
+    question: str, context: str, answers: list[str], orig: list[str], orig_context: str | None
+) -> Parsed:
+    """A counterfactual item: the context's answer must differ from the memorised one."""
+    check_same_answer(answers, orig)
+    item = {
+        "group": question_group(question),
+        "question": question,
+        "context": context,
+        "answers": answers,
+        "orig_answers": orig,
+        "orig_context": orig_context,
+        "counterfactual": True,
+    }
+    return Parsed(item=item)
+
+
+def file_reader(
+    name: str, read: Callable[[Path | None, ReadOptions], Ingested], version: str, summary: str, source: str
+) -> Reader:
+    """The Reader of a dataset that is one user-supplied file."""
+    return Reader(name=name, read=read, version=version, files=lambda path: [require_path(path, name, source)],
+                  summary=summary, source=source)
+
+
 def _record_id(dataset: str, raw: Any, id_field: str | None) -> str | None:
     """The reject's record_id: the item id the record would have had, where its format carries ids."""
     if id_field and isinstance(raw, dict) and raw.get(id_field) is not None:
@@ -482,7 +514,7 @@ def _finish_item(dataset: str, parsed: Parsed, opts: ReadOptions) -> tuple[str, 
     item = dict(parsed.item)
     key = parsed.source_id or content_hash(item["question"], item["context"], item["answers"])
     context, truncated = fit_context(item["context"], opts)
-    target = target_sentence(context, item["answers"]) if parsed.locate_target else None
+    target = target_sentence(context, item["answers"], item.get("orig_context")) if parsed.locate_target else None
     row = item_row(dataset, **{**item, "context": context, "truncated": truncated, "target_sentence": target})
     row["item_id"] = f"{dataset}-{key}"
     row["source_id"] = parsed.source_id

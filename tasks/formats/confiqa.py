@@ -16,11 +16,11 @@ from tasks.formats.common import (
     ReadOptions,
     RecordReject,
     check_format,
-    check_same_answer,
+    conflict_item,
+    file_reader,
     get_aliases,
     get_text,
     load_records,
-    question_group,
     read_dataset,
     require_path,
     with_aliases,
@@ -52,17 +52,7 @@ def parse_record(rec: dict) -> Parsed:
     context = get_text(rec, "cf_context", EMPTY_CONTEXT)
     answers = with_aliases(get_text(rec, "cf_answer", EMPTY_ANSWERS), get_aliases(rec, "cf_alias"))
     orig = with_aliases(get_text(rec, "orig_answer", EMPTY_ANSWERS), get_aliases(rec, "orig_alias"))
-    check_same_answer(answers, orig)
-    item = {
-        "group": question_group(question),
-        "question": question,
-        "context": context,
-        "answers": answers,
-        "orig_answers": orig,
-        "orig_context": _optional_text(rec, "orig_context"),
-        "counterfactual": True,
-    }
-    return Parsed(item=item)
+    return conflict_item(question, context, answers, orig, _optional_text(rec, "orig_context"))
 
 
 def read_confiqa(name: str, source: str, path: Path | None, opts: ReadOptions) -> Ingested:
@@ -76,14 +66,7 @@ def read_confiqa(name: str, source: str, path: Path | None, opts: ReadOptions) -
 def _reader(kind: str) -> Reader:
     """The Reader of one ConFiQA subset."""
     name, source = f"confiqa-{kind.lower()}", SOURCE.format(kind=kind)
-    return Reader(
-        name=name,
-        read=partial(read_confiqa, name, source),
-        version=VERSION,
-        files=lambda path: [require_path(path, name, source)],
-        summary=SUMMARIES[kind],
-        source=source,
-    )
+    return file_reader(name, partial(read_confiqa, name, source), VERSION, SUMMARIES[kind], source)
 
 
 READERS = [_reader(kind) for kind in ("QA", "MR", "MC")]

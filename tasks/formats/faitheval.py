@@ -19,6 +19,7 @@ from tasks.formats.common import (
     ReadOptions,
     RecordReject,
     check_format,
+    file_reader,
     get_answers,
     get_id,
     get_text,
@@ -124,14 +125,7 @@ def read_faitheval(subset: str, path: Path | None, opts: ReadOptions) -> Ingeste
 def _reader(subset: str) -> Reader:
     """The Reader of one FaithEval subset."""
     name, source = f"faitheval-{subset}", HF.format(subset=subset)
-    return Reader(
-        name=name,
-        read=partial(read_faitheval, subset),
-        version=VERSION,
-        files=lambda path: [require_path(path, name, source)],
-        summary=SUBSETS[subset][3],
-        source=source,
-    )
+    return file_reader(name, partial(read_faitheval, subset), VERSION, SUBSETS[subset][3], source)
 
 
 READERS = [_reader(subset) for subset in SUBSETS]

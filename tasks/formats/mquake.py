@@ -13,12 +13,12 @@ from tasks.formats.common import (
     WRONG_TYPE,
     Ingested,
     Parsed,
-    Reader,
     ReadOptions,
     RecordReject,
     check_format,
     check_same_answer,
     content_hash,
+    file_reader,
     get_aliases,
     get_field,
     get_id,
@@ -152,11 +152,7 @@ def read_mquake(path: Path | None, opts: ReadOptions) -> Ingested:
     return out
 
 
-READER = Reader(
-    name=NAME,
-    read=read_mquake,
-    version=VERSION,
-    files=lambda path: [require_path(path, NAME, SOURCE)],
-    summary="MQuAKE-CF-3k(-v2): edit statements (true 0 / new 1) for probe training; multi-hop items where given.",
-    source=SOURCE,
+READER = file_reader(
+    NAME, read_mquake, VERSION,
+    "MQuAKE-CF-3k(-v2): edit statements (true 0 / new 1) for probe training; multi-hop items where given.", SOURCE,
 )

@@ -16,7 +16,8 @@ from tasks.formats.common import (
     ReadOptions,
     RecordReject,
     check_format,
-    check_same_answer,
+    conflict_item,
+    file_reader,
     format_error,
     get_answers,
     get_text,
@@ -45,17 +46,7 @@ def parse_nq_swap(rec: dict) -> Parsed:
     context = get_text(rec, "sub_context", EMPTY_CONTEXT)
     answers = get_answers(rec, "sub_answer")
     orig = get_answers(rec, "org_answer")
-    check_same_answer(answers, orig)
-    item = {
-        "group": question_group(question),
-        "question": question,
-        "context": context,
-        "answers": answers,
-        "orig_answers": orig,
-        "orig_context": get_text(rec, "org_context", EMPTY_CONTEXT),
-        "counterfactual": True,
-    }
-    return Parsed(item=item)
+    return conflict_item(question, context, answers, orig, get_text(rec, "org_context", EMPTY_CONTEXT))
 
 
 def read_nq_swap(path: Path | None, opts: ReadOptions) -> Ingested:
@@ -114,17 +105,7 @@ def parse_zhou_pair(pair: dict, names: tuple[str, str] = (ZHOU_ORIG, ZHOU_CONFLI
     question, context, answers = _side(pair["conflict"], names[1])
     if question_group(question) != question_group(o_question):
         raise RecordReject(MISALIGNED, f"questions differ: {o_question!r} ({names[0]}) vs {question!r} ({names[1]})")
-    check_same_answer(answers, orig)
-    item = {
-        "group": question_group(question),
-        "question": question,
-        "context": context,
-        "answers": answers,
-        "orig_answers": orig,
-        "orig_context": o_context,
-        "counterfactual": True,
-    }
-    return Parsed(item=item)
+    return conflict_item(question, context, answers, orig, o_context)
 
 
 def read_zhou(path: Path | None, opts: ReadOptions) -> Ingested:
@@ -139,13 +120,9 @@ def read_zhou(path: Path | None, opts: ReadOptions) -> Ingested:
 
 
 READERS = [
-    Reader(
-        name=NQ_SWAP,
-        read=read_nq_swap,
-        version=VERSION,
-        files=lambda path: [require_path(path, NQ_SWAP, NQ_SWAP_SOURCE)],
-        summary="NQ-Swap: Natural Questions with the answer entity swapped in the context.",
-        source=NQ_SWAP_SOURCE,
+    file_reader(
+        NQ_SWAP, read_nq_swap, VERSION, "NQ-Swap: Natural Questions with the answer entity swapped in the context.",
+        NQ_SWAP_SOURCE,
     ),
     Reader(
         name=ZHOU,

@@ -12,10 +12,10 @@ from tasks.formats.common import (
     WRONG_TYPE,
     Ingested,
     Parsed,
-    Reader,
     ReadOptions,
     RecordReject,
     check_format,
+    file_reader,
     get_answers,
     get_id,
     get_text,
@@ -75,11 +75,7 @@ def read_squad(path: Path | None, opts: ReadOptions) -> Ingested:
     return read_dataset(NAME, path.name, records, opts, parse_record, id_field="id")
 
 
-READER = Reader(
-    name=NAME,
-    read=read_squad,
-    version=VERSION,
-    files=lambda path: [require_path(path, NAME, SOURCE)],
-    summary="SQuAD: extractive QA without conflict (utility check); HF rows or the official nested JSON.",
-    source=SOURCE,
+READER = file_reader(
+    NAME, read_squad, VERSION,
+    "SQuAD: extractive QA without conflict (utility check); HF rows or the official nested JSON.", SOURCE,
 )

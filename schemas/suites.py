@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from schemas.tables import SENTENCE_LABELS, TABLES, UNITS
+from schemas.tables import POSITIONS, SENTENCE_LABELS, TABLES, UNITS
 from tasks.storage import RunPaths, read_table
 
 SPLITS = ("train", "dev", "test")
@@ -172,58 +172,69 @@ def _prepare_sentences(df: pl.DataFrame, paths: RunPaths) -> pl.DataFrame:
 
 
 def _activations(gxe: ModuleType) -> list[Any]:
-    """Every vector has the declared width, only finite values, and each layer holds every key once."""
+    """Every vector has the declared width and only finite values; each layer holds inputs x positions rows, once."""
     return [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         *_not_null(gxe, "model", "layer", "key", "source", "position"),
         gxe.ExpectColumnValuesToBeInSet(column="source", value_set=list(ACTIVATION_SOURCES)),
-        *_all_true(gxe, "has_meta", "layer_in_meta"),
+        gxe.ExpectColumnValuesToBeInSet(column="position", value_set=list(POSITIONS)),
+        *_all_true(gxe, "has_meta", "layer_in_meta", "position_in_meta"),
         gxe.ExpectColumnPairValuesToBeEqual(column_A="dim", column_B="meta_dim"),
         gxe.ExpectColumnPairValuesToBeEqual(column_A="n_finite", column_B="dim"),
-        gxe.ExpectColumnPairValuesToBeEqual(column_A="layer_rows", column_B="meta_n_keys"),
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="layer_rows", column_B="meta_n_rows"),
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="position_rows", column_B="meta_position_rows"),
         gxe.ExpectColumnPairValuesToBeEqual(column_A="n_layers", column_B="meta_n_layers"),
-        gxe.ExpectColumnValuesToBeBetween(column="key_layer_count", min_value=1, max_value=1),
+        gxe.ExpectColumnValuesToBeBetween(column="row_count", min_value=1, max_value=1),
     ]
 
 
-def _activation_metas(root: Path) -> pl.DataFrame:
-    """One row per model directory with what its meta.json declares (nulls where it is missing)."""
-    rows = []
+def _activation_metas(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per model directory what its meta.json declares, and its expected rows per position (nulls when missing)."""
+    rows, positions = [], []
     for model_dir in sorted(p for p in root.glob("model=*") if p.is_dir()):
         meta_path = model_dir / "meta.json"
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        model = model_dir.name.split("=", 1)[1]
+        by_position = (meta or {}).get("rows_by_position") or ({"last": meta["n_keys"]} if meta else {})
         rows.append(
             {
-                "model": model_dir.name.split("=", 1)[1],
+                "model": model,
                 "has_meta": meta is not None,
                 "meta_dim": meta.get("dim") if meta else None,
-                "meta_n_keys": meta.get("n_keys") if meta else None,
+                "meta_n_rows": sum(by_position.values()) if meta else None,
                 "meta_layers": [int(x) for x in meta.get("layers", [])] if meta else None,
             }
         )
-    schema = {"model": pl.String, "has_meta": pl.Boolean, "meta_dim": pl.Int64, "meta_n_keys": pl.Int64,
+        positions += [{"model": model, "position": p, "meta_position_rows": n} for p, n in by_position.items()]
+    schema = {"model": pl.String, "has_meta": pl.Boolean, "meta_dim": pl.Int64, "meta_n_rows": pl.Int64,
               "meta_layers": pl.List(pl.Int64)}  # fmt: skip
-    return pl.DataFrame(rows, schema=schema)
+    pos_schema = {"model": pl.String, "position": pl.String, "meta_position_rows": pl.Int64}
+    return pl.DataFrame(rows, schema=schema), pl.DataFrame(positions, schema=pos_schema)
 
 
 _ACTIVATION_SQL = """
 with rows as (
-    select model, layer, key, source, position,
+    select model, layer, key, source, position, context_key,
            len(vector) as dim,
            -- fast path: a finite sum means every element is finite; else count them exactly
            case when isfinite(list_sum(vector)) then len(vector)
                 else list_count(list_filter(vector, lambda x: isfinite(x))) end as n_finite
-    from read_parquet($files, hive_partitioning = true, hive_types = {'model': VARCHAR, 'layer': INTEGER})
+    from read_parquet($files, hive_partitioning = true, hive_types = {'model': VARCHAR, 'layer': INTEGER},
+                      union_by_name = true)
 ),
 per_model as (select model, count(distinct layer) as n_layers from rows group by model)
-select r.*,
+select r.* exclude (context_key),
        count(*) over (partition by r.model, r.layer) as layer_rows,
-       count(*) over (partition by r.model, r.layer, r.key) as key_layer_count,
+       count(*) over (partition by r.model, r.layer, r.position) as position_rows,
+       count(*) over (partition by r.model, r.layer, r.key, r.position, r.context_key) as row_count,
        p.n_layers,
        coalesce(m.has_meta, false) as has_meta,
-       m.meta_dim, m.meta_n_keys, len(m.meta_layers) as meta_n_layers,
-       coalesce(list_contains(m.meta_layers, r.layer), false) as layer_in_meta
+       m.meta_dim, m.meta_n_rows, len(m.meta_layers) as meta_n_layers,
+       coalesce(list_contains(m.meta_layers, r.layer), false) as layer_in_meta,
+       q.meta_position_rows,
+       q.meta_position_rows is not null as position_in_meta
 from rows r join per_model p using (model) left join metas m using (model)
+     left join meta_positions q on q.model = r.model and q.position = r.position
 """
 
 
@@ -235,9 +246,10 @@ def _load_activations(paths: RunPaths) -> pl.DataFrame:
     files = sorted(str(p.resolve()) for p in root.glob("model=*/layer=*/*.parquet"))
     if not files:
         raise FileNotFoundError(f"{root} holds no activation shards: run the activations stage first")
-    metas = _activation_metas(root)
+    metas, positions = _activation_metas(root)
     with duckdb.connect() as con:
         con.register("metas", metas.to_arrow())
+        con.register("meta_positions", positions.to_arrow())
         return pl.from_arrow(con.sql(_ACTIVATION_SQL, params={"files": files}).to_arrow_table())
 
 

@@ -52,6 +52,7 @@ REJECTS = pa.schema(
 )
 
 SENTENCE_LABELS = ("conflict", "aligned", "irrelevant")
+POSITIONS = ("last", "ctx_last", "ctx_mean")
 UNITS = ("sentence", "fact")
 
 SENTENCES = pa.schema(
@@ -122,7 +123,8 @@ def activations_schema(dim: int, value_type: pa.DataType = pa.float32()) -> pa.S
         [
             pa.field("key", STR, nullable=False),
             pa.field("source", STR, nullable=False),  # statements / sentences
-            pa.field("position", STR, nullable=False),  # "last": last token of the text fed alone
+            pa.field("position", STR, nullable=False),  # last (text fed alone) / ctx_last / ctx_mean (in context)
+            pa.field("context_key", STR),  # ctx_*: text_key of the context the sentence was read in; last: null
             pa.field("vector", pa.list_(value_type, dim), nullable=False),
         ]
     )

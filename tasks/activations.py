@@ -1,25 +1,18 @@
-"""Stage 3: last-token hidden states of every statement and context sentence, cached per layer as Parquet.
+"""Stage 3: hidden states of every statement and context sentence, from the shared activation store.
 
-Layer numbering: layer L (0-based) is the output of decoder block L, i.e. Hugging Face's
-`output_hidden_states` index L + 1. The last layer is the inner decoder's `last_hidden_state`
-(the output after the final norm), which is exactly what HF returns as `hidden_states[-1]`
-(transformers ties that entry to `last_hidden_state`), so no per-model norm name is needed:
-whatever norm the architecture has (`norm`, `ln_f`, `final_layernorm`, ...) is applied by the
-inner model itself.
-
-Only the inner decoder runs (`model.get_decoder()`, never the LM head). Forward hooks sit on the
-requested blocks alone; when the last layer is not requested, the hook of the deepest requested
-block raises a private exception that ends the forward there, so no later block runs.
+The extraction itself is tasks/extraction.py (hooks, early exit, positions); the content-addressed, sharded,
+resumable store is tasks/activation_store.py. This stage gathers the inputs, looks the store up (a hit loads no
+model), extracts the shards still missing, verifies the finished store and links it into the run directory as
+``activations/model=<slug>/layer=<L>/part-*.parquet`` + ``meta.json``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import logging
+import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,150 +20,35 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from schemas.tables import activations_schema
-from tasks.config import RunConfig
-from tasks.models import decoder_layers, load_model, load_tokenizer
-from tasks.storage import RunPaths, atomic_path, model_slug, read_table, text_key, write_json
+from tasks.activation_store import (
+    CTX_POSITIONS,
+    ActivationStore,
+    Shard,
+    StoreInputs,
+    disk_estimate,
+    human_bytes,
+    plan_shards,
+    store_key,
+    store_root,
+    vectors_table,
+)
+from tasks.config import ActivationConfig, RunConfig
+from tasks.extraction import (  # noqa: F401  (re-exported: the stage's public extraction API)
+    extract,
+    inner_decoder,
+    iter_activations,
+    iter_context_activations,
+    length_buckets,
+    resolve_layers,
+)
+from tasks.models import load_model, load_tokenizer, model_fingerprint, model_shape
+from tasks.storage import RunPaths, model_slug, read_table, text_key
 
 log = logging.getLogger(__name__)
 
 POSITION = "last"
-FLUSH_ROWS = 4096  # rows buffered per layer before a Parquet row group is written (bounds memory)
-
-
-class _StopForward(Exception):
-    """Raised from the deepest requested block's hook so later blocks never run."""
-
-
-def inner_decoder(model: nn.Module) -> nn.Module:
-    """The base transformer under a causal-LM head (no lm_head, no logits), found via HF's own lookup."""
-    get = getattr(model, "get_decoder", None)
-    inner = get() if callable(get) else getattr(model, "base_model", model)
-    return inner if inner is not None else model
-
-
-def resolve_layers(requested: Sequence[int] | None, n_layers: int) -> list[int]:
-    """Sorted unique 0-based layers to keep; None means all, out-of-range ones fail loudly."""
-    layers = sorted(set(range(n_layers) if requested is None else requested))
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad or not layers:
-        raise ValueError(f"layers {bad or 'none'} invalid: the model has decoder layers 0..{n_layers - 1}")
-    return layers
-
-
-def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar token length, so padding wastes little compute."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _pad(ids: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad token ids left or right; returns (input_ids, attention_mask)."""
-    width = max(len(x) for x in ids)
-    out = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        sl = slice(width - len(x), width) if side == "left" else slice(0, len(x))
-        out[row, sl] = torch.tensor(x, dtype=torch.long)
-        mask[row, sl] = 1
-    return out, mask
-
-
-def _block_output(output) -> torch.Tensor:
-    """A decoder block returns a tensor (transformers 5) or a tuple whose first item is the hidden state."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def iter_activations(
-    model: nn.Module,
-    tokenizer,
-    texts: Sequence[str],
-    layers: Sequence[int] | None = None,
-    batch_size: int = 32,
-    padding_side: str = "right",
-    progress: bool = True,
-) -> Iterator[tuple[list[int], dict[int, np.ndarray]]]:
-    """Yield (text indices, {layer: float32 array (batch, d)}) of each text's last real token, batch by batch.
-
-    Each text is tokenised alone (`add_special_tokens=True`, no chat template); batches are
-    length-bucketed and padded on `padding_side`; the attention mask picks the last real token
-    and gives position ids that match feeding the text alone.
-    """
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
-    blocks = decoder_layers(model)
-    layers = resolve_layers(layers, len(blocks))
-    last = len(blocks) - 1
-    inner = inner_decoder(model)
-    takes_positions = "position_ids" in inspect.signature(inner.forward).parameters
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    token_ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    if any(len(x) == 0 for x in token_ids):
-        raise ValueError("a text tokenised to zero tokens: nothing to take the last token of")
-
-    captured: dict[int, torch.Tensor] = {}
-    deepest_hooked = max((layer for layer in layers if layer != last), default=None)
-
-    def hook_for(layer: int):
-        def hook(_module, _inputs, output):
-            captured[layer] = _block_output(output)
-            if layer == deepest_hooked and last not in layers:
-                raise _StopForward
-
-        return hook
-
-    handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in layers if layer != last]
-    bar = tqdm(total=len(token_ids), unit="sent", desc="activations", disable=not progress, dynamic_ncols=True)
-    try:
-        with torch.inference_mode():
-            for batch in length_buckets([len(x) for x in token_ids], batch_size):
-                input_ids, mask = _pad([token_ids[i] for i in batch], pad_id, padding_side)
-                input_ids, mask = input_ids.to(device), mask.to(device)
-                kwargs = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
-                if takes_positions:
-                    kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-                captured.clear()
-                try:
-                    out = inner(**kwargs)
-                    captured[last] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-                except _StopForward:
-                    pass
-                # last real token of each row: the highest position whose mask is 1
-                positions = torch.arange(mask.shape[1], device=device)
-                last_idx = (mask * positions).argmax(dim=-1)
-                rows = torch.arange(len(batch), device=device)
-                yield batch, {
-                    layer: captured[layer][rows, last_idx].float().cpu().numpy() for layer in layers
-                }
-                bar.update(len(batch))
-    finally:
-        bar.close()
-        for handle in handles:
-            handle.remove()
-
-
-def extract(
-    model: nn.Module,
-    tokenizer,
-    texts: Sequence[str],
-    layers: Sequence[int] | None = None,
-    batch_size: int = 32,
-    padding_side: str = "right",
-    progress: bool = False,
-) -> dict[int, np.ndarray]:
-    """All texts' last-token vectors per layer, in input order (for small inputs and tests)."""
-    out: dict[int, np.ndarray] = {}
-    for batch, vectors in iter_activations(model, tokenizer, texts, layers, batch_size, padding_side, progress):
-        for layer, array in vectors.items():
-            if layer not in out:
-                out[layer] = np.empty((len(texts), array.shape[1]), dtype=np.float32)
-            out[layer][batch] = array
-    return out
 
 
 def probed_sentences(paths: RunPaths, sentences: str = "all") -> pl.DataFrame:
@@ -206,6 +84,28 @@ def collect_texts(paths: RunPaths, sentences: str = "all") -> tuple[list[str], l
     return keys, texts, sources
 
 
+def context_inputs(paths: RunPaths, sentences: str) -> tuple[list[str], list[str], list[list[tuple[str, int, int]]]]:
+    """(context keys, contexts, per context its probed units' (key, start, end)); each context and unit once."""
+    units = probed_sentences(paths, sentences).sort("item_id", "sent_idx")
+    contexts = dict(read_table(paths.table("items")).select("item_id", "context").iter_rows())
+    by_context: dict[str, tuple[str, dict[str, tuple[str, int, int]]]] = {}
+    for item_id, key, start, end in units.select("item_id", "key", "char_start", "char_end").iter_rows():
+        context = contexts[item_id]
+        entry = by_context.setdefault(text_key(context), (context, {}))
+        entry[1].setdefault(key, (key, int(start), int(end)))
+    ckeys = list(by_context)
+    return ckeys, [by_context[k][0] for k in ckeys], [list(by_context[k][1].values()) for k in ckeys]
+
+
+def collect_inputs(paths: RunPaths, act: ActivationConfig) -> StoreInputs:
+    """Everything the store must hold for this run: texts as fed (position last) and contexts (ctx_*)."""
+    keys, texts, sources = collect_texts(paths, act.sentences)
+    inputs = StoreInputs(keys=keys, texts=[fed_text(t, act.strip_final_punct) for t in texts], sources=sources)
+    if any(p in CTX_POSITIONS for p in act.positions):
+        inputs.context_keys, inputs.contexts, inputs.units = context_inputs(paths, act.sentences)
+    return inputs
+
+
 def fed_text(text: str, strip_final_punct: bool) -> str:
     """What the model reads for a text: without its closing . ! ? the last token ends the claim itself."""
     if strip_final_punct:
@@ -214,114 +114,127 @@ def fed_text(text: str, strip_final_punct: bool) -> str:
     return text
 
 
-def layer_path(paths: RunPaths, slug: str, layer: int) -> Path:
-    """Hive-partitioned shard of one layer's vectors."""
-    return paths.activations / f"model={slug}" / f"layer={layer}" / "part-00000.parquet"
+def layer_path(paths: RunPaths, slug: str, layer: int, shard: str = "part-last-00000.parquet") -> Path:
+    """One shard file of a layer in a run directory (hive-partitioned by model and layer)."""
+    return paths.activations / f"model={slug}" / f"layer={layer}" / shard
 
 
-def vectors_table(keys: list[str], sources: list[str], vectors: np.ndarray) -> pa.Table:
-    """One Arrow batch of rows with a fixed-size-list vector column (no Python floats)."""
-    dim = vectors.shape[1]
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
-    return pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "source": pa.array(sources, pa.string()),
-            "position": pa.array([POSITION] * len(keys), pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
-        },
-        schema=activations_schema(dim),
-    )
+def _shard_rows(inputs: StoreInputs, shard: Shard) -> int:
+    """Rows (per layer and position) a shard yields."""
+    if shard.kind == "last":
+        return shard.stop - shard.start
+    return sum(len(u) for u in inputs.units[shard.start : shard.stop])
 
 
-class _LayerWriters:
-    """One streaming Parquet writer per layer, each behind an atomic temp file."""
+def _last_tables(model, tok, inputs: StoreInputs, shard: Shard, layers, act: ActivationConfig, bar) -> dict[int, list]:
+    """Per layer, the Arrow tables of a 'last' shard, batch by batch."""
+    out: dict[int, list[pa.Table]] = {layer: [] for layer in layers}
+    texts = inputs.texts[shard.start : shard.stop]
+    for batch, vectors in iter_activations(model, tok, texts, layers, act.batch_size, progress=False):
+        keys = [inputs.keys[shard.start + i] for i in batch]
+        sources = [inputs.sources[shard.start + i] for i in batch]
+        for layer, array in vectors.items():
+            out[layer].append(vectors_table(keys, sources, array, "last", None, act.storage_dtype))
+        bar.update(len(batch))
+    return out
 
-    def __init__(self, stack: contextlib.ExitStack, paths: RunPaths, slug: str, layers: list[int], dim: int):
-        self.schema = activations_schema(dim)
-        self.writers: dict[int, pq.ParquetWriter] = {}
-        self.buffers: dict[int, list[tuple[list[str], list[str], np.ndarray]]] = {layer: [] for layer in layers}
+
+def _ctx_tables(model, tok, inputs: StoreInputs, shard: Shard, layers, act: ActivationConfig, bar) -> dict[int, list]:
+    """Per layer, the Arrow tables of a 'ctx' shard: ctx_last and/or ctx_mean rows per sentence."""
+    out: dict[int, list[pa.Table]] = {layer: [] for layer in layers}
+    units = inputs.units[shard.start : shard.stop]
+    spans = [[(s, e) for _, s, e in u] for u in units]
+    stream = iter_context_activations(model, tok, inputs.contexts[shard.start : shard.stop], spans, layers,
+                                      act.context_batch_size, progress=False)
+    for batch, last, mean in stream:
+        keys = [k for i in batch for k, _, _ in units[i]]
+        ckeys = [inputs.context_keys[shard.start + i] for i in batch for _ in units[i]]
         for layer in layers:
-            tmp = stack.enter_context(atomic_path(layer_path(paths, slug, layer)))
-            writer = pq.ParquetWriter(
-                tmp,
-                self.schema,
-                compression="zstd",
-                use_dictionary=["source", "position"],  # never on the vector column (it only grows files)
-                use_byte_stream_split=["vector.list.element"],
-            )
-            # registered after atomic_path, so it closes before the temp file is renamed into place
-            stack.callback(writer.close)
-            self.writers[layer] = writer
+            for position, vectors in (("ctx_last", last[layer]), ("ctx_mean", mean[layer])):
+                if position in act.positions:
+                    out[layer].append(vectors_table(keys, ["sentences"] * len(keys), vectors, position, ckeys,
+                                                    act.storage_dtype))
+        bar.update(len(keys))
+    return out
 
-    def add(self, layer: int, keys: list[str], sources: list[str], vectors: np.ndarray) -> None:
-        """Buffer a batch; write a row group once enough rows have gathered."""
-        self.buffers[layer].append((keys, sources, vectors))
-        if sum(len(k) for k, _, _ in self.buffers[layer]) >= FLUSH_ROWS:
-            self.flush(layer)
 
-    def flush(self, layer: int) -> None:
-        """Write the buffered rows of one layer as a row group."""
-        buf = self.buffers[layer]
-        if buf:
-            keys = [k for ks, _, _ in buf for k in ks]
-            sources = [s for _, ss, _ in buf for s in ss]
-            self.writers[layer].write_table(vectors_table(keys, sources, np.concatenate([v for _, _, v in buf])))
-            self.buffers[layer] = []
+def _announce(store: ActivationStore, inputs: StoreInputs, rows: int, layers, dim: int, act: ActivationConfig,
+              todo: int, total: int) -> None:
+    """Print the size of the job and the disk it needs before any model is loaded; refuse if it cannot fit."""
+    need = disk_estimate(rows, len(layers), dim, act.storage_dtype)
+    store.dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(store.dir).free
+    log.info("activations: %d texts alone + %d sentences in %d contexts -> %d rows x %d layers x %d dims (%s): "
+             "<= %s on disk, %s free; %d of %d shards to extract into %s", len(inputs.keys),
+             sum(len(u) for u in inputs.units), len(inputs.contexts), rows, len(layers), dim, act.storage_dtype,
+             human_bytes(need), human_bytes(free), todo, total, store.dir)
+    if need > free:
+        raise RuntimeError(f"the activation store needs up to {human_bytes(need)} but {store.dir} has "
+                           f"{human_bytes(free)} free: request fewer layers, float16 storage, or another --activations.store")
+
+
+def build_store(cfg: RunConfig, store: ActivationStore, inputs: StoreInputs, layers: list[int], dim: int) -> dict:
+    """Extract every shard the store lacks (resuming after a kill), verify it, mark it complete; returns meta."""
+    act = cfg.activations
+    expected = inputs.n_rows(act.positions)
+    shards = plan_shards(inputs, act.positions, act.shard_rows)
+    swept = store.sweep_partials()
+    todo = [s for s in shards if not store.shard_done(s, layers)]
+    _announce(store, inputs, sum(expected.values()), layers, dim, act, len(todo), len(shards))
+    if swept or len(todo) < len(shards):
+        log.info("activations: resuming: %d shards already done, %d partial files discarded", len(shards) - len(todo), swept)
+    start = time.perf_counter()
+    n_rows = sum(_shard_rows(inputs, s) for s in todo)
+    if todo:
+        model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
+        bar = tqdm(total=n_rows, unit="sent", desc="activations", dynamic_ncols=True)
+        with bar:
+            for shard in todo:
+                tables = (_last_tables if shard.kind == "last" else _ctx_tables)(model, tok, inputs, shard, layers, act, bar)
+                store.write_shard(shard, {layer: pa.concat_tables(t) for layer, t in tables.items()})
+    seconds = time.perf_counter() - start
+    store.verify(layers, shards, expected)
+    meta = {
+        "model": cfg.model.name, "slug": model_slug(cfg.model.name), "revision": cfg.model.revision,
+        "dtype": cfg.model.dtype, "storage_dtype": act.storage_dtype, "layers": layers, "dim": dim,
+        "positions": list(act.positions), "rows_by_position": expected, "n_rows": sum(expected.values()),
+        "n_keys": len(inputs.keys), "n_statements": inputs.sources.count("statements"),
+        "n_sentences": inputs.sources.count("sentences"), "n_contexts": len(inputs.contexts),
+        "strip_final_punct": act.strip_final_punct, "sentences": act.sentences, "batch_size": act.batch_size,
+        "shard_rows": act.shard_rows, "shards": [s.name for s in shards], "store_key": store.key,
+        "seconds": round(seconds, 3), "sentences_per_s": round(n_rows / seconds, 2) if seconds > 0 and n_rows else None,
+    }
+    store.finish(meta)
+    log.info("activations: %d rows in %.1f s (%.1f sentences/s)", n_rows, seconds, n_rows / max(seconds, 1e-9))
+    return meta
+
+
+def open_store(cfg: RunConfig, inputs: StoreInputs) -> tuple[ActivationStore, list[int], int]:
+    """The store these inputs and options map to, with the resolved layers and width (no weights loaded)."""
+    act = cfg.activations
+    n_model_layers, dim = model_shape(cfg.model)
+    layers = resolve_layers(act.layers, n_model_layers)
+    identity = {
+        "model": model_fingerprint(cfg.model), "dtype": cfg.model.dtype, "layers": layers,
+        "positions": sorted(act.positions), "storage_dtype": act.storage_dtype, "shard_rows": act.shard_rows,
+        "inputs": inputs.digest(),
+    }
+    return ActivationStore(store_root(act.store), store_key(identity)), layers, dim
 
 
 def run_activations(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
-    """Cache last-token hidden states of all statements and sentences for the configured layers."""
-    keys, texts, sources = collect_texts(paths, cfg.activations.sentences)
-    if not keys:
+    """Hidden states of all statements and probed sentences, from the store (extracting what it lacks)."""
+    inputs = collect_inputs(paths, cfg.activations)
+    if not inputs.keys:
         raise ValueError("no statements or sentences to extract activations for")
-    model = load_model(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
-    blocks = decoder_layers(model)
-    layers = resolve_layers(cfg.activations.layers, len(blocks))
-    slug = model_slug(cfg.model.name)
-    log.info("activations: %d texts, layers %s of %s, batch %d", len(keys), layers, slug, cfg.activations.batch_size)
-
-    start = time.perf_counter()
-    fed = [fed_text(t, cfg.activations.strip_final_punct) for t in texts]
-    stream = iter_activations(model, tokenizer, fed, layers, cfg.activations.batch_size)
-    with contextlib.closing(stream), contextlib.ExitStack() as stack:
-        writers: _LayerWriters | None = None
-        for batch, vectors in stream:
-            if writers is None:  # the width comes from the first batch, whatever the config calls it
-                writers = _LayerWriters(stack, paths, slug, layers, next(iter(vectors.values())).shape[1])
-            batch_keys = [keys[i] for i in batch]
-            batch_sources = [sources[i] for i in batch]
-            for layer, array in vectors.items():
-                writers.add(layer, batch_keys, batch_sources, array)
-        for layer in layers:
-            writers.flush(layer)
-        dim = writers.schema.field("vector").type.list_size
-    seconds = time.perf_counter() - start
-
-    meta = {
-        "model": cfg.model.name,
-        "slug": slug,
-        "revision": cfg.model.revision,
-        "dtype": cfg.model.dtype,
-        "layers": layers,
-        "n_model_layers": len(blocks),
-        "dim": dim,
-        "position": POSITION,
-        "strip_final_punct": cfg.activations.strip_final_punct,
-        "sentences": cfg.activations.sentences,
-        "n_keys": len(keys),
-        "n_statements": sources.count("statements"),
-        "n_sentences": sources.count("sentences"),
-        "batch_size": cfg.activations.batch_size,
-        "seconds": round(seconds, 3),
-        "sentences_per_s": round(len(keys) / seconds, 2) if seconds > 0 else None,
-    }
-    meta_path = write_json(meta, paths.activations / f"model={slug}" / "meta.json")
-    log.info("activations: %d texts in %.1f s (%.1f sentences/s)", len(keys), seconds, len(keys) / max(seconds, 1e-9))
-    out = {f"activations_layer{layer}": str(layer_path(paths, slug, layer)) for layer in layers}
-    out["activations_meta"] = str(meta_path)
-    return out
+    store, layers, dim = open_store(cfg, inputs)
+    if store.complete():
+        log.info("activations: store hit %s (%d rows x %d layers): no model loaded", store.key,
+                 store.meta()["n_rows"], len(layers))
+    else:
+        build_store(cfg, store, inputs, layers, dim)
+    meta_path = store.link_into(paths.activations / f"model={model_slug(cfg.model.name)}")
+    return {"activations_meta": str(meta_path)}
 
 
 def read_meta(paths: RunPaths, slug: str) -> dict:
@@ -332,19 +245,19 @@ def read_meta(paths: RunPaths, slug: str) -> dict:
     return json.loads(path.read_text())
 
 
-def load_vectors(paths: RunPaths, slug: str, layer: int, keys: Sequence[str]) -> np.ndarray:
-    """float32 array (len(keys), d) of one layer's vectors, rows aligned to `keys`; missing keys fail loudly."""
-    path = layer_path(paths, slug, layer)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the activations stage for layer {layer} first")
-    table = pq.read_table(path, columns=["key", "vector"])
+def load_vectors(paths: RunPaths, slug: str, layer: int, keys: Sequence[str], position: str = POSITION) -> np.ndarray:
+    """float32 array (len(keys), d) of one layer's standalone ('last') vectors, rows aligned to `keys`."""
+    layer_dir = paths.activations / f"model={slug}" / f"layer={layer}"
+    if not any(layer_dir.glob("*.parquet")):
+        raise FileNotFoundError(f"{layer_dir} holds no shard: run the activations stage for layer {layer} first")
+    table = pq.read_table(layer_dir, columns=["key", "vector"], filters=[("position", "=", position)])
     dim = table.schema.field("vector").type.list_size
     wanted = pa.array(list(keys), pa.string())
     index = pc.index_in(wanted, value_set=table["key"].combine_chunks())
     if index.null_count:
         missing = wanted.filter(pc.is_null(index)).to_pylist()
         raise KeyError(
-            f"{len(missing)} keys have no activation at layer {layer} in {path} (e.g. {missing[:3]}): "
+            f"{len(missing)} keys have no activation at layer {layer}, position {position!r}, in {layer_dir} (e.g. {missing[:3]}): "
             "re-run the activations stage on the current statements and sentences"
         )
     vectors = table["vector"].take(index).combine_chunks()

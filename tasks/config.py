@@ -88,6 +88,18 @@ class ActivationConfig(BaseModel):
     sentences: Literal["all", "relevant"] = Field(
         "all", description="Context units probed: all, or only those the relevance filter keeps."
     )
+    positions: list[Literal["last", "ctx_last", "ctx_mean"]] = Field(
+        ["last"], min_length=1, description="Token positions stored: 'last' (each text fed alone, its last token:"
+        " the reference's, what the probes use); 'ctx_last' / 'ctx_mean' (one forward over the whole context, then"
+        " each sentence's last token / mean over its tokens)."
+    )
+    storage_dtype: Literal["float32", "float16"] = Field("float32", description="Stored vector type (float16 halves"
+                                                          " the files).")
+    shard_rows: int = Field(1024, ge=1, description="Input rows per shard: memory holds one shard's vectors, and a"
+                            " killed extraction resumes at the first unfinished shard.")
+    context_batch_size: int = Field(8, ge=1, description="Contexts per forward pass for the ctx_* positions.")
+    store: Path | None = Field(None, description="Content-addressed activation store shared by runs; None ="
+                               " $CLEARFLOW_STORE or <cache>/activations.")
 
 
 class ProbeConfig(BaseModel):
@@ -149,10 +161,12 @@ class RunConfig(BaseModel):
     evaluate: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
-    def _relevant_needs_relevance(self) -> RunConfig:
-        """Probing only relevant units means nothing without the relevance filter."""
+    def _consistent(self) -> RunConfig:
+        """Options that only make sense together: relevant units need the filter, probes need 'last'."""
         if self.activations.sentences == "relevant" and not self.decompose.relevance:
             raise ValueError("activations.sentences='relevant' needs decompose.relevance=true")
+        if "last" not in self.activations.positions:
+            raise ValueError("activations.positions must include 'last': the probes train and score on it")
         return self
 
     def digest(self, *sections: str) -> str:

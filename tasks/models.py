@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -147,16 +148,57 @@ def tiny_model_dir(out_dir: Path, layers: int = 4, hidden: int = 64, seed: int =
     return out_dir
 
 
-def model_window(cfg: ModelConfig) -> int | None:
-    """Context window in tokens from the model's config (no weights loaded); None when it declares none."""
+def model_config(cfg: ModelConfig):
+    """The model's (text) config, read without loading any weights."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(
         resolve_model_path(cfg.name), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
-    config = getattr(config, "text_config", None) or config
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+    return getattr(config, "text_config", None) or config
+
+
+def _first_int(config, *names: str) -> int | None:
+    """The first of the named config attributes that holds a positive integer."""
+    for name in names:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def model_window(cfg: ModelConfig) -> int | None:
+    """Context window in tokens from the model's config (no weights loaded); None when it declares none."""
+    return _first_int(model_config(cfg), "max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def model_shape(cfg: ModelConfig) -> tuple[int, int]:
+    """(decoder layers, hidden width) from the config, so a cache lookup or a disk estimate loads no weights."""
+    config = model_config(cfg)
+    n_layers = _first_int(config, "num_hidden_layers", "n_layer", "num_layers")
+    width = _first_int(config, "hidden_size", "n_embd", "d_model")
+    if n_layers is None or width is None:
+        raise ValueError(f"{cfg.name}: its config names no layer count / hidden size")
+    return n_layers, width
+
+
+def _file_digest(path: Path, edge: int = 1 << 20) -> str:
+    """Cheap content fingerprint of a weights file: its size and first and last MiB (hashing GBs takes long)."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(edge))
+        f.seek(max(path.stat().st_size - edge, 0))
+        h.update(f.read(edge))
+    return h.hexdigest()
+
+
+def model_fingerprint(cfg: ModelConfig) -> dict[str, str | None]:
+    """What identifies the weights: a local directory's config and weight files, else hub id + revision."""
+    path = Path(resolve_model_path(cfg.name))
+    if not path.is_dir():
+        return {"hub": cfg.name, "revision": cfg.revision}
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+            h.update(f.name.encode() + b"\0" + _file_digest(f).encode())
+    return {"local": h.hexdigest()[:24], "revision": cfg.revision}

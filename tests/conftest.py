@@ -13,6 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_store(tmp_path_factory):
+    """Activation stores of the test session in a temp dir, not in the user's cache."""
+    os.environ["CLEARFLOW_STORE"] = str(tmp_path_factory.mktemp("store"))
+    yield
+    os.environ.pop("CLEARFLOW_STORE", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """Directory of a 4-layer, 64-wide random Llama with the SmolLM2 tokenizer."""

@@ -49,6 +49,7 @@ def _write_run(runs_dir: Path, name: str, auroc_shift: float, finished_at: str |
         vec = rng.normal(size=(keys, DIM)).astype(np.float32)
         table = pa.table(
             {"key": [f"k{i}" for i in range(keys)], "source": ["statements"] * keys, "position": ["last"] * keys,
+             "context_key": [None] * keys,
              "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), DIM)},  # fmt: skip
             schema=T.activations_schema(DIM),
         )

@@ -60,13 +60,14 @@ def write_activations(
             vec[nan_at[1], 3] = np.nan
         table = pa.table(
             {"key": keys, "source": ["statements"] * len(keys), "position": ["last"] * len(keys),
+             "context_key": [None] * len(keys),
              "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), DIM)},  # fmt: skip
             schema=T.activations_schema(DIM),
         )
         out = paths.activations / f"model={slug}" / f"layer={layer}" / "part-00000.parquet"
         out.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, out)
-    meta = {"model": slug, "layers": LAYERS, "dim": DIM, "n_keys": len(keys)}
+    meta = {"model": slug, "layers": LAYERS, "dim": DIM, "n_keys": len(keys), "rows_by_position": {"last": len(keys)}}
     write_json(meta, paths.activations / f"model={slug}" / "meta.json")
 
 
@@ -173,7 +174,7 @@ def test_nan_vector_and_missing_key_fail_activations(good_run):
     write_activations(good_run, keys)
     short = good_run.activations / "model=tiny" / "layer=0" / "part-00000.parquet"
     pq.write_table(pq.read_table(short).slice(0, 3), short)
-    with pytest.raises(DataQualityError, match=r"\[layer_rows, meta_n_keys\]: unexpected_count=3"):
+    with pytest.raises(DataQualityError, match=r"\[layer_rows, meta_n_rows\]: unexpected_count=3"):
         validate("activations", good_run)
 
 

@@ -1,0 +1,200 @@
+"""Activation store: sentence-in-context parity, content-addressed hits, resume after a kill, float16 storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import tasks.activations as acts
+from schemas.tables import ITEMS, SENTENCES, STATEMENTS
+from tasks.activation_store import plan_shards
+from tasks.activations import collect_inputs, iter_context_activations, load_vectors, open_store, run_activations
+from tasks.config import ModelConfig, RunConfig
+from tasks.extraction import span_tokens
+from tasks.models import load_model, load_tokenizer
+from tasks.quality import validate
+from tasks.splitter import split_sentences
+from tasks.storage import RunPaths, model_slug, text_key, write_parquet
+
+CONTEXTS = [
+    "Paris is the capital of France. The Nile flows through Egypt. Toko Yasuda plays the guitar.",
+    "Beats Music is owned by Apple. The Eiffel Tower is located in Rome.",
+    "Mount Everest is the highest mountain on Earth, and it lies in the Himalayas. It is tall.",
+]
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_model):
+    cfg = ModelConfig(name=tiny_model)
+    return load_model(cfg), load_tokenizer(cfg)
+
+
+def write_run(paths: RunPaths, contexts: list[str], statements: list[str]) -> None:
+    """items, sentences (exact spans) and statements for the activations stage."""
+    items, sents = [], []
+    for n, ctx in enumerate(contexts):
+        items.append({"item_id": f"i{n}", "dataset": "x", "split": "test", "group": f"g{n}", "question": "Q?",
+                      "context": ctx, "answers": ["a"], "counterfactual": True})
+        for idx, (text, start, end) in enumerate(split_sentences(ctx)):
+            sents.append({"item_id": f"i{n}", "sent_idx": idx, "key": text_key(text), "text": text,
+                          "char_start": start, "char_end": end, "unit": "sentence", "source_idx": idx})
+    stmts = [{"stmt_id": f"s{i}", "key": text_key(t), "text": t, "label": i % 2, "group": f"s{i}", "split": "train"}
+             for i, t in enumerate(statements)]
+    write_parquet(items, paths.table("items"), ITEMS)
+    write_parquet(sents, paths.table("sentences"), SENTENCES)
+    write_parquet(stmts, paths.table("statements"), STATEMENTS)
+
+
+def with_act(cfg: RunConfig, **update) -> RunConfig:
+    return cfg.model_copy(update={"activations": cfg.activations.model_copy(update=update)})
+
+
+def test_sentence_in_context_parity_with_hf_hidden_states(model_tok):
+    """ctx_last / ctx_mean equal HF's hidden_states[L + 1] of the whole context at the span's tokens (fp32)."""
+    model, tok = model_tok
+    spans = [[(s, e) for _, s, e in split_sentences(c)] for c in CONTEXTS]
+    got_last: dict[int, list] = {}
+    got_mean: dict[int, list] = {}
+    order = []
+    for batch, last, mean in iter_context_activations(model, tok, CONTEXTS, spans, [0, 2, 3], batch_size=2,
+                                                      progress=False):
+        order += [(i, j) for i in batch for j in range(len(spans[i]))]
+        for layer in last:
+            got_last.setdefault(layer, []).append(last[layer])
+            got_mean.setdefault(layer, []).append(mean[layer])
+    with torch.inference_mode():
+        for layer in (0, 2, 3):
+            ref_last, ref_mean = {}, {}
+            for i, ctx in enumerate(CONTEXTS):
+                enc = tok(ctx, return_offsets_mapping=True, return_tensors="pt")
+                offsets = enc.pop("offset_mapping")[0].tolist()
+                hidden = model(**enc, output_hidden_states=True).hidden_states[layer + 1][0]
+                for j, (s, e) in enumerate(spans[i]):
+                    toks = span_tokens(offsets, s, e)
+                    ref_last[(i, j)], ref_mean[(i, j)] = hidden[toks[-1]].numpy(), hidden[toks].mean(0).numpy()
+            assert np.abs(np.concatenate(got_last[layer]) - np.stack([ref_last[k] for k in order])).max() <= 1e-5
+            assert np.abs(np.concatenate(got_mean[layer]) - np.stack([ref_mean[k] for k in order])).max() <= 1e-5
+
+
+def test_store_holds_every_position_once_and_passes_its_suite(tiny_cfg, run_paths):
+    write_run(run_paths, CONTEXTS, ["Paris is the capital of France.", "Paris is the capital of Spain."])
+    cfg = with_act(tiny_cfg, positions=["last", "ctx_last", "ctx_mean"], shard_rows=3, layers=[1, 3])
+    run_activations(cfg, run_paths)
+    layer_dir = run_paths.activations / f"model={model_slug(cfg.model.name)}" / "layer=1"
+    table = pl.from_arrow(pq.read_table(layer_dir))
+    n_sent = sum(len(split_sentences(c)) for c in CONTEXTS)
+    n_last = n_sent + 1  # the first statement is also a context sentence: stored once
+    assert table.group_by("position").len().sort("position").rows() == [
+        ("ctx_last", n_sent), ("ctx_mean", n_sent), ("last", n_last)]
+    assert table.select("key", "position", "context_key").n_unique() == table.height
+    assert len(list(layer_dir.glob("part-*.parquet"))) > 2  # several shards of <= 3 rows' inputs
+    assert validate("activations", run_paths)["success"]
+
+
+def test_second_run_loads_no_model_and_the_store_is_shared(tiny_cfg, run_paths, monkeypatch, tmp_path):
+    write_run(run_paths, CONTEXTS, ["Paris is the capital of France."])
+    cfg = with_act(tiny_cfg, layers=[0, 2])
+    first = json.loads(Path(run_activations(cfg, run_paths)["activations_meta"]).read_text())
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(acts, "load_model", no_model)
+    monkeypatch.setattr(acts, "load_tokenizer", no_model)
+    other = RunPaths(tmp_path / "other-run")
+    write_run(other, CONTEXTS, ["Paris is the capital of France."])
+    t0 = time.perf_counter()
+    second = json.loads(Path(run_activations(cfg.model_copy(update={"run": "other-run"}), other)["activations_meta"]).read_text())
+    assert time.perf_counter() - t0 < 5 and second == first
+    keys = [text_key(t) for t, _, _ in split_sentences(CONTEXTS[0])]
+    np.testing.assert_array_equal(load_vectors(other, model_slug(cfg.model.name), 2, keys),
+                                  load_vectors(run_paths, model_slug(cfg.model.name), 2, keys))
+    # a changed input is another store: extracting it would need the model
+    write_run(other, CONTEXTS[:2], ["Paris is the capital of France."])
+    with pytest.raises(AssertionError, match="model was loaded"):
+        run_activations(cfg, other)
+
+
+def test_resume_redoes_only_the_unfinished_shard(tiny_cfg, run_paths):
+    write_run(run_paths, CONTEXTS, [f"Statement number {i} is here." for i in range(7)])
+    cfg = with_act(tiny_cfg, shard_rows=4, layers=[0, 3])
+    run_activations(cfg, run_paths)
+    store, layers, _ = open_store(cfg, collect_inputs(run_paths, cfg.activations))
+    shards = plan_shards(collect_inputs(run_paths, cfg.activations), cfg.activations.positions, 4)
+    assert len(shards) >= 3
+    before = {p: p.stat().st_ino for p in store.dir.rglob("part-*.parquet")}
+    # a kill after layer 0 of the second shard was written, with a temp file of layer 3 half done
+    (store.layer_dir(3) / shards[1].name).unlink()
+    (store.layer_dir(3) / f".{shards[1].name}.x.tmp").write_bytes(b"half a shard")
+    store.meta_path.unlink()
+    run_activations(cfg, run_paths)
+    after = {p: p.stat().st_ino for p in store.dir.rglob("part-*.parquet")}
+    redone = {p for p in after if before.get(p) != after[p]}
+    assert redone == {store.layer_dir(0) / shards[1].name, store.layer_dir(3) / shards[1].name}
+    assert not list(store.dir.rglob("*.tmp")) and store.complete()
+
+
+def test_float16_storage_halves_the_vectors(tiny_cfg, run_paths):
+    write_run(run_paths, CONTEXTS, ["Paris is the capital of France."])
+    slug = model_slug(tiny_cfg.model.name)
+    keys = [text_key(t) for t, _, _ in split_sentences(CONTEXTS[0])]
+    full = load_vectors(run_paths, slug, 1, keys) if run_activations(with_act(tiny_cfg), run_paths) else None
+    run_activations(with_act(tiny_cfg, storage_dtype="float16"), run_paths)
+    half = load_vectors(run_paths, slug, 1, keys)
+    assert half.dtype == np.float32 and np.abs(half - full).max() <= 1e-2 * np.abs(full).max()
+    field = pq.read_schema(next((run_paths.activations / f"model={slug}" / "layer=1").glob("*.parquet"))).field("vector")
+    assert str(field.type.value_type) == "halffloat"
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    from tasks.activations import run_activations
+    from tasks.config import RunConfig
+    from tasks.storage import RunPaths
+    cfg = RunConfig.model_validate_json(open(sys.argv[1]).read())
+    run_activations(cfg, RunPaths(cfg.runs_dir / cfg.run))
+    """
+)
+
+
+def test_kill_9_mid_extraction_then_rerun_completes_without_duplicates(tiny_cfg, tmp_path):
+    """A SIGKILLed extraction keeps its finished shards; the same command then completes the store exactly."""
+    paths = RunPaths(Path(tiny_cfg.runs_dir) / tiny_cfg.run)
+    statements = [f"Fact number {i} says that river {i % 97} flows to the north." for i in range(3000)]
+    write_run(paths, CONTEXTS, statements)
+    cfg = with_act(tiny_cfg, batch_size=1, shard_rows=100, layers=[1, 2])
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(cfg.model_dump_json())
+    env = {**os.environ, "CLEARFLOW_STORE": str(tmp_path / "store"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    store, layers, _ = open_store(cfg.model_copy(update={"activations": cfg.activations.model_copy(
+        update={"store": tmp_path / "store"})}), collect_inputs(paths, cfg.activations))
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(cfg_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(store.layer_dir(2).glob("part-*.parquet"))) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    survived = {p: p.stat().st_ino for p in store.dir.rglob("part-*.parquet")}
+    assert survived and not store.complete(), "the kill must land mid-extraction"
+    assert subprocess.run([sys.executable, "-c", _CHILD, str(cfg_file)], env=env, capture_output=True).returncode == 0
+    assert store.complete() and not list(store.dir.rglob("*.tmp"))
+    for layer in layers:
+        table = pl.from_arrow(pq.read_table(store.layer_dir(layer)))
+        assert table.height == len(set(statements) | {t for c in CONTEXTS for t, _, _ in split_sentences(c)})
+        assert table["key"].n_unique() == table.height
+    kept = [p for p, ino in survived.items() if p.exists() and p.stat().st_ino == ino]
+    assert len(kept) >= len(survived) - len(layers)  # finished shards were not recomputed (one may have been partial)

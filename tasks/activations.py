@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from tasks.activation_store import (
     CTX_POSITIONS,
+    NUMPY_TYPES,
     ActivationStore,
     Shard,
     StoreInputs,
@@ -126,36 +127,68 @@ def _shard_rows(inputs: StoreInputs, shard: Shard) -> int:
     return sum(len(u) for u in inputs.units[shard.start : shard.stop])
 
 
-def _last_tables(model, tok, inputs: StoreInputs, shard: Shard, layers, act: ActivationConfig, bar) -> dict[int, list]:
-    """Per layer, the Arrow tables of a 'last' shard, batch by batch."""
-    out: dict[int, list[pa.Table]] = {layer: [] for layer in layers}
-    texts = inputs.texts[shard.start : shard.stop]
-    for batch, vectors in iter_activations(model, tok, texts, layers, act.batch_size, progress=False):
-        keys = [inputs.keys[shard.start + i] for i in batch]
-        sources = [inputs.sources[shard.start + i] for i in batch]
+class _ShardBuffer:
+    """One array per layer for a shard's rows, allocated once and reused by every later shard of the run: a few
+    large blocks instead of thousands of small ones, so the heap neither fragments nor grows from shard to shard."""
+
+    _pool: dict[tuple[str, int, int, str], np.ndarray] = {}
+
+    def __init__(self, n_rows: int, layers: Sequence[int], storage_dtype: str, tag: str = "last"):
+        self.n_rows, self.dtype, self.tag = n_rows, NUMPY_TYPES[storage_dtype], tag
+        self.arrays: dict[int, np.ndarray] = {}
+
+    def _array(self, layer: int, dim: int) -> np.ndarray:
+        """A view of n_rows rows of the pooled array of this layer (grown when a shard is larger)."""
+        key = (self.tag, layer, dim, np.dtype(self.dtype).name)
+        pooled = self._pool.get(key)
+        if pooled is None or len(pooled) < self.n_rows:
+            pooled = self._pool[key] = np.empty((self.n_rows, dim), dtype=self.dtype)
+        return pooled[: self.n_rows]
+
+    def put(self, rows: np.ndarray | list[int], vectors: dict[int, np.ndarray]) -> None:
         for layer, array in vectors.items():
-            out[layer].append(vectors_table(keys, sources, array, "last", None, act.storage_dtype))
+            if layer not in self.arrays:
+                self.arrays[layer] = self._array(layer, array.shape[1])
+            self.arrays[layer][rows] = array
+
+    @classmethod
+    def release(cls) -> None:
+        """Free the pooled arrays once a store is written."""
+        cls._pool.clear()
+
+
+def _last_tables(model, tok, inputs: StoreInputs, shard: Shard, layers, act: ActivationConfig, bar) -> dict[int, pa.Table]:
+    """Per layer, the Arrow table of a 'last' shard, rows in input order."""
+    keys, sources = inputs.keys[shard.start : shard.stop], inputs.sources[shard.start : shard.stop]
+    buf = _ShardBuffer(len(keys), layers, act.storage_dtype)
+    for batch, vectors in iter_activations(model, tok, inputs.texts[shard.start : shard.stop], layers,
+                                           act.batch_size, progress=False):
+        buf.put(batch, vectors)
         bar.update(len(batch))
-    return out
+    return {layer: vectors_table(keys, sources, buf.arrays[layer], "last", None, act.storage_dtype) for layer in layers}
 
 
-def _ctx_tables(model, tok, inputs: StoreInputs, shard: Shard, layers, act: ActivationConfig, bar) -> dict[int, list]:
-    """Per layer, the Arrow tables of a 'ctx' shard: ctx_last and/or ctx_mean rows per sentence."""
-    out: dict[int, list[pa.Table]] = {layer: [] for layer in layers}
+def _ctx_tables(model, tok, inputs: StoreInputs, shard: Shard, layers, act: ActivationConfig, bar) -> dict[int, pa.Table]:
+    """Per layer, the Arrow table of a 'ctx' shard: ctx_last and/or ctx_mean rows per sentence, in input order."""
     units = inputs.units[shard.start : shard.stop]
+    first_row = np.cumsum([0] + [len(u) for u in units])  # row of each context's first sentence
+    keys = [k for u in units for k, _, _ in u]
+    ckeys = [inputs.context_keys[shard.start + i] for i, u in enumerate(units) for _ in u]
+    bufs = {p: _ShardBuffer(len(keys), layers, act.storage_dtype, p) for p in CTX_POSITIONS if p in act.positions}
     spans = [[(s, e) for _, s, e in u] for u in units]
     stream = iter_context_activations(model, tok, inputs.contexts[shard.start : shard.stop], spans, layers,
                                       act.context_batch_size, progress=False)
     for batch, last, mean in stream:
-        keys = [k for i in batch for k, _, _ in units[i]]
-        ckeys = [inputs.context_keys[shard.start + i] for i in batch for _ in units[i]]
-        for layer in layers:
-            for position, vectors in (("ctx_last", last[layer]), ("ctx_mean", mean[layer])):
-                if position in act.positions:
-                    out[layer].append(vectors_table(keys, ["sentences"] * len(keys), vectors, position, ckeys,
-                                                    act.storage_dtype))
-        bar.update(len(keys))
-    return out
+        rows = np.concatenate([np.arange(first_row[i], first_row[i + 1]) for i in batch])
+        for position, vectors in (("ctx_last", last), ("ctx_mean", mean)):
+            if position in bufs:
+                bufs[position].put(rows, vectors)
+        bar.update(len(rows))
+    return {
+        layer: pa.concat_tables([vectors_table(keys, ["sentences"] * len(keys), buf.arrays[layer], position, ckeys,
+                                               act.storage_dtype) for position, buf in bufs.items()])
+        for layer in layers
+    }
 
 
 def _announce(store: ActivationStore, inputs: StoreInputs, rows: int, layers, dim: int, act: ActivationConfig,
@@ -173,6 +206,24 @@ def _announce(store: ActivationStore, inputs: StoreInputs, rows: int, layers, di
                            f"{human_bytes(free)} free: request fewer layers, float16 storage, or another --activations.store")
 
 
+def extract_shards(
+    model, tok, store: ActivationStore, inputs: StoreInputs, shards: Sequence[Shard], layers: Sequence[int],
+    act: ActivationConfig, progress: bool = True,
+) -> None:
+    """Compute and write the given shards, one at a time (memory: one shard's vectors), with one progress bar."""
+    bar = tqdm(total=sum(_shard_rows(inputs, s) for s in shards), unit="sent", desc="activations",
+               dynamic_ncols=True, disable=not progress)
+    try:
+        with bar:
+            for shard in shards:
+                tables = (_last_tables if shard.kind == "last" else _ctx_tables)(model, tok, inputs, shard, layers, act,
+                                                                              bar)
+                store.write_shard(shard, tables)  # written before the next shard reuses the buffers
+                del tables
+    finally:
+        _ShardBuffer.release()
+
+
 def build_store(cfg: RunConfig, store: ActivationStore, inputs: StoreInputs, layers: list[int], dim: int) -> dict:
     """Extract every shard the store lacks (resuming after a kill), verify it, mark it complete; returns meta."""
     act = cfg.activations
@@ -187,11 +238,7 @@ def build_store(cfg: RunConfig, store: ActivationStore, inputs: StoreInputs, lay
     n_rows = sum(_shard_rows(inputs, s) for s in todo)
     if todo:
         model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
-        bar = tqdm(total=n_rows, unit="sent", desc="activations", dynamic_ncols=True)
-        with bar:
-            for shard in todo:
-                tables = (_last_tables if shard.kind == "last" else _ctx_tables)(model, tok, inputs, shard, layers, act, bar)
-                store.write_shard(shard, {layer: pa.concat_tables(t) for layer, t in tables.items()})
+        extract_shards(model, tok, store, inputs, todo, layers, act)
     seconds = time.perf_counter() - start
     store.verify(layers, shards, expected)
     meta = {

@@ -95,7 +95,7 @@ class ActivationConfig(BaseModel):
     )
     storage_dtype: Literal["float32", "float16"] = Field("float32", description="Stored vector type (float16 halves"
                                                           " the files).")
-    shard_rows: int = Field(1024, ge=1, description="Input rows per shard: memory holds one shard's vectors, and a"
+    shard_rows: int = Field(512, ge=1, description="Input rows per shard: memory holds one shard's vectors, and a"
                             " killed extraction resumes at the first unfinished shard.")
     context_batch_size: int = Field(8, ge=1, description="Contexts per forward pass for the ctx_* positions.")
     store: Path | None = Field(None, description="Content-addressed activation store shared by runs; None ="

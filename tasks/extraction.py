@@ -76,33 +76,39 @@ def _block_output(output) -> torch.Tensor:
 
 @contextlib.contextmanager
 def layer_capture(model: nn.Module, layers: Sequence[int]) -> Iterator[Callable[..., dict[int, torch.Tensor]]]:
-    """A forward function returning {layer: (batch, tokens, d)} that stops after the deepest requested layer."""
+    """A forward function returning {layer: reduce(hidden (batch, tokens, d))} that stops after the deepest layer.
+
+    `reduce` runs inside each block's hook, so only the reduced rows (e.g. one token per text) outlive the
+    block: memory does not grow with the number of layers requested.
+    """
     blocks = decoder_layers(model)
     last = len(blocks) - 1
     inner = inner_decoder(model)
     takes_positions = "position_ids" in inspect.signature(inner.forward).parameters
     captured: dict[int, torch.Tensor] = {}
+    state: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     deepest_hooked = max((layer for layer in layers if layer != last), default=None)
 
     def hook_for(layer: int):
         def hook(_module, _inputs, output):
-            captured[layer] = _block_output(output)
+            captured[layer] = state["reduce"](_block_output(output))
             if layer == deepest_hooked and last not in layers:
                 raise _StopForward
 
         return hook
 
-    def forward(input_ids: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward(input_ids: torch.Tensor, mask: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]):
         kwargs = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
         if takes_positions:  # positions as if each row were fed alone, whatever its padding
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         captured.clear()
+        state["reduce"] = reduce
         try:
             out = inner(**kwargs)
-            captured[last] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            captured[last] = reduce(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
         except _StopForward:
             pass
-        return {layer: captured[layer] for layer in layers}
+        return {layer: captured.pop(layer) for layer in layers}
 
     handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in layers if layer != last]
     try:
@@ -143,10 +149,10 @@ def iter_activations(
     with layer_capture(model, layers) as forward, contextlib.closing(bar):
         for batch in length_buckets([len(x) for x in token_ids], batch_size):
             input_ids, mask = _pad([token_ids[i] for i in batch], _pad_id(tokenizer), padding_side)
-            hidden = forward(input_ids.to(device), mask.to(device))
             last_idx = (mask * torch.arange(mask.shape[1])).argmax(dim=-1).to(device)  # last real token
             rows = torch.arange(len(batch), device=device)
-            yield batch, {layer: h[rows, last_idx].float().cpu().numpy() for layer, h in hidden.items()}
+            hidden = forward(input_ids.to(device), mask.to(device), lambda h: h[rows, last_idx].float())
+            yield batch, {layer: h.cpu().numpy() for layer, h in hidden.items()}
             bar.update(len(batch))
 
 
@@ -200,12 +206,14 @@ def iter_context_activations(
     with layer_capture(model, layers) as forward, contextlib.closing(bar):
         for batch in length_buckets([len(x) for x in enc["input_ids"]], batch_size):
             input_ids, mask = _pad([enc["input_ids"][i] for i in batch], _pad_id(tokenizer), "right")
-            hidden = forward(input_ids.to(device), mask.to(device))
-            last: LayerVectors = {}
-            mean: LayerVectors = {}
-            for layer, h in hidden.items():
+            spans_of = [(r, t) for r, i in enumerate(batch) for t in token_spans[i]]
+
+            def last_and_mean(h: torch.Tensor) -> torch.Tensor:
+                """(2, n_spans, d): each span's last token, then its mean."""
                 h = h.float()
-                last[layer] = torch.stack([h[r, t[-1]] for r, i in enumerate(batch) for t in token_spans[i]]).cpu().numpy()
-                mean[layer] = torch.stack([h[r, t].mean(0) for r, i in enumerate(batch) for t in token_spans[i]]).cpu().numpy()
-            yield batch, last, mean
+                return torch.stack([torch.stack([h[r, t[-1]] for r, t in spans_of]),
+                                    torch.stack([h[r, t].mean(0) for r, t in spans_of])])
+
+            hidden = forward(input_ids.to(device), mask.to(device), last_and_mean)
+            yield batch, {k: v[0].cpu().numpy() for k, v in hidden.items()}, {k: v[1].cpu().numpy() for k, v in hidden.items()}
             bar.update(sum(len(spans[i]) for i in batch))

@@ -42,7 +42,7 @@ STAGES: dict[str, Stage] = {
         Stage("decompose", "tasks.decompose:run_decompose", ("decompose", "model"), ("ingest",),
               "split every context into units (sentences or LLM atomic facts), score their relevance"),
         Stage("activations", "tasks.activations:run_activations", ("model", "activations"), ("ingest", "decompose"),
-              "cache last-token hidden states of statements and sentences per layer"),
+              "hidden states of statements and sentences per layer and position, from the shared store"),
         Stage("probes", "tasks.probes:run_probes", ("probe",), ("ingest", "decompose", "activations"),
               "train a probe per layer, pick the best on dev, score every context sentence"),
         Stage("finetune", "tasks.finetune:run_finetune", ("model", "finetune", "seed"), ("ingest", "decompose", "probes"),

@@ -69,9 +69,30 @@ class Stage(RunConfig):
 class Sql(BaseModel):
     """Answer a read-only SQL query from the DuckDB catalog over the runs (views: items, sentences, ...)."""
 
-    query: CliPositionalArg[str] = Field(description="SQL; plain table names are the chosen run, all_<table> every run.")
+    query: CliPositionalArg[str | None] = Field(
+        None, description="SQL; plain table names are the chosen run, all_<table> every run."
+    )
+    example: str | None = Field(None, description="Run a named example query instead (tasks/queries.py): "
+                                "layer_separation, nearest_statements, top_flagged.")
+    param: list[str] = Field([], description="NAME=VALUE parameter of the example (repeat the option).")
     runs_dir: Path = Field(Path("data/runs"), description="Where run directories live.")
     run: str | None = Field(None, description="Run the plain views show; default: the latest finished run.")
+
+    def sql(self) -> str:
+        """The query to run: the given SQL, or the named example with its parameters filled in."""
+        from tasks.queries import example_sql
+
+        if (self.query is None) == (self.example is None):
+            raise ValueError("give either a SQL query or --example NAME")
+        if self.query is not None:
+            return self.query
+        params: dict[str, str | float] = {}
+        for item in self.param:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--param {item!r}: expected NAME=VALUE")
+            params[name.strip()] = _number_or_text(value)
+        return example_sql(self.example, **params)
 
     def cli_cmd(self) -> None:
         import duckdb
@@ -79,10 +100,21 @@ class Sql(BaseModel):
         from tasks.catalog import format_table, query
 
         try:
-            columns, rows = query(self.query, self.runs_dir, run=self.run)
+            columns, rows = query(self.sql(), self.runs_dir, run=self.run)
         except duckdb.Error as exc:  # the analyst's SQL: say what DuckDB said, no traceback
             raise ValueError(f"query failed: {exc}") from None
         print(format_table(columns, rows))
+
+
+def _number_or_text(value: str) -> str | float:
+    """A parameter as the number it spells (a layer), else as text (a sentence)."""
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            return value
 
 
 class Datasets(BaseModel):

@@ -186,3 +186,20 @@ def test_readme_shows_every_example_as_tested():
     for name in EXAMPLES:
         assert _readme_sql(name) in section, f"README lacks the {name} example as tasks/queries.py renders it"
     assert "tests/test_queries.py" in section
+
+
+def test_examples_run_by_name_from_the_cli(runs_dir, capsys):
+    """`clearflow sql --example NAME --param k=v` prints what the query returns; misuse is one clear error."""
+    from flows.cli import main
+
+    main(["sql", "--example", "nearest_statements", "--param", f"layer={LAYER}",
+          "--param", "sentence=The official language of Finland is Finnish.", "--runs-dir", str(runs_dir)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["text", "label", "cosine"]
+    assert out[2].startswith("The official language of Finland is Finnish.")  # itself first, cosine 1
+    for bad, message in ((["--example", "top_flagged", "select 1"], "either a SQL query or --example"),
+                         (["--example", "nope"], "no example query 'nope'"),
+                         (["--example", "nearest_statements", "--param", "layer"], "expected NAME=VALUE")):
+        with pytest.raises(SystemExit):
+            main(["sql", *bad, "--runs-dir", str(runs_dir)])
+        assert message in capsys.readouterr().err

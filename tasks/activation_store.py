@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,8 +219,3 @@ def human_bytes(n: float) -> str:
         n /= 1024
     return f"{n:.1f} TB"
 
-
-def iter_layer_tables(shard_vectors: dict[int, list[pa.Table]]) -> Iterator[tuple[int, pa.Table]]:
-    """Concatenate each layer's batch tables of a shard."""
-    for layer, tables in shard_vectors.items():
-        yield layer, pa.concat_tables(tables)

@@ -133,7 +133,7 @@ class _ShardBuffer:
 
     _pool: dict[tuple[str, int, int, str], np.ndarray] = {}
 
-    def __init__(self, n_rows: int, layers: Sequence[int], storage_dtype: str, tag: str = "last"):
+    def __init__(self, n_rows: int, storage_dtype: str, tag: str = "last"):
         self.n_rows, self.dtype, self.tag = n_rows, NUMPY_TYPES[storage_dtype], tag
         self.arrays: dict[int, np.ndarray] = {}
 
@@ -160,7 +160,7 @@ class _ShardBuffer:
 def _last_tables(model, tok, inputs: StoreInputs, shard: Shard, layers, act: ActivationConfig, bar) -> dict[int, pa.Table]:
     """Per layer, the Arrow table of a 'last' shard, rows in input order."""
     keys, sources = inputs.keys[shard.start : shard.stop], inputs.sources[shard.start : shard.stop]
-    buf = _ShardBuffer(len(keys), layers, act.storage_dtype)
+    buf = _ShardBuffer(len(keys), act.storage_dtype)
     for batch, vectors in iter_activations(model, tok, inputs.texts[shard.start : shard.stop], layers,
                                            act.batch_size, progress=False):
         buf.put(batch, vectors)
@@ -174,7 +174,7 @@ def _ctx_tables(model, tok, inputs: StoreInputs, shard: Shard, layers, act: Acti
     first_row = np.cumsum([0] + [len(u) for u in units])  # row of each context's first sentence
     keys = [k for u in units for k, _, _ in u]
     ckeys = [inputs.context_keys[shard.start + i] for i, u in enumerate(units) for _ in u]
-    bufs = {p: _ShardBuffer(len(keys), layers, act.storage_dtype, p) for p in CTX_POSITIONS if p in act.positions}
+    bufs = {p: _ShardBuffer(len(keys), act.storage_dtype, p) for p in CTX_POSITIONS if p in act.positions}
     spans = [[(s, e) for _, s, e in u] for u in units]
     stream = iter_context_activations(model, tok, inputs.contexts[shard.start : shard.stop], spans, layers,
                                       act.context_batch_size, progress=False)

@@ -124,16 +124,14 @@ def unit_rows(
     return rows
 
 
-def sentence_rows(items: pl.DataFrame, truth: dict[str, bool], progress: bool = True) -> list[dict]:
-    """The `sentences` rows of the default decomposition: one per context sentence."""
-    spans = split_contexts(items, progress)
-    return unit_rows(items, spans, [sentence_units(s) for s in spans], truth)
+def _targets_found(rows: list[dict]) -> int:
+    """Items whose target sentence the units recovered (a fact inherits its source sentence's label)."""
+    return len({r["item_id"] for r in rows if r["label"] in ("conflict", "aligned")})
 
 
-def _summary(items: pl.DataFrame, rows: list[dict], extra: list[str]) -> str:
+def _summary(items: pl.DataFrame, rows: list[dict], n_target: int, extra: list[str]) -> str:
     """The stage's one line: units by kind, targets found, relevant units, cache use."""
     kinds = Counter(r["unit"] for r in rows)
-    n_target = len({r["item_id"] for r in rows if r["label"] in ("conflict", "aligned")})
     parts = [f"decompose: {items.height} items -> {len(rows)} units"
              f" ({', '.join(f'{v} {k}s' for k, v in sorted(kinds.items()))}), {n_target} target sentences found"]
     if rows and rows[0]["is_relevant"] is not None:
@@ -158,8 +156,8 @@ def run_decompose(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     relevance = relevance_of(cfg, items, units, chat) if cfg.decompose.relevance else None
     rows = unit_rows(items, spans, units, _truth_by_key(statements), relevance)
     out = write_parquet(rows, paths.table("sentences"), SENTENCES)
-    log.info(_summary(items, rows, [chat.summary()] if chat else []))
-    n_target = len({r["item_id"] for r in rows if r["label"] in ("conflict", "aligned")})
+    n_target = _targets_found(rows)
+    log.info(_summary(items, rows, n_target, [chat.summary()] if chat else []))
     missing = int(items["target_sentence"].is_not_null().sum()) - n_target
     if missing > 0:
         log.warning("decompose: %d items' target sentence was not recovered by the splitter", missing)

@@ -19,6 +19,7 @@ from tasks.formats.common import Ingested, ReadOptions
 from tasks.formats.known_facts import KNOWN_FACTS_PATH, RELATION_TEMPLATES, make_question, make_sentence
 from tasks.models import load_tokenizer, model_window
 from tasks.provenance import (
+    INGEST_TABLES,
     PROMPT_RESERVE,
     IngestCache,
     budget_options,
@@ -140,7 +141,7 @@ def run_ingest(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     """Write items, statements and rejects (from the cache when the same inputs were read before)."""
     prov = provenance_of(cfg)
     cache = IngestCache.for_key(prov["cache_key"])
-    tables = {t: paths.table(t) for t in ("items", "statements", "rejects")}
+    tables = {t: paths.table(t) for t in INGEST_TABLES}
     if cache.hit():
         cache.restore(tables)
         summary, outputs = cache.summary(), {t: str(p) for t, p in tables.items()}

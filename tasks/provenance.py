@@ -7,6 +7,7 @@ three ingest tables from `<cache>/ingest/<key>/` into the run: no file is parsed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -22,12 +23,21 @@ INGEST_TABLES = ("items", "statements", "rejects")
 PROMPT_RESERVE = 256  # tokens of the model's window left for the system line, question and answer
 
 
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    """A file's sha256, hashed once per version of the file: a run checks its inputs' hashes several times
+    (stage fingerprint before and after, provenance), and an edit changes size or mtime."""
+    return file_sha256(Path(path))
+
+
 def file_record(path: Path, role: str) -> dict[str, Any]:
     """Provenance of one input file: its resolved path, size and sha256."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{role} file {path} does not exist")
-    return {"role": role, "path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    st = path.stat()
+    sha = _sha256_of(str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    return {"role": role, "path": str(path.resolve()), "bytes": st.st_size, "sha256": sha}
 
 
 def budget_options(cfg: RunConfig) -> dict[str, Any]:

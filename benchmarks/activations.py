@@ -41,11 +41,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from tasks.activation_store import ActivationStore, StoreInputs, plan_shards
-from tasks.activations import extract_shards, fed_text
-from tasks.config import ActivationConfig, ModelConfig, RunConfig
-from tasks.ingest import ingest
-from tasks.models import load_model, load_tokenizer
+from tasks.core.activation_store import ActivationStore, StoreInputs, plan_shards
+from tasks.activations.stage import extract_shards, fed_text
+from tasks.core.config import ActivationConfig, ModelConfig, RunConfig
+from tasks.ingest.stage import ingest
+from tasks.core.models import load_model, load_tokenizer
 
 PARITY_ABS, PARITY_REL = 1e-5, 1e-6  # fp32: |diff| <= max(1e-5, 1e-6 x the largest |hidden value|); (a) and (b)
 # pad different batches, so the sums run in another order: float32 rounding, a few ulps of the values' scale

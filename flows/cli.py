@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubComm
 
 import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
 from flows.stages import ORDER, STAGES
-from tasks.config import RunConfig
+from tasks.core.config import RunConfig
 
 log = logging.getLogger("clearflow")
 StageName = Literal["ingest", "decompose", "activations", "probes", "finetune", "evaluate", "report"]
@@ -72,7 +72,7 @@ class Sql(BaseModel):
     query: CliPositionalArg[str | None] = Field(
         None, description="SQL; plain table names are the chosen run, all_<table> every run."
     )
-    example: str | None = Field(None, description="Run a named example query instead (tasks/queries.py): "
+    example: str | None = Field(None, description="Run a named example query instead (tasks/catalog/queries.py): "
                                 "layer_separation, nearest_statements, top_flagged.")
     param: list[str] = Field([], description="NAME=VALUE parameter of the example (repeat the option).")
     runs_dir: Path = Field(Path("data/runs"), description="Where run directories live.")
@@ -80,7 +80,7 @@ class Sql(BaseModel):
 
     def sql(self) -> str:
         """The query to run: the given SQL, or the named example with its parameters filled in."""
-        from tasks.queries import example_sql
+        from tasks.catalog.queries import example_sql
 
         if (self.query is None) == (self.example is None):
             raise ValueError("give either a SQL query or --example NAME")
@@ -97,7 +97,7 @@ class Sql(BaseModel):
     def cli_cmd(self) -> None:
         import duckdb
 
-        from tasks.catalog import format_table, query
+        from tasks.catalog.views import format_table, query
 
         try:
             columns, rows = query(self.sql(), self.runs_dir, run=self.run)
@@ -121,7 +121,7 @@ class Datasets(BaseModel):
     """List the datasets `--dataset` accepts, with where to get each file."""
 
     def cli_cmd(self) -> None:
-        from tasks.formats import READERS
+        from tasks.ingest.formats import READERS
 
         for r in READERS.values():
             usage = f"clearflow run --dataset {r.name}" + (" --data-path FILE" if r.needs_path else "")

@@ -19,8 +19,8 @@ from flows.runner import (
     timed,
 )
 from flows.stages import STAGES
-from tasks.config import RunConfig
-from tasks.storage import RunPaths
+from tasks.core.config import RunConfig
+from tasks.core.storage import RunPaths
 
 log = logging.getLogger("clearflow")
 
@@ -34,7 +34,7 @@ def stage_work(stage_name: str, cfg: RunConfig) -> dict[str, str]:
 @task(name="quality-check", task_run_name="quality-{stage_name}", cache_policy=NO_CACHE)
 def quality_check(stage_name: str, run_dir: str) -> dict:
     """Great Expectations suites of the stage's tables; raises DataQualityError on a failure."""
-    from tasks.quality import validate_stage
+    from tasks.core.quality import validate_stage
 
     return validate_stage(stage_name, RunPaths(Path(run_dir)))
 

@@ -9,8 +9,8 @@ from prefect import flow
 
 from flows.runner import load_manifest, now, paths_of, resolve_run
 from flows.stages import ORDER
-from tasks.config import RunConfig
-from tasks.storage import write_json
+from tasks.core.config import RunConfig
+from tasks.core.storage import write_json
 
 
 def stage_flows() -> dict:
@@ -20,7 +20,7 @@ def stage_flows() -> dict:
 
 def finish_run(cfg: RunConfig, seconds: float) -> None:
     """Stamp the manifest and write the run's DuckDB catalog once every stage is done."""
-    from tasks.catalog import write_run_catalog
+    from tasks.catalog.views import write_run_catalog
 
     paths = paths_of(cfg)
     manifest = load_manifest(paths)

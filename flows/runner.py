@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.stages import Stage
-from tasks.config import RunConfig
-from tasks.storage import RunPaths, file_sha256, write_json
+from tasks.core.config import RunConfig
+from tasks.core.storage import RunPaths, file_sha256, write_json
 
 log = logging.getLogger("clearflow")
 REPO = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tasks.config import RunConfig
-from tasks.storage import RunPaths
+from tasks.core.config import RunConfig
+from tasks.core.storage import RunPaths
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,17 @@ def _resolve(target: str) -> Callable:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("ingest", "tasks.ingest:run_ingest", ("dataset", "data_path", "limit", "seed", "ingest"), (),
-              "build items, probe statements and rejects from the dataset", inputs="tasks.provenance:input_fingerprint"),
-        Stage("decompose", "tasks.decompose:run_decompose", ("decompose", "model"), ("ingest",),
+        Stage("ingest", "tasks.ingest.stage:run_ingest", ("dataset", "data_path", "limit", "seed", "ingest"), (),
+              "build items, probe statements and rejects from the dataset", inputs="tasks.ingest.provenance:input_fingerprint"),
+        Stage("decompose", "tasks.decompose.stage:run_decompose", ("decompose", "model"), ("ingest",),
               "split every context into units (sentences or LLM atomic facts), score their relevance"),
-        Stage("activations", "tasks.activations:run_activations", ("model", "activations"), ("ingest", "decompose"),
+        Stage("activations", "tasks.activations.stage:run_activations", ("model", "activations"), ("ingest", "decompose"),
               "hidden states of statements and sentences per layer and position, from the shared store"),
-        Stage("probes", "tasks.probes:run_probes", ("probe",), ("ingest", "decompose", "activations"),
+        Stage("probes", "tasks.probes.stage:run_probes", ("probe",), ("ingest", "decompose", "activations"),
               "train a probe per layer, pick the best on dev, score every context sentence"),
-        Stage("finetune", "tasks.finetune:run_finetune", ("model", "finetune", "seed"), ("ingest", "decompose", "probes"),
+        Stage("finetune", "tasks.finetune.stage:run_finetune", ("model", "finetune", "seed"), ("ingest", "decompose", "probes"),
               "LoRA fine-tuning with <conflict> markers and the attention loss"),
-        Stage("evaluate", "tasks.evaluate:run_evaluate", ("model", "evaluate", "seed"),
+        Stage("evaluate", "tasks.evaluate.stage:run_evaluate", ("model", "evaluate", "seed"),
               ("ingest", "decompose", "probes", "finetune"), "generate answers per method and score them"),
         Stage("report", "tasks.report:run_report", (), ("ingest", "decompose", "probes", "finetune", "evaluate"),
               "write report.md and its figures"),

@@ -16,8 +16,9 @@ from typing import Any
 
 import polars as pl
 
+from schemas.rejects import REASONS
 from schemas.tables import POSITIONS, SENTENCE_LABELS, TABLES, UNITS
-from tasks.storage import RunPaths, read_table
+from tasks.core.storage import RunPaths, read_table
 
 SPLITS = ("train", "dev", "test")
 ACTIVATION_SOURCES = ("statements", "sentences")
@@ -122,7 +123,6 @@ def _prepare_statements(df: pl.DataFrame, paths: RunPaths) -> pl.DataFrame:
 
 def _rejects(gxe: ModuleType) -> list[Any]:
     """Every refused record says where it came from, why (a known reason) and what it was (zero rows is fine)."""
-    from tasks.formats.common import REASONS
 
     return [
         *_not_null(gxe, "source", "record", "reason", "raw"),

@@ -31,7 +31,7 @@ ITEMS = pa.schema(
 STATEMENTS = pa.schema(
     [
         pa.field("stmt_id", STR, nullable=False),
-        pa.field("key", STR, nullable=False),  # tasks.storage.text_key(text): activation key
+        pa.field("key", STR, nullable=False),  # tasks.core.storage.text_key(text): activation key
         pa.field("text", STR, nullable=False),
         pa.field("label", pa.int8(), nullable=False),  # 1 conflicting (false), 0 aligned (true)
         pa.field("group", STR, nullable=False),

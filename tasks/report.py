@@ -16,8 +16,8 @@ from matplotlib.ticker import MaxNLocator
 from pydantic import ValidationError
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
-from tasks.config import RunConfig
-from tasks.storage import RunPaths, atomic_path, read_table
+from tasks.core.config import RunConfig
+from tasks.core.storage import RunPaths, atomic_path, read_table
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ def _session_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """Directory of a 4-layer, 64-wide random Llama with the SmolLM2 tokenizer."""
-    from tasks.models import tiny_model_dir
+    from tasks.core.models import tiny_model_dir
 
     return str(tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
 
@@ -32,7 +32,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture()
 def tiny_cfg(tiny_model, tmp_path):
     """A RunConfig on the tiny model, writing under a temp runs dir, sized for seconds."""
-    from tasks.config import RunConfig
+    from tasks.core.config import RunConfig
 
     return RunConfig.model_validate(
         {
@@ -48,7 +48,7 @@ def tiny_cfg(tiny_model, tmp_path):
 
 @pytest.fixture()
 def run_paths(tiny_cfg):
-    from tasks.storage import RunPaths
+    from tasks.core.storage import RunPaths
 
     root = Path(tiny_cfg.runs_dir) / tiny_cfg.run
     root.mkdir(parents=True, exist_ok=True)

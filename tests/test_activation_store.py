@@ -17,16 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import tasks.activations as acts
+import tasks.activations.stage as acts
 from schemas.tables import ITEMS, SENTENCES, STATEMENTS
-from tasks.activation_store import plan_shards
-from tasks.activations import collect_inputs, iter_context_activations, load_vectors, open_store, run_activations
-from tasks.config import ModelConfig, RunConfig
-from tasks.extraction import span_tokens
-from tasks.models import load_model, load_tokenizer
-from tasks.quality import validate
-from tasks.splitter import split_sentences
-from tasks.storage import RunPaths, model_slug, text_key, write_parquet
+from tasks.core.activation_store import plan_shards
+from tasks.activations.stage import collect_inputs, iter_context_activations, load_vectors, open_store, run_activations
+from tasks.core.config import ModelConfig, RunConfig
+from tasks.activations.extraction import span_tokens
+from tasks.core.models import load_model, load_tokenizer
+from tasks.core.quality import validate
+from tasks.core.splitter import split_sentences
+from tasks.core.storage import RunPaths, model_slug, text_key, write_parquet
 
 CONTEXTS = [
     "Paris is the capital of France. The Nile flows through Egypt. Toko Yasuda plays the guitar.",
@@ -161,9 +161,9 @@ def test_float16_storage_halves_the_vectors(tiny_cfg, run_paths):
 _CHILD = textwrap.dedent(
     """
     import sys
-    from tasks.activations import run_activations
-    from tasks.config import RunConfig
-    from tasks.storage import RunPaths
+    from tasks.activations.stage import run_activations
+    from tasks.core.config import RunConfig
+    from tasks.core.storage import RunPaths
     cfg = RunConfig.model_validate_json(open(sys.argv[1]).read())
     run_activations(cfg, RunPaths(cfg.runs_dir / cfg.run))
     """

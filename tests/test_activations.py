@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from schemas.tables import SENTENCES, STATEMENTS, activations_schema
-from tasks.activations import (
+from tasks.activations.stage import (
     collect_texts,
     extract,
     fed_text,
@@ -19,9 +19,9 @@ from tasks.activations import (
     resolve_layers,
     run_activations,
 )
-from tasks.config import ModelConfig
-from tasks.models import decoder_layers, load_model, load_tokenizer
-from tasks.storage import model_slug, text_key, write_parquet
+from tasks.core.config import ModelConfig
+from tasks.core.models import decoder_layers, load_model, load_tokenizer
+from tasks.core.storage import model_slug, text_key, write_parquet
 
 TEXTS = [
     "Paris is the capital of France.",

@@ -8,9 +8,9 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from tasks.atomic_facts import atomic_units, decompose_context, parse_facts, parse_steps, question_steps
-from tasks.config import RunConfig
-from tasks.llm import CachedChat, LLMError, OpenAIChat, make_chat
+from tasks.decompose.atomic_facts import atomic_units, decompose_context, parse_facts, parse_steps, question_steps
+from tasks.core.config import RunConfig
+from tasks.decompose.llm import CachedChat, LLMError, OpenAIChat, make_chat
 from tests.llm_server import _Handler
 
 CONTEXTS = [
@@ -198,7 +198,7 @@ def test_local_chat_tiny_model_end_to_end(tiny_cfg, tmp_path):
 
 def test_local_chat_sampling_is_seeded(tiny_cfg):
     """At temperature > 0 the local model samples, and the fixed seed makes it repeatable."""
-    from tasks.llm import LocalChat
+    from tasks.decompose.llm import LocalChat
 
     chat = LocalChat(tiny_cfg.model, temperature=0.9, max_new_tokens=8, seed=3)
     batch = [[{"role": "user", "content": "Name a city."}], [{"role": "user", "content": "Say something long."}]]

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas import tables as T
-from tasks.catalog import (
+from tasks.catalog.views import (
     ReadOnlyQueryError,
     build_catalog,
     check_read_only,
@@ -22,7 +22,7 @@ from tasks.catalog import (
     query,
     write_run_catalog,
 )
-from tasks.storage import RunPaths, write_json, write_parquet
+from tasks.core.storage import RunPaths, write_json, write_parquet
 
 DIM = 4
 LAYERS = [0, 1, 2]

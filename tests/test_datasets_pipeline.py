@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 
 import tests.format_fixtures as fixtures
-from tasks.config import RunConfig
-from tasks.storage import RunPaths
+from tasks.core.config import RunConfig
+from tasks.core.storage import RunPaths
 
 PUBLISHED = [
     "confiqa-qa", "confiqa-mr", "confiqa-mc", "faitheval-counterfactual", "faitheval-unanswerable",

@@ -8,13 +8,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-import tasks.splitter as dec
+import tasks.core.splitter as dec
 from schemas.tables import ITEMS, SENTENCES, STATEMENTS
-from tasks.config import RunConfig
-from tasks.decompose import run_decompose
-from tasks.splitter import split_sentences
-from tasks.ingest import run_ingest
-from tasks.storage import RunPaths, read_table, text_key, write_parquet
+from tasks.core.config import RunConfig
+from tasks.decompose.stage import run_decompose
+from tasks.core.splitter import split_sentences
+from tasks.ingest.stage import run_ingest
+from tasks.core.storage import RunPaths, read_table, text_key, write_parquet
 
 
 def _exact(text: str, spans) -> None:
@@ -152,7 +152,7 @@ def _one_item(paths: RunPaths) -> None:
 
 def test_llm_facts_and_relevance_through_the_stage(server, tmp_path, monkeypatch):
     """Atomic facts from an OpenAI-compatible endpoint keep their source sentence; a rerun makes no call."""
-    from tasks.quality import validate_stage
+    from tasks.core.quality import validate_stage
 
     monkeypatch.setenv("CLEARFLOW_CACHE", str(tmp_path / "cache"))
     from tests.llm_server import _facts_reply

@@ -11,8 +11,8 @@ import pytest
 @pytest.mark.slow
 def test_pipeline_on_default_model(tmp_path, prefect_harness):
     from flows.pipeline import pipeline_flow
-    from tasks.config import RunConfig
-    from tasks.storage import RunPaths
+    from tasks.core.config import RunConfig
+    from tasks.core.storage import RunPaths
 
     cfg = RunConfig.model_validate(
         {

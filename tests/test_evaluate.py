@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from schemas.tables import ITEMS, METRICS, PREDICTIONS, SENTENCE_SCORES, SENTENCES
-from tasks import evaluate as ev
-from tasks.storage import read_table, text_key, write_parquet
+import tasks.evaluate.stage as ev
+from tasks.core.storage import read_table, text_key, write_parquet
 
 ALL = ["closed_book", "full_context", "opinion_instruction", "probe_marking", "clear", "clear_unmarked"]
 FLAGGED = "The Eiffel Tower is in Rome."
@@ -72,7 +72,7 @@ def _save_random_adapter(cfg, paths) -> None:
     """A real (non-zero) LoRA adapter in paths.adapter, as the finetune stage would leave it."""
     from peft import LoraConfig, get_peft_model
 
-    from tasks.models import load_model
+    from tasks.core.models import load_model
 
     torch.manual_seed(0)
     peft_model = get_peft_model(
@@ -165,17 +165,17 @@ def test_scores_follow_predictions(tiny_cfg, run_with_items, monkeypatch):
 
 
 def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkeypatch):
-    import tasks.finetune
+    import tasks.finetune.stage
 
     _save_random_adapter(tiny_cfg, run_with_items)
     calls = []
-    real = tasks.finetune.load_finetuned
+    real = tasks.finetune.stage.load_finetuned
 
     def spy(cfg, paths):
         calls.append(paths)
         return real(cfg, paths)
 
-    monkeypatch.setattr(tasks.finetune, "load_finetuned", spy)
+    monkeypatch.setattr(tasks.finetune.stage, "load_finetuned", spy)
     cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"batch_size": 4})})
     out = ev.run_evaluate(cfg, run_with_items)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from schemas.tables import ITEMS, SENTENCE_SCORES, SENTENCES
-from tasks import prompts
-from tasks.finetune import (
+from tasks.core import chat, prompts
+from tasks.finetune.stage import (
     IGNORE,
     AttentionGrabber,
     attention_loss,
@@ -21,8 +21,8 @@ from tasks.finetune import (
     run_finetune,
     select_train_items,
 )
-from tasks.models import load_model, load_tokenizer
-from tasks.storage import read_table, text_key, write_parquet
+from tasks.core.models import load_model, load_tokenizer
+from tasks.core.storage import read_table, text_key, write_parquet
 
 FACTS = [
     ("Beats Music is owned by Apple.", "Who owns Beats Music?", "Apple"),
@@ -68,7 +68,7 @@ def test_attention_loss_has_useful_gradient():
 
 @pytest.fixture(scope="module")
 def tok(tiny_model):
-    from tasks.config import ModelConfig
+    from tasks.core.config import ModelConfig
 
     return load_tokenizer(ModelConfig(name=tiny_model))
 
@@ -77,8 +77,8 @@ def test_example_labels_and_marked_mask(tok):
     context = prompts.mark_context(["Paris is in France.", "The Eiffel Tower is in Rome.", "Cats purr."],
                                    [False, True, False])
     ex = build_example(tok, "Where is the Eiffel Tower?", context, ["Rome", "Roma"], max_length=512)
-    prompt_text = prompts.render(tok, prompts.messages_for("clear", "Where is the Eiffel Tower?", context))
-    enc = prompts.encode(tok, prompt_text, return_offsets_mapping=True)
+    prompt_text = chat.render(tok, prompts.messages_for("clear", "Where is the Eiffel Tower?", context))
+    enc = chat.encode(tok, prompt_text, return_offsets_mapping=True)
     n_prompt = len(enc["input_ids"])
     target = tok(prompts.target_text(["Rome"], tok), add_special_tokens=False)["input_ids"]
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from schemas.tables import ITEMS, REJECTS, STATEMENTS
-from tasks.config import RunConfig
-from tasks.formats import READERS, FormatError, ReadOptions
-from tasks.formats import common as C
-from tasks.formats.faitheval import CONFLICT_INSTRUCTION, UNKNOWN_INSTRUCTION
-from tasks.ingest import ingest
-from tasks.storage import text_key, to_arrow
+from tasks.core.config import RunConfig
+from tasks.ingest.formats import READERS, FormatError, ReadOptions
+from tasks.ingest.formats import common as C
+from tasks.ingest.formats.faitheval import CONFLICT_INSTRUCTION, UNKNOWN_INSTRUCTION
+from tasks.ingest.stage import ingest
+from tasks.core.storage import text_key, to_arrow
 from tests import format_fixtures as F
 
 WORDS = ReadOptions(max_context_tokens=F.LONG_BUDGET, count_tokens=lambda t: len(t.split()))

@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 
 from schemas.tables import ITEMS, REJECTS, STATEMENTS
-from tasks.config import RunConfig
-from tasks.ingest import KNOWN_FACTS_PATH, RELATION_TEMPLATES, ingest, make_sentence, run_ingest
-from tasks.splitter import split_sentences
-from tasks.storage import RunPaths, read_table, text_key
+from tasks.core.config import RunConfig
+from tasks.ingest.stage import KNOWN_FACTS_PATH, RELATION_TEMPLATES, ingest, make_sentence, run_ingest
+from tasks.core.splitter import split_sentences
+from tasks.core.storage import RunPaths, read_table, text_key
 
 
 def _cfg(tmp_path: Path, **kw) -> RunConfig:
@@ -153,7 +153,7 @@ def test_broken_records_are_rejected(tmp_path):
 def test_run_ingest_summary_line(tmp_path, caplog):
     caplog.set_level("INFO", logger="tasks")
     written = run_ingest(_cfg(tmp_path, limit=40), RunPaths(tmp_path / "runs" / "t"))
-    line = [r.getMessage() for r in caplog.records if r.name == "tasks.ingest"][-1]
+    line = [r.getMessage() for r in caplog.records if r.name == "tasks.ingest.stage"][-1]
     assert line.startswith("known-facts: 40 read, 40 kept, 0 rejected")
     assert set(written) == {"items", "statements", "rejects", "provenance"}
     assert all(Path(p).exists() for p in written.values())

@@ -10,10 +10,10 @@ import pytest
 import tests.format_fixtures as fixtures
 from flows.runner import fingerprint
 from flows.stages import STAGES
-from tasks.config import RunConfig
-import tasks.ingest
-from tasks.ingest import run_ingest
-from tasks.storage import RunPaths, file_sha256
+from tasks.core.config import RunConfig
+import tasks.ingest.stage
+from tasks.ingest.stage import run_ingest
+from tasks.core.storage import RunPaths, file_sha256
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def _cfg(tmp_path, run: str, data_path, **kw) -> RunConfig:
 
 def _lines(caplog) -> list[str]:
     """The stage's summary lines (one per source), as the CLI shows them."""
-    out = [r.getMessage() for r in caplog.records if r.name == "tasks.ingest" and " read, " in r.getMessage()]
+    out = [r.getMessage() for r in caplog.records if r.name == "tasks.ingest.stage" and " read, " in r.getMessage()]
     caplog.clear()
     return out
 
@@ -52,7 +52,7 @@ def test_same_file_and_options_are_not_parsed_again(tmp_path, monkeypatch, caplo
     def refuse(*args, **kwargs):
         raise AssertionError("parsed again")
 
-    monkeypatch.setattr(tasks.ingest, "read_sources", refuse)
+    monkeypatch.setattr(tasks.ingest.stage, "read_sources", refuse)
     second = run_ingest(_cfg(tmp_path, "b", data), RunPaths(tmp_path / "runs" / "b"))
     assert _lines(caplog) == lines
     for table in ("items", "statements", "rejects"):

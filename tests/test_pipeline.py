@@ -9,14 +9,14 @@ import pytest
 
 from flows.cli import main
 from flows.stages import ORDER
-from tasks.storage import RunPaths
+from tasks.core.storage import RunPaths
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, tmp_path_factory, prefect_harness):
     """One pipeline run of the tiny model on 60 facts, shared by the tests below."""
     from flows.pipeline import pipeline_flow
-    from tasks.config import RunConfig
+    from tasks.core.config import RunConfig
 
     cfg = RunConfig.model_validate(
         {

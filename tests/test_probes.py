@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.tables import SENTENCES, STATEMENTS, activations_schema
-from tasks.activations import vectors_table, layer_path, load_vectors
-from tasks.probes import (
+from tasks.activations.stage import vectors_table, layer_path, load_vectors
+from tasks.probes.stage import (
     fit_on_dev,
     BEST_KEYS,
     LinearProbe,
@@ -23,9 +23,9 @@ from tasks.probes import (
     select_best,
     split_metrics,
 )
-from tasks.marking import marked_contexts
-from tasks.prompts import CLOSE, OPEN
-from tasks.storage import model_slug, read_table, write_json, write_parquet
+from tasks.core.marking import marked_contexts
+from tasks.core.prompts import CLOSE, OPEN
+from tasks.core.storage import model_slug, read_table, write_json, write_parquet
 
 DIM = 16
 N_PER_SPLIT = {"train": 120, "dev": 40, "test": 40}

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas import tables as T
-from tasks.quality import STAGE_TABLES, DataQualityError, validate, validate_stage
-from tasks.storage import RunPaths, text_key, write_json, write_parquet
+from tasks.core.quality import STAGE_TABLES, DataQualityError, validate, validate_stage
+from tasks.core.storage import RunPaths, text_key, write_json, write_parquet
 
 CONTEXTS = {
     "i1": "Paris is the capital of Italy. It lies on the Seine.",

@@ -1,4 +1,4 @@
-"""The README's example DuckDB queries (tasks.queries) answer what they claim, on a store built to know the answers."""
+"""The README's example DuckDB queries (tasks.catalog.queries) answer what they claim, on a store built to know the answers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 
 from schemas import tables as T
-from tasks.catalog import ReadOnlyQueryError, query
-from tasks.queries import EXAMPLES, README_PARAMS, example_sql
-from tasks.storage import RunPaths, text_key, write_json, write_parquet
+from tasks.catalog.views import ReadOnlyQueryError, query
+from tasks.catalog.queries import EXAMPLES, README_PARAMS, example_sql
+from tasks.core.storage import RunPaths, text_key, write_json, write_parquet
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TARGET = README_PARAMS["nearest_statements"]["sentence"]  # the README's sentence is planted in the store
@@ -184,7 +184,7 @@ def test_readme_shows_every_example_as_tested():
     section = text[text.index("### Querying with DuckDB") :]
     section = section[: section.index("\n## ")]
     for name in EXAMPLES:
-        assert _readme_sql(name) in section, f"README lacks the {name} example as tasks/queries.py renders it"
+        assert _readme_sql(name) in section, f"README lacks the {name} example as tasks/catalog/queries.py renders it"
     assert "tests/test_queries.py" in section
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks import relevance as rel
-from tasks.relevance import annotate_rows, heuristic_steps, load_encoder, relevance, score_items
+import tasks.decompose.relevance as rel
+from tasks.decompose.relevance import annotate_rows, heuristic_steps, load_encoder, relevance, score_items
 
 BIRTH = "Marie Curie was born in Warsaw, in the Kingdom of Poland."
 DISCOVERY = "Marie Curie discovered the elements polonium and radium with Pierre Curie."

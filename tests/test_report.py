@@ -9,8 +9,8 @@ import pytest
 
 from schemas.tables import ITEMS, METRICS, PREDICTIONS, PROBE_METRICS, SENTENCE_SCORES, SENTENCES
 from tasks.report import localisation_stats, run_report, verdict
-from tasks.config import RunConfig
-from tasks.storage import RunPaths, text_key, write_json, write_parquet
+from tasks.core.config import RunConfig
+from tasks.core.storage import RunPaths, text_key, write_json, write_parquet
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = ["closed_book", "full_context", "opinion_instruction", "probe_marking", "clear"]

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from schemas.tables import METRICS
-from tasks.scoring import (
+from tasks.evaluate.scoring import (
     bootstrap_cis,
     contains_answer,
     exact_match,
@@ -18,9 +18,9 @@ from tasks.scoring import (
     has_negation,
     memorisation_ratio,
     method_metrics,
-    normalize,
     score_prediction,
 )
+from tasks.core.text import normalize
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""Stage 3, activations: hidden states of statements and context units, cached in the shared store."""

@@ -1,0 +1,301 @@
+"""A DuckDB catalog of views over the runs' Parquet tables, and a read-only SQL entry point to it.
+
+`<table>` views show one run (default: the latest finished), `all_<table>` views every run with a `run`
+column; activations come with typed hive partitions (model VARCHAR, layer INTEGER). Views hold absolute
+paths, so the catalog file can be opened from anywhere with any DuckDB >= 2.0.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from schemas.tables import TABLES
+from tasks.core.storage import RunPaths, atomic_path
+
+ACTIVATION_GLOB = "activations/model=*/layer=*/*.parquet"
+_HIVE = "hive_partitioning = true, hive_types = {'model': VARCHAR, 'layer': INTEGER}"
+_READ_TYPES = {"SELECT", "EXPLAIN"}  # DESCRIBE / SHOW / SUMMARIZE parse as SELECT
+_GLOB_CHARS = re.compile(r"[*?\[\]{}]")
+_LEADING_NOISE = re.compile(r"^(\s+|--[^\n]*\n?|/\*.*?\*/|\()*", re.S)
+_EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?(\([^)]*\)\s*)?", re.I)
+_MAX_CELL = 60
+
+
+class ReadOnlyQueryError(ValueError):
+    """A statement that could write, attach, load or reconfigure something was refused."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run directory and when it finished (for picking the latest)."""
+
+    name: str
+    root: Path
+    finished_at: dt.datetime | None  # from manifest.json, when the pipeline stamped it
+    mtime: float
+
+    @property
+    def order_key(self) -> float:
+        """Finish time if known, else the directory's last change."""
+        return self.finished_at.timestamp() if self.finished_at else self.mtime
+
+
+def table_relpaths() -> dict[str, str]:
+    """Each table's file inside a run directory, as RunPaths lays it out."""
+    return {name: RunPaths(Path()).table(name).as_posix() for name in TABLES}
+
+
+def _finished_at(root: Path) -> dt.datetime | None:
+    """manifest.json's finished_at, parsed; None when absent or unreadable."""
+    try:
+        value = json.loads((root / "manifest.json").read_text()).get("finished_at")
+        stamp = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if stamp is not None and stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=dt.timezone.utc)
+    return stamp
+
+
+def _is_run(root: Path) -> bool:
+    """A run directory has a manifest, a table or an activation store."""
+    if (root / "manifest.json").exists() or (root / "activations").is_dir():
+        return True
+    return any((root / rel).exists() for rel in table_relpaths().values())
+
+
+def list_runs(runs_dir: Path) -> list[RunInfo]:
+    """Every run under runs_dir, oldest first."""
+    runs_dir = Path(runs_dir).resolve()
+    if not runs_dir.is_dir():
+        return []
+    runs = [
+        RunInfo(p.name, p, _finished_at(p), p.stat().st_mtime)
+        for p in runs_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and _is_run(p)
+    ]
+    return sorted(runs, key=lambda r: (r.order_key, r.name))
+
+
+def _has_activations(root: Path) -> bool:
+    """Whether a run holds at least one activation shard."""
+    return any(root.glob(ACTIVATION_GLOB))
+
+
+def _lit(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _check_path(path: Path) -> str:
+    """A directory as POSIX text, refused if DuckDB would read part of it as a glob pattern."""
+    text = path.as_posix()
+    if _GLOB_CHARS.search(text):
+        raise ValueError(f"path {text!r} contains glob characters ({_GLOB_CHARS.pattern}); rename it for the catalog")
+    return text
+
+
+def _run_column(prefix: str) -> str:
+    """SQL taking the run name from the `filename` column: the path segment right after runs_dir."""
+    return f"split_part(substr(filename, {len(prefix) + 1}), '/', 1) AS run"
+
+
+def _all_view_sql(runs_dir: Path, rel: str, hive: bool) -> str:
+    """View body over one table in every run (union by name: runs may differ in columns)."""
+    prefix = _check_path(runs_dir) + "/"
+    opts = "filename = true, union_by_name = true" + (f", {_HIVE}" if hive else "")
+    return f"SELECT {_run_column(prefix)}, * EXCLUDE (filename) FROM read_parquet({_lit(prefix + '*/' + rel)}, {opts})"
+
+
+def _run_view_sql(run: RunInfo, rel: str, hive: bool) -> str:
+    """View body over one table of one run."""
+    path = _check_path(run.root) + "/" + rel
+    opts = f", {_HIVE}" if hive else ""
+    return f"SELECT {_lit(run.name)}::VARCHAR AS run, * FROM read_parquet({_lit(path)}{opts})"
+
+
+def _sources(run: RunInfo) -> dict[str, tuple[str, bool]]:
+    """table -> (relative path or glob, is hive-partitioned), for the tables this run has."""
+    out = {name: (rel, False) for name, rel in table_relpaths().items() if (run.root / rel).exists()}
+    if _has_activations(run.root):
+        out["activations"] = (ACTIVATION_GLOB, True)
+    return out
+
+
+def _create_views(
+    con: duckdb.DuckDBPyConnection, runs: list[RunInfo], selected: RunInfo, runs_dir: Path | None
+) -> None:
+    """`<table>` views over the selected run; `all_<table>` over every run (glob under runs_dir if given)."""
+    for name, (rel, hive) in _sources(selected).items():
+        con.execute(f"CREATE VIEW {name} AS {_run_view_sql(selected, rel, hive)}")
+    present: dict[str, tuple[str, bool]] = {}
+    for run in runs:
+        present.update(_sources(run))
+    for name, (rel, hive) in present.items():
+        if runs_dir is not None:
+            body = _all_view_sql(runs_dir, rel, hive)
+        else:  # a single run's own catalog: union its per-run view
+            body = " UNION ALL BY NAME ".join(_run_view_sql(r, rel, hive) for r in runs if name in _sources(r))
+        con.execute(f"CREATE VIEW all_{name} AS {body}")
+    con.execute("CREATE TABLE runs (run VARCHAR, path VARCHAR, finished_at TIMESTAMPTZ, selected BOOLEAN)")
+    con.executemany(
+        "INSERT INTO runs VALUES (?, ?, ?, ?)",
+        [(r.name, r.root.as_posix(), r.finished_at, r.name == selected.name) for r in runs],
+    )
+
+
+def _write_catalog(db_path: Path, runs: list[RunInfo], selected: RunInfo, runs_dir: Path | None) -> Path:
+    """Build the catalog in a temp file beside db_path, then rename it over db_path."""
+    db_path = Path(db_path)
+    with atomic_path(db_path) as tmp:
+        tmp.unlink()  # DuckDB refuses to open an empty file
+        try:
+            with duckdb.connect(str(tmp)) as con:
+                _create_views(con, runs, selected, runs_dir)
+                con.execute("CHECKPOINT")
+        finally:
+            Path(f"{tmp}.wal").unlink(missing_ok=True)
+    return db_path
+
+
+def _select_run(runs: list[RunInfo], run: str | None) -> RunInfo:
+    """The named run, or the latest finished one."""
+    if run is None:
+        return runs[-1]
+    for info in runs:
+        if info.name == run:
+            return info
+    raise ValueError(f"no run named {run!r}; known runs: {[r.name for r in runs]}")
+
+
+def build_catalog(runs_dir: Path, db_path: Path | None = None, run: str | None = None) -> Path:
+    """(Re)create the runs catalog: views over the chosen run and over every run; returns its path."""
+    runs_dir = Path(runs_dir).resolve()
+    runs = list_runs(runs_dir)
+    if not runs:
+        raise FileNotFoundError(f"no runs under {runs_dir}: run `clearflow run` first (or pass --runs-dir)")
+    selected = _select_run(runs, run)
+    return _write_catalog(Path(db_path) if db_path else runs_dir / "catalog.duckdb", runs, selected, runs_dir)
+
+
+def write_run_catalog(paths: RunPaths) -> Path:
+    """The same views for one run, in the run's own catalog.duckdb."""
+    root = Path(paths.root).resolve()
+    info = RunInfo(root.name, root, _finished_at(root), root.stat().st_mtime)
+    return _write_catalog(paths.catalog, [info], info, None)
+
+
+def _keyword(text: str) -> str:
+    """The statement's leading keyword (for a message the user recognises: INSTALL, not LOAD)."""
+    match = re.match(r"[A-Za-z_]+", _LEADING_NOISE.sub("", text))
+    return match.group(0).upper() if match else ""
+
+
+def _refusal(stmt: Any) -> str | None:
+    """Why a parsed statement is refused, or None if it only reads."""
+    kind = stmt.type.name
+    if kind not in _READ_TYPES:
+        return _keyword(stmt.query) or kind
+    if kind == "EXPLAIN":  # EXPLAIN ANALYZE runs its statement: it must itself be a read
+        inner = _EXPLAIN.sub("", stmt.query, count=1)
+        try:
+            inner_stmts = duckdb.extract_statements(inner)
+        except (duckdb.Error, ValueError):
+            return "EXPLAIN"
+        if len(inner_stmts) != 1 or inner_stmts[0].type.name != "SELECT":
+            return f"EXPLAIN {_keyword(inner) or 'non-SELECT'}"
+    return None
+
+
+def check_read_only(sql: str) -> list[Any]:
+    """Parse sql and return its statements, or raise ReadOnlyQueryError naming the first refused one."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except ValueError as err:  # a statement type the Python API cannot even name
+        raise ReadOnlyQueryError(f"clearflow sql is read-only: statement refused ({err})") from None
+    if not statements:
+        raise ReadOnlyQueryError("clearflow sql needs a query: the SQL given holds no statement")
+    for stmt in statements:
+        reason = _refusal(stmt)
+        if reason:
+            raise ReadOnlyQueryError(
+                f"clearflow sql is read-only: {reason} statements are refused (only SELECT, EXPLAIN, DESCRIBE, "
+                "SHOW and SUMMARIZE run)"
+            )
+    return statements
+
+
+def _readable_dirs(runs_dir: Path) -> list[str]:
+    """Directories a query may read: runs_dir and any activation store a run links to elsewhere."""
+    dirs = {runs_dir.as_posix() + "/"}
+    for run in list_runs(runs_dir):
+        target = (run.root / "activations").resolve()
+        if target.is_dir() and not target.is_relative_to(runs_dir):
+            dirs.add(target.as_posix() + "/")
+    return sorted(dirs)
+
+
+def _connect_read_only(db_path: Path, runs_dir: Path) -> duckdb.DuckDBPyConnection:
+    """Open the catalog read-only, able to read nothing but the runs (defence beyond the statement check)."""
+    con = duckdb.connect(
+        str(db_path), read_only=True, config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    )
+    con.execute("SET allowed_directories = ?", [_readable_dirs(runs_dir)])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def query(sql: str, runs_dir: Path, run: str | None = None) -> tuple[list[str], list[tuple]]:
+    """Answer read-only SQL over the runs catalog; returns (column names, rows) of the last statement."""
+    statements = check_read_only(sql)
+    runs_dir = Path(runs_dir).resolve()
+    db_path = build_catalog(runs_dir, run=run)
+    columns: list[str] = []
+    rows: list[tuple] = []
+    with _connect_read_only(db_path, runs_dir) as con:
+        for stmt in statements:
+            cur = con.execute(stmt)
+            columns = [d[0] for d in cur.description] if cur.description else []
+            rows = cur.fetchall() if cur.description else []
+    return columns, rows
+
+
+def _cell(value: Any) -> str:
+    """One value as short text (vectors and long strings are cut)."""
+    if value is None:
+        text = "NULL"
+    elif isinstance(value, float):
+        text = f"{value:.6g}"
+        text = text if any(c in text for c in ".ein") else text + ".0"  # keep 0.0 distinguishable from 0
+    else:
+        text = str(value)
+    text = text.replace("\n", " ")
+    return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
+
+
+def _is_numeric(values: list[Any]) -> bool:
+    """A column of numbers (nulls aside) is right-aligned."""
+    present = [v for v in values if v is not None]
+    return bool(present) and all(isinstance(v, int | float) for v in present)
+
+
+def format_table(columns: list[str], rows: list[tuple]) -> str:
+    """Aligned text columns (numbers right-aligned) and a row count, for the CLI."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    numeric = [_is_numeric([r[i] for r in rows]) for i in range(len(columns))]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    out = [line(list(columns)), "  ".join("-" * w for w in widths)] + [line(r) for r in cells]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)

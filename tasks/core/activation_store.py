@@ -1,0 +1,221 @@
+"""A content-addressed, sharded, resumable store of hidden states, shared by every run.
+
+Key = model fingerprint + dtype + layers + positions + storage type + shard size + hash of the inputs
+(texts as fed, contexts and sentence spans). A store directory is ``<store>/<key>/layer=<L>/part-<kind>-<i>.parquet``
+plus ``meta.json``, which is written last: its presence means the store is complete, so a hit needs no model.
+Shards cover fixed, deterministic slices of the inputs; each layer file is written atomically, so after a kill the
+finished shards stay, a half-written one is redone, and temp files are swept on restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas.tables import activations_schema
+from tasks.core.models import cache_root
+from tasks.core.storage import atomic_path, write_json
+
+STORE_FORMAT = 1  # bump when the layout or the meaning of a stored vector changes
+VALUE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
+CTX_POSITIONS = ("ctx_last", "ctx_mean")
+
+
+@dataclass
+class StoreInputs:
+    """What gets extracted: texts fed alone (position last) and contexts with their sentence spans (ctx_*)."""
+
+    keys: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # as fed to the model
+    sources: list[str] = field(default_factory=list)
+    context_keys: list[str] = field(default_factory=list)
+    contexts: list[str] = field(default_factory=list)
+    units: list[list[tuple[str, int, int]]] = field(default_factory=list)  # per context: (key, start, end)
+
+    def digest(self) -> str:
+        """Hash of everything the vectors depend on besides the model and options."""
+        h = hashlib.sha256()
+        for k, t, s in zip(self.keys, self.texts, self.sources):
+            h.update(f"L\0{k}\0{s}\0{t}\n".encode())
+        for ck, c, us in zip(self.context_keys, self.contexts, self.units):
+            h.update(f"C\0{ck}\0{c}\0{json.dumps(us)}\n".encode())
+        return h.hexdigest()
+
+    def n_rows(self, positions: Sequence[str]) -> dict[str, int]:
+        """Rows per position kind this input yields (per layer)."""
+        n_units = sum(len(u) for u in self.units)
+        return {p: len(self.keys) if p == "last" else n_units for p in positions}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A fixed slice of the inputs: texts [start, stop) for kind 'last', contexts [start, stop) for 'ctx'."""
+
+    kind: str
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.kind}-{self.index:05d}.parquet"
+
+
+def plan_shards(inputs: StoreInputs, positions: Sequence[str], shard_rows: int) -> list[Shard]:
+    """Deterministic shards of about shard_rows rows each (a context is never split across two)."""
+    shards = [Shard("last", i, s, min(s + shard_rows, len(inputs.keys)))
+              for i, s in enumerate(range(0, len(inputs.keys), shard_rows))]
+    if any(p in CTX_POSITIONS for p in positions):
+        start, rows = 0, 0
+        for c, units in enumerate(inputs.units):
+            rows += len(units)
+            if rows >= shard_rows or c == len(inputs.units) - 1:
+                shards.append(Shard("ctx", len([s for s in shards if s.kind == "ctx"]), start, c + 1))
+                start, rows = c + 1, 0
+    return shards
+
+
+def store_root(configured: Path | None = None) -> Path:
+    """Where stores live: the configured path, $CLEARFLOW_STORE, or the clearflow cache."""
+    if configured is not None:
+        return Path(configured).expanduser()
+    env = os.environ.get("CLEARFLOW_STORE")
+    return Path(env).expanduser() if env else cache_root() / "activations"
+
+
+def store_key(identity: dict[str, Any]) -> str:
+    """Content address of a store from everything its vectors depend on."""
+    blob = json.dumps({**identity, "format": STORE_FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def vectors_table(
+    keys: list[str],
+    sources: list[str],
+    vectors: np.ndarray,
+    position: str = "last",
+    context_keys: list[str] | None = None,
+    storage_dtype: str = "float32",
+) -> pa.Table:
+    """One Arrow table of rows with a fixed-size-list vector column (no Python floats)."""
+    dim = vectors.shape[1]
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=NUMPY_TYPES[storage_dtype]).reshape(-1))
+    return pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "source": pa.array(sources, pa.string()),
+            "position": pa.array([position] * len(keys), pa.string()),
+            "context_key": pa.array(context_keys if context_keys is not None else [None] * len(keys), pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+        },
+        schema=activations_schema(dim, VALUE_TYPES[storage_dtype]),
+    )
+
+
+def write_shard_file(table: pa.Table, path: Path) -> None:
+    """One layer's file of a shard, atomically; byte-stream split compresses float vectors best."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=["source", "position", "context_key"],
+                       use_byte_stream_split=["vector.list.element"])
+
+
+@dataclass(frozen=True)
+class ActivationStore:
+    """One content-addressed store directory."""
+
+    root: Path
+    key: str
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.key
+
+    @property
+    def meta_path(self) -> Path:
+        return self.dir / "meta.json"
+
+    def complete(self) -> bool:
+        return self.meta_path.exists()
+
+    def layer_dir(self, layer: int) -> Path:
+        return self.dir / f"layer={layer}"
+
+    def shard_done(self, shard: Shard, layers: Sequence[int]) -> bool:
+        """Every layer's file of the shard exists (each was renamed into place whole)."""
+        return all((self.layer_dir(layer) / shard.name).exists() for layer in layers)
+
+    def sweep_partials(self) -> int:
+        """Remove temp files a killed writer left behind; returns how many."""
+        stale = list(self.dir.rglob(".*.tmp")) if self.dir.exists() else []
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
+    def write_shard(self, shard: Shard, tables: dict[int, pa.Table]) -> None:
+        for layer, table in tables.items():
+            write_shard_file(table, self.layer_dir(layer) / shard.name)
+
+    def verify(self, layers: Sequence[int], shards: Sequence[Shard], expected: dict[str, int]) -> None:
+        """Refuse to finish a store with a missing shard, a duplicate row or a row count off the inputs."""
+        want = sum(expected.values())
+        for layer in layers:
+            names = {p.name for p in self.layer_dir(layer).glob("part-*.parquet")}
+            missing = [s.name for s in shards if s.name not in names]
+            table = pq.read_table(self.layer_dir(layer), columns=["key", "position", "context_key"])
+            ids = pc.binary_join_element_wise(table["key"], table["position"],
+                                              pc.fill_null(table["context_key"], ""), "|")
+            n_unique = len(pc.unique(ids))
+            if missing or table.num_rows != want or n_unique != table.num_rows:
+                raise RuntimeError(
+                    f"activation store {self.dir} layer {layer}: {table.num_rows} rows ({n_unique} distinct) for "
+                    f"{want} expected, missing shards {missing[:3]}: delete the directory and run again"
+                )
+
+    def finish(self, meta: dict[str, Any]) -> Path:
+        """Mark the store complete (meta.json last)."""
+        return write_json(meta, self.meta_path)
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads(self.meta_path.read_text())
+
+    def link_into(self, target: Path) -> Path:
+        """Expose the store in a run directory as hard links (copies across file systems); returns its meta."""
+        tmp = target.parent / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for src in sorted(self.dir.glob("layer=*/part-*.parquet")):
+            dst = tmp / src.parent.name / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        shutil.copyfile(self.meta_path, tmp / "meta.json")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        return target / "meta.json"
+
+
+def disk_estimate(rows: int, n_layers: int, dim: int, storage_dtype: str) -> int:
+    """Bytes a store will take on disk, before compression (keys and positions ~40 bytes a row)."""
+    return rows * n_layers * (dim * np.dtype(NUMPY_TYPES[storage_dtype]).itemsize + 40)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+

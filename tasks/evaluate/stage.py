@@ -1,0 +1,207 @@
+"""Evaluate stage: every method answers the same items by greedy decoding; one predictions table, one metrics table."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from schemas.tables import METRICS, PREDICTIONS
+from tasks.core.config import RunConfig
+from tasks.core.models import load_model, load_tokenizer
+from tasks.core.chat import encode, render
+from tasks.core.prompts import item_question, messages_for
+from tasks.evaluate.scoring import method_metrics, score_prediction
+from tasks.core.storage import RunPaths, read_table, to_arrow, write_parquet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method builds its prompt: which context it sees and which weights answer."""
+
+    name: str
+    context: Literal["none", "plain", "marked"]
+    model: Literal["base", "finetuned"]
+
+
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("closed_book", "none", "base"),
+        Method("full_context", "plain", "base"),
+        Method("opinion_instruction", "plain", "base"),
+        Method("probe_marking", "marked", "base"),
+        Method("clear", "marked", "finetuned"),
+        Method("clear_unmarked", "plain", "finetuned"),  # ablation: the adapter without the probe's markers
+    )
+}
+
+
+def resolve_methods(names: Sequence[str]) -> list[Method]:
+    """Registry entries of the requested methods, refusing unknown names up front (before any model loads)."""
+    if not names:
+        raise ValueError(f"no evaluation methods configured; known: {sorted(REGISTRY)}")
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown evaluation method(s) {unknown}; known: {sorted(REGISTRY)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"evaluation methods listed twice: {list(names)}")
+    return [REGISTRY[n] for n in names]
+
+
+def first_line(text: str) -> str:
+    """The answer is the first non-empty line: models often add an explanation after it."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+class FirstLineDone(StoppingCriteria):
+    """Per-row stop once the generated text holds a complete non-empty line: nothing after it is ever used."""
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        done = ["\n" in t.lstrip() for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Every token id that ends an answer (the tokenizer's EOS and the generation config's, which may be a list)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return {i for i in ids if i is not None}
+
+
+def _cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """Tokens before the first EOS: whatever a batch pads or generates after it is not the answer."""
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i]
+    return tokens
+
+
+@torch.inference_mode()
+def generate(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int, desc: str = "generate"
+) -> list[str]:
+    """Greedy answers (first non-empty line) to rendered prompts, batched by length with left padding, in input order."""
+    tokenizer.padding_side = "left"  # the new tokens must follow each prompt directly
+    lengths = [len(encode(tokenizer, p)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    eos = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
+    out: list[str] = [""] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        idx = order[start : start + batch_size]
+        enc = encode(tokenizer, [prompts[i] for i in idx], padding=True, return_tensors="pt").to(model.device)
+        width = enc["input_ids"].shape[1]
+        generated = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            stopping_criteria=StoppingCriteriaList([FirstLineDone(tokenizer, width)]),
+        )
+        for row, i in enumerate(idx):
+            new = _cut_at_eos(generated[row, width:].tolist(), eos)
+            out[i] = first_line(tokenizer.decode(new, skip_special_tokens=True))
+    return out
+
+
+def build_prompts(method: Method, items: pl.DataFrame, tokenizer, marked: dict[str, str] | None) -> list[str]:
+    """Rendered prompt text of every item for one method."""
+    prompts = []
+    for item in items.iter_rows(named=True):
+        if method.context == "none":
+            context = None
+        elif method.context == "plain":
+            context = item["context"]
+        else:
+            context = marked[item["item_id"]]
+        prompts.append(render(tokenizer, messages_for(method.name, item_question(item), context)))
+    return prompts
+
+
+def _marked_for(items: pl.DataFrame, paths: RunPaths) -> dict[str, str]:
+    """Marked contexts of the evaluated items, refusing items the probe stage never scored."""
+    from tasks.core.marking import marked_contexts
+
+    marked = marked_contexts(paths)
+    missing = [i for i in items["item_id"].to_list() if i not in marked]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} evaluated items have no sentences to mark (e.g. {missing[:3]}): run decompose and probes first"
+        )
+    return marked
+
+
+def load_items(cfg: RunConfig, paths: RunPaths) -> pl.DataFrame:
+    """Items of the evaluated split, refusing an empty split with the splits that do exist."""
+    items = read_table(paths.table("items"))
+    chosen = items.filter(pl.col("split") == cfg.evaluate.split).sort("item_id")
+    if chosen.height == 0:
+        raise ValueError(
+            f"no items in split {cfg.evaluate.split!r}; splits present: {sorted(items['split'].unique().to_list())}"
+        )
+    return chosen
+
+
+def _release_memory() -> None:
+    """Return freed model memory before the next model loads (two copies of a large model may not fit)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_evaluate(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
+    """Answer the split's items with every configured method; write per-sample predictions and per-method metrics."""
+    methods = resolve_methods(cfg.evaluate.methods)
+    items = load_items(cfg, paths)
+    marked = _marked_for(items, paths) if any(m.context == "marked" for m in methods) else None
+    tok = load_tokenizer(cfg.model)
+    ev = cfg.evaluate
+
+    answers: dict[str, list[str]] = {}
+    prompts: dict[str, list[str]] = {}
+    for weights in ("base", "finetuned"):  # base methods first, so only one model is in memory at a time
+        group = [m for m in methods if m.model == weights]
+        if not group:
+            continue
+        if weights == "base":
+            model = load_model(cfg.model)
+        else:
+            from tasks.finetune.stage import load_finetuned  # written by the finetune stage; imported only when needed
+
+            model = load_finetuned(cfg, paths)
+        for m in group:
+            prompts[m.name] = build_prompts(m, items, tok, marked)
+            answers[m.name] = generate(model, tok, prompts[m.name], ev.max_new_tokens, ev.batch_size, desc=m.name)
+        model = None
+        _release_memory()
+
+    rows = []
+    for m in methods:  # report order
+        for item, prompt, pred in zip(items.iter_rows(named=True), prompts[m.name], answers[m.name]):
+            scores = score_prediction(pred, item["answers"], item["orig_answers"], item["counterfactual"])
+            rows.append({"method": m.name, "item_id": item["item_id"], "prompt": prompt, "prediction": pred, **scores})
+    predictions = pl.from_arrow(to_arrow(rows, PREDICTIONS))
+    metrics = method_metrics(predictions, ev.bootstrap, cfg.seed)
+    out = {
+        "predictions": write_parquet(predictions, paths.table("predictions"), PREDICTIONS),
+        "metrics": write_parquet(metrics, paths.table("metrics"), METRICS),
+    }
+    for row in metrics.iter_rows(named=True):
+        log.info("%s: EM %.3f F1 %.3f p_s %.3f p_o %.3f", row["method"], row["em"], row["f1"], row["ps"], row["po"])
+    return {k: str(v) for k, v in out.items()}

@@ -1,0 +1,158 @@
+"""Stage 1, ingest: read a benchmark into the `items`, `statements` and `rejects` tables.
+
+Each --dataset name maps to a Reader of tasks.ingest.formats (the offline default ``known-facts`` lives in
+tasks/ingest/formats/known_facts.py). A dataset without probe statements borrows them from the bundled known
+facts or from an MQuAKE file (``ingest.probe_dataset``). The sha256 of every input file and the loader
+versions go into ``ingest_provenance.json`` (and the manifest); the same files and options hit the ingest
+cache and are not parsed again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+from schemas.tables import ITEMS, REJECTS, STATEMENTS
+from tasks.core.config import ModelConfig, RunConfig
+from tasks.ingest.formats.common import Ingested, ReadOptions
+from tasks.ingest.formats.known_facts import KNOWN_FACTS_PATH, RELATION_TEMPLATES, make_question, make_sentence
+from tasks.core.models import load_tokenizer, model_window
+from tasks.ingest.provenance import (
+    INGEST_TABLES,
+    PROMPT_RESERVE,
+    IngestCache,
+    budget_options,
+    cache_key,
+    input_files,
+    loader_code_digest,
+    probe_source,
+    reader_for,
+)
+from tasks.core.storage import RunPaths, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "KNOWN_FACTS_PATH", "RELATION_TEMPLATES", "Ingested", "ingest", "make_question", "make_sentence",
+    "read_options", "run_ingest",
+]
+
+
+class TokenCounter:
+    """Token count of a context, loading the tokenizer only for a context that could exceed the budget.
+
+    Tokenizers emit at most one token per UTF-8 byte plus a few prefix tokens, so a context whose byte length
+    (+8) is within the budget fits without tokenizing it: the common case loads nothing.
+    """
+
+    def __init__(self, model: ModelConfig, limit: int):
+        self.model, self.limit, self._tok = model, limit, None
+
+    def __call__(self, text: str) -> int:
+        bound = len(text.encode("utf-8", "surrogatepass")) + 8
+        if bound <= self.limit:
+            return bound  # an upper bound that already fits
+        if self._tok is None:
+            self._tok = load_tokenizer(self.model)
+        return len(self._tok(text, add_special_tokens=False)["input_ids"])
+
+
+def context_budget(cfg: RunConfig) -> int | None:
+    """Tokens a context may take: the explicit budget, else the model's window minus room for the prompt."""
+    if cfg.ingest.max_context_tokens is not None:
+        return cfg.ingest.max_context_tokens
+    window = model_window(cfg.model)
+    return max(window - PROMPT_RESERVE, 16) if window else None
+
+
+def read_options(cfg: RunConfig) -> ReadOptions:
+    """Reader options of this run: sampling, the known-facts contexts, the context budget in tokens."""
+    limit = context_budget(cfg)
+    return ReadOptions(
+        seed=cfg.seed,
+        limit=cfg.limit,
+        n_distractors=cfg.ingest.n_distractors,
+        max_context_tokens=limit,
+        truncation=cfg.ingest.truncation,
+        count_tokens=TokenCounter(cfg.model, limit) if limit else None,
+    )
+
+
+def read_sources(cfg: RunConfig) -> list[Ingested]:
+    """The dataset's rows, then (when it has no statements of its own) the probe source's."""
+    opts = read_options(cfg)
+    results = [reader_for(cfg.dataset).read(cfg.data_path, opts)]
+    probe = probe_source(cfg)
+    if probe is not None:
+        results.append(reader_for(probe[0]).read(probe[1], opts))
+    return results
+
+
+def merge(results: list[Ingested]) -> Ingested:
+    """One set of tables: the dataset's items, the last source's statements, every source's rejects."""
+    main = results[0]
+    out = Ingested(dataset=main.dataset, items=main.items, statements=results[-1].statements,
+                   n_read=main.n_read, n_kept=main.n_kept)
+    out.rejects = [r for res in results for r in res.rejects]
+    if not out.items:
+        raise ValueError(f"{main.dataset}: no usable items, every record was refused ({main.summary()})")
+    if not out.statements:
+        raise ValueError(
+            f"{results[-1].dataset}: no probe statements; set --ingest.probe-dataset known-facts (bundled) or mquake"
+        )
+    return out
+
+
+def ingest(cfg: RunConfig) -> Ingested:
+    """Read the configured dataset and its probe statements into one set of rows."""
+    return merge(read_sources(cfg))
+
+
+def _counts(res: Ingested) -> dict[str, Any]:
+    """A source's read/kept/rejected counts, as provenance keeps them."""
+    return {"read": res.n_read, "kept": res.n_kept, "rejected": len(res.rejects),
+            "by_reason": dict(Counter(r["reason"] for r in res.rejects))}
+
+
+def provenance_of(cfg: RunConfig) -> dict[str, Any]:
+    """Input files with their sha256, loader versions and the options that shape the tables."""
+    loaders = {"data": {"dataset": cfg.dataset, "version": reader_for(cfg.dataset).version}}
+    probe = probe_source(cfg)
+    if probe is not None:
+        loaders["probe"] = {"dataset": probe[0], "version": reader_for(probe[0]).version}
+    options = {"limit": cfg.limit, "seed": cfg.seed, "n_distractors": cfg.ingest.n_distractors, **budget_options(cfg)}
+    prov = {"dataset": cfg.dataset, "files": input_files(cfg), "loaders": loaders, "loader_code": loader_code_digest(),
+            "options": options}
+    prov["cache_key"] = cache_key(prov)
+    return prov
+
+
+def _write_tables(result: Ingested, paths: RunPaths) -> dict[str, str]:
+    written = {
+        "items": write_parquet(result.items, paths.table("items"), ITEMS),
+        "statements": write_parquet(result.statements, paths.table("statements"), STATEMENTS),
+        "rejects": write_parquet(result.rejects, paths.table("rejects"), REJECTS),
+    }
+    return {name: str(p) for name, p in written.items()}
+
+
+def run_ingest(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
+    """Write items, statements and rejects (from the cache when the same inputs were read before)."""
+    prov = provenance_of(cfg)
+    cache = IngestCache.for_key(prov["cache_key"])
+    tables = {t: paths.table(t) for t in INGEST_TABLES}
+    if cache.hit():
+        cache.restore(tables)
+        summary, outputs = cache.summary(), {t: str(p) for t, p in tables.items()}
+        log.info("ingest: cache hit %s, no file parsed", prov["cache_key"])
+    else:
+        results = read_sources(cfg)
+        outputs = _write_tables(merge(results), paths)
+        summary = {"lines": [r.summary() for r in results], "counts": {r.dataset: _counts(r) for r in results}}
+        cache.store(tables, summary)
+    prov["counts"] = summary["counts"]
+    outputs["provenance"] = str(write_json(prov, paths.root / "ingest_provenance.json"))
+    for line in summary["lines"]:
+        log.info(line)
+    return outputs

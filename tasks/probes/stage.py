@@ -1,0 +1,310 @@
+"""Stage 4: a linear probe per layer on the statements' hidden states, the best layer, and sentence scores.
+
+Every probe, whatever its kind, is saved as one linear map in the original feature space
+(`weight` (d,), `bias` ()), so p_conflict = sigmoid(x @ weight + bias) with no scaler to carry.
+Probes are fitted on the train split only; dev picks the layer; test is only reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from safetensors.numpy import load_file, save_file
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from schemas.tables import PROBE_METRICS, SENTENCE_SCORES
+from tasks.activations.stage import load_vectors, probed_sentences, read_meta
+from tasks.core.config import RunConfig
+from tasks.core.storage import RunPaths, atomic_path, model_slug, read_table, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test")
+MAX_ITER = 2000
+BEST_KEYS = (
+    "layer", "probe", "l2", "fitted_on", "dev_auroc", "test_auroc", "test_accuracy", "test_auroc_train_only",
+    "threshold", "model",
+)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+@dataclass
+class LinearProbe:
+    """p_conflict = sigmoid(x @ weight + bias): every probe kind reduces to this."""
+
+    weight: np.ndarray  # (d,) float32
+    bias: float
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.weight = np.asarray(self.weight, dtype=np.float32).reshape(-1)
+        self.bias = float(np.float32(self.bias))  # what the safetensors file can hold, so reloads are identical
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Probability of label 1 (conflicting) per row, shape (n,) (not sklearn's (n, 2))."""
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.weight.shape[0]:
+            raise ValueError(f"expected features of shape (n, {self.weight.shape[0]}), got {X.shape}")
+        return sigmoid(X.astype(np.float64) @ self.weight.astype(np.float64) + self.bias)
+
+    def save(self, path: Path) -> Path:
+        """Write `<path>` (.safetensors: weight, bias) and its `.json` metadata beside it, atomically."""
+        path = Path(path)
+        tensors = {"weight": self.weight, "bias": np.array(self.bias, dtype=np.float32)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"kind": str(self.meta.get("kind", "linear"))})
+        write_json(self.meta, path.with_suffix(".json"))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> LinearProbe:
+        """Read a probe saved by `save` (metadata from the .json beside it when present)."""
+        path = Path(path)
+        tensors = load_file(str(path))
+        meta_path = path.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        return cls(tensors["weight"], float(tensors["bias"]), meta)
+
+
+def _fold(coef: np.ndarray, intercept: float, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, float]:
+    """Fold standardisation into a linear map: coef @ ((x - mean) / scale) + c == x @ w + b."""
+    w = coef / scale
+    return w, float(intercept - w @ mean)
+
+
+def _check_labels(y: np.ndarray) -> None:
+    """A probe needs both labels in its training data."""
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"the train split has only label(s) {np.unique(y).tolist()}: a probe needs both 0 and 1")
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float) -> LinearProbe:
+    """Standardised L2 logistic regression, folded back to the raw feature space."""
+    _check_labels(y)
+    scaler = StandardScaler().fit(X)
+    clf = LogisticRegression(C=l2, max_iter=MAX_ITER).fit(scaler.transform(X), y)
+    w, b = _fold(clf.coef_[0], clf.intercept_[0], scaler.mean_, scaler.scale_)
+    return LinearProbe(w, b)
+
+
+def fit_diffmean(X: np.ndarray, y: np.ndarray, l2: float) -> LinearProbe:
+    """Difference-of-means direction; a 1-D logistic fit on the train projections calibrates it."""
+    _check_labels(y)
+    X = X.astype(np.float64)
+    direction = X[y == 1].mean(axis=0) - X[y == 0].mean(axis=0)
+    norm = np.linalg.norm(direction)
+    if norm == 0:
+        raise ValueError("the two labels have identical mean vectors: no difference-of-means direction")
+    direction /= norm
+    proj = (X @ direction)[:, None]
+    scaler = StandardScaler().fit(proj)
+    clf = LogisticRegression(C=l2, max_iter=MAX_ITER).fit(scaler.transform(proj), y)
+    a, b = _fold(clf.coef_[0], clf.intercept_[0], scaler.mean_, scaler.scale_)
+    return LinearProbe(a[0] * direction, b)
+
+
+FITTERS = {"logistic": fit_logistic, "diffmean": fit_diffmean}
+
+
+def split_metrics(p: np.ndarray, y: np.ndarray, threshold: float) -> dict:
+    """n, accuracy, f1 and AUROC of probabilities against labels (None where undefined)."""
+    n = int(len(y))
+    if n == 0:
+        return {"n": 0, "accuracy": None, "f1": None, "auroc": None}
+    pred = (p > threshold).astype(int)
+    auroc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None
+    return {
+        "n": n,
+        "accuracy": float(accuracy_score(y, pred)),
+        "f1": float(f1_score(y, pred, zero_division=0)),
+        "auroc": auroc,
+    }
+
+
+def check_splits(statements: pl.DataFrame) -> None:
+    """Refuse statements whose splits are unknown or share a group (subject) across splits."""
+    bad = sorted(set(statements["split"].unique().to_list()) - set(SPLITS))
+    if bad:
+        raise ValueError(f"statements have unknown splits {bad}; expected {list(SPLITS)}")
+    per_group = statements.group_by("group").agg(pl.col("split").n_unique().alias("k")).filter(pl.col("k") > 1)
+    if per_group.height:
+        raise ValueError(
+            f"{per_group.height} groups straddle splits (e.g. {per_group['group'][:3].to_list()}): "
+            "train/dev/test would leak subjects"
+        )
+
+
+def select_best(metrics: pl.DataFrame, kind: str, forced_layer: int | None = None) -> dict:
+    """Best layer by dev AUROC of `kind` (ties -> smaller layer), or the forced one; never looks at test."""
+    rows = metrics.filter((pl.col("probe") == kind) & (pl.col("split") == "dev"))
+    if forced_layer is not None:
+        if forced_layer not in rows["layer"].to_list():
+            raise ValueError(f"probe.layer={forced_layer} has no {kind} probe; layers: {sorted(rows['layer'])}")
+        return {"layer": forced_layer, "dev_auroc": rows.filter(pl.col("layer") == forced_layer)["auroc"][0]}
+    rows = rows.filter(pl.col("auroc").is_not_null() & pl.col("auroc").is_not_nan())
+    if rows.height == 0:
+        raise ValueError("no dev AUROC to choose a layer with (dev needs both labels); set probe.layer instead")
+    best = rows.sort(["auroc", "layer"], descending=[True, False]).row(0, named=True)
+    return {"layer": int(best["layer"]), "dev_auroc": best["auroc"]}
+
+
+def probe_path(paths: RunPaths, kind: str, layer: int) -> Path:
+    """Where the probe of one kind and layer lives."""
+    return paths.probes / f"{kind}-layer{layer}.safetensors"
+
+
+def _probe_layers(cfg: RunConfig, meta: dict) -> list[int]:
+    """Layers to probe: the configured ones, which must have been extracted."""
+    cached = meta["layers"]
+    layers = sorted(set(cfg.activations.layers)) if cfg.activations.layers is not None else cached
+    missing = [layer for layer in layers if layer not in cached]
+    if missing:
+        raise ValueError(f"layers {missing} have no cached activations (cached: {cached}): re-run activations")
+    return layers
+
+
+def _dev_auroc(probe: LinearProbe, X: np.ndarray, y: np.ndarray) -> float:
+    """Dev AUROC used for every choice (NaN where dev lacks a label, so it never wins)."""
+    auroc = split_metrics(probe.predict_proba(X), y, 0.5)["auroc"]
+    return -math.inf if auroc is None else auroc
+
+
+def fit_on_dev(kind: str, X: np.ndarray, y: np.ndarray, split: np.ndarray, grid: list[float]) -> tuple[LinearProbe, float]:
+    """Fit on train for every L2 strength in `grid` (logistic only) and keep the best on dev."""
+    train, dev = split == "train", split == "dev"
+    candidates = grid if kind == "logistic" else [1.0]  # diffmean's 1-D calibration needs no tuning
+    fits = [(FITTERS[kind](X[train], y[train], c), c) for c in candidates]
+    return max(fits, key=lambda fc: (_dev_auroc(fc[0], X[dev], y[dev]), -fc[1]))
+
+
+def train_layer(
+    X: np.ndarray, y: np.ndarray, split: np.ndarray, kinds: list[str], cfg: RunConfig, layer: int, meta: dict
+) -> tuple[dict[str, LinearProbe], list[dict]]:
+    """Fit every probe kind on one layer's train rows (L2 chosen on dev); metric rows on every split."""
+    probes: dict[str, LinearProbe] = {}
+    rows: list[dict] = []
+    for kind in kinds:
+        probe, l2 = fit_on_dev(kind, X, y, split, cfg.probe.l2_grid)
+        metrics = {}
+        for name in SPLITS:
+            sel = split == name
+            metrics[name] = split_metrics(probe.predict_proba(X[sel]), y[sel], cfg.probe.threshold)
+            rows.append({"layer": layer, "probe": kind, "split": name, **metrics[name]})
+        probe.meta = {
+            "kind": kind,
+            "layer": layer,
+            "model": cfg.model.name,
+            "dim": int(X.shape[1]),
+            "threshold": cfg.probe.threshold,
+            "l2": l2,
+            "fitted_on": ["train"],
+            "position": meta.get("position", "last"),
+            "metrics": metrics,
+        }
+        probes[kind] = probe
+    return probes, rows
+
+
+def refit_train_dev(probe: LinearProbe, X: np.ndarray, y: np.ndarray, split: np.ndarray) -> LinearProbe:
+    """The chosen probe (layer, kind, L2 fixed on dev) refitted on train+dev; test metrics recomputed."""
+    seen = np.isin(split, ["train", "dev"])
+    final = FITTERS[probe.meta["kind"]](X[seen], y[seen], probe.meta["l2"])
+    test = split == "test"
+    metrics = dict(probe.meta["metrics"])
+    metrics["test"] = split_metrics(final.predict_proba(X[test]), y[test], probe.meta["threshold"])
+    final.meta = {**probe.meta, "fitted_on": ["train", "dev"], "metrics": metrics,
+                  "train_only_test": probe.meta["metrics"]["test"]}
+    return final
+
+
+def score_sentences(
+    paths: RunPaths, slug: str, probe: LinearProbe, layer: int, kind: str, threshold: float, sentences: str = "all"
+) -> Path:
+    """p_conflict and the flag of every probed context sentence (all, or the relevant ones) under the chosen probe.
+
+    Sentences left out in 'relevant' mode get no row, so marking never flags them.
+    """
+    probed = probed_sentences(paths, sentences).select("item_id", "sent_idx", "key")
+    p = probe.predict_proba(load_vectors(paths, slug, layer, probed["key"].to_list()))
+    scores = probed.with_columns(
+        pl.lit(layer).alias("layer"),
+        pl.lit(kind).alias("probe"),
+        pl.Series("p_conflict", p, dtype=pl.Float64),
+        pl.Series("flagged", p > threshold, dtype=pl.Boolean),
+    )
+    return write_parquet(scores, paths.table("sentence_scores"), SENTENCE_SCORES)
+
+
+def run_probes(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
+    """Train probes per layer and kind, pick the best layer on dev, score every sentence with it."""
+    slug = model_slug(cfg.model.name)
+    meta = read_meta(paths, slug)
+    layers = _probe_layers(cfg, meta)
+    kinds = list(dict.fromkeys([*cfg.probe.kinds, cfg.probe.select_kind]))
+    statements = read_table(paths.table("statements"))
+    check_splits(statements)
+    keys = statements["key"].to_list()
+    y = statements["label"].to_numpy().astype(int)
+    split = statements["split"].to_numpy().astype(str)
+
+    rows: list[dict] = []
+    selected: dict[int, LinearProbe] = {}
+    # one BLAS thread: these fits are tiny, and threaded BLAS on a busy machine ran ~100x slower (measured)
+    with threadpool_limits(limits=1):
+        for layer in tqdm(layers, desc="probes", unit="layer", dynamic_ncols=True):
+            X = load_vectors(paths, slug, layer, keys)
+            probes, layer_rows = train_layer(X, y, split, kinds, cfg, layer, meta)
+            rows.extend(layer_rows)
+            for kind, probe in probes.items():
+                probe.save(probe_path(paths, kind, layer))
+            selected[layer] = probes[cfg.probe.select_kind]
+    metrics_path = write_parquet(rows, paths.table("probe_metrics"), PROBE_METRICS)
+
+    best = select_best(read_table(metrics_path), cfg.probe.select_kind, cfg.probe.layer)
+    chosen = selected[best["layer"]]
+    if cfg.probe.refit:
+        chosen = refit_train_dev(chosen, load_vectors(paths, slug, best["layer"], keys), y, split)
+    chosen.save(paths.probes / "final.safetensors")
+    test = chosen.meta["metrics"]["test"]
+    best_json = {
+        "layer": best["layer"],
+        "probe": cfg.probe.select_kind,
+        "l2": chosen.meta["l2"],
+        "fitted_on": chosen.meta["fitted_on"],
+        "dev_auroc": _float(best["dev_auroc"]),
+        "test_auroc": _float(test["auroc"]),
+        "test_accuracy": _float(test["accuracy"]),
+        "test_auroc_train_only": _float(selected[best["layer"]].meta["metrics"]["test"]["auroc"]),
+        "threshold": cfg.probe.threshold,
+        "model": cfg.model.name,
+    }
+    best_path = write_json(best_json, paths.probes / "best.json")
+    log.info("probes: best %s layer %d (dev AUROC %.3f, test AUROC %.3f)", best_json["probe"], best_json["layer"],
+             best_json["dev_auroc"] or math.nan, best_json["test_auroc"] or math.nan)
+    scores_path = score_sentences(paths, slug, chosen, best["layer"], cfg.probe.select_kind, cfg.probe.threshold,
+                                  cfg.activations.sentences)
+    return {
+        "probe_metrics": str(metrics_path),
+        "best_probe": str(best_path),
+        "probes": str(paths.probes),
+        "sentence_scores": str(scores_path),
+    }
+
+
+def _float(x) -> float | None:
+    """A JSON-safe float (None where undefined)."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)

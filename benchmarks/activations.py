@@ -38,7 +38,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from tasks.core.activation_store import ActivationStore, StoreInputs, plan_shards
@@ -68,8 +67,9 @@ def clearflow_extract(model, tokenizer, texts: Sequence[str], layers: Sequence[i
     """What (a) times: clearflow's store extraction of `layers` (shards, atomic files, final check) into `out_dir`.
 
     The same calls the activations stage makes after its cache lookup: `plan_shards`, `extract_shards`
-    (length-bucketed batches, hooks on the requested layers only, early exit) and `ActivationStore.verify`.
-    Keys are the input positions, so `read_clearflow_vectors` can restore input order.
+    (length-bucketed batches, hooks on the requested layers only, early exit), `ActivationStore.verify` and
+    `finish` (meta.json, so the store's reader opens it). Keys are the input positions, so
+    `read_clearflow_vectors` can ask for them in input order.
     """
     act = ActivationConfig(layers=list(layers), batch_size=batch_size)
     inputs = StoreInputs(keys=[f"{i:08d}" for i in range(len(texts))], texts=list(texts),
@@ -77,19 +77,15 @@ def clearflow_extract(model, tokenizer, texts: Sequence[str], layers: Sequence[i
     store = ActivationStore(Path(out_dir), "bench")
     shards = plan_shards(inputs, act.positions, act.shard_rows)
     extract_shards(model, tokenizer, store, inputs, shards, list(layers), act, progress=False)
-    store.verify(list(layers), shards, inputs.n_rows(act.positions))
+    rows = inputs.n_rows(act.positions)
+    store.verify(list(layers), shards, rows)
+    store.finish({"layers": list(layers), "dim": model.config.hidden_size, "positions": list(act.positions),
+                  "rows_by_position": rows, "storage_dtype": act.storage_dtype, "n_keys": len(inputs.keys)})
 
 
 def read_clearflow_vectors(out_dir: Path, layer: int, n: int) -> np.ndarray:
-    """float32 (n, d) of one layer as `clearflow_extract` stored it, in input order."""
-    table = pq.read_table(ActivationStore(Path(out_dir), "bench").layer_dir(layer), columns=["key", "vector"])
-    index = np.array([int(k) for k in table["key"].to_pylist()])
-    if len(index) != n or len(np.unique(index)) != n:
-        raise ValueError(f"{out_dir} layer {layer}: {len(index)} rows, {len(np.unique(index))} unique, expected {n}")
-    dim = table.schema.field("vector").type.list_size
-    out = np.empty((n, dim), dtype=np.float32)
-    out[index] = table["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    return out
+    """float32 (n, d) of one layer as `clearflow_extract` stored it, in input order (the store's own reader)."""
+    return ActivationStore.open(Path(out_dir) / "bench").vectors(layer, [f"{i:08d}" for i in range(n)])
 
 
 # --- inputs and the two baselines ------------------------------------------------------------------------

@@ -1,16 +1,17 @@
 """Great Expectations suite of every table: the single source of truth of the data-quality checks.
 
-GX cannot look inside list or vector columns, so a suite may `prepare` the frame first: it adds scalar
-columns computed in polars or DuckDB (answer counts, offset round-trips, vector dimensions, finite counts)
-that the expectations then check. `great_expectations` is imported only when a suite is built (~3 s).
+Pure declarations: GX cannot look inside list or vector columns, so a suite may `prepare` the frame first, a
+pure polars function (the table's frame and the frames it `reads` in, the frame GX checks out) that adds the
+scalar columns the expectations check (answer counts, offset round-trips, row counts against the store's
+meta.json). Loading the frames is the quality runner's job (tasks/core/quality.py), which summarises the
+activation store into the `ACTIVATION_*` frames declared here (vector widths and finite counts come from
+DuckDB, so no vector reaches GX). `great_expectations` is imported only when a suite is built (~3 s).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -18,7 +19,6 @@ import polars as pl
 
 from schemas.rejects import REASONS
 from schemas.tables import POSITIONS, SENTENCE_LABELS, TABLES, UNITS
-from tasks.core.storage import RunPaths, read_table
 
 SPLITS = ("train", "dev", "test")
 ACTIVATION_SOURCES = ("statements", "sentences")
@@ -27,18 +27,18 @@ _NON_BLANK = r"\S"  # at least one non-whitespace character
 
 @dataclass(frozen=True)
 class Suite:
-    """The checks of one table: expectations, plus how to load and derive the columns they read."""
+    """The checks of one table: expectations, plus the pure derivation of the columns they read."""
 
     table: str
     build: Callable[[ModuleType], list[Any]]  # gets great_expectations.expectations, returns expectations
-    prepare: Callable[[pl.DataFrame, RunPaths], pl.DataFrame] | None = None
-    load: Callable[[RunPaths], pl.DataFrame] | None = None  # default: read_table(paths.table(table))
+    prepare: Callable[..., pl.DataFrame] | None = None  # (table, *reads, *reads_if_present) -> the frame checked
+    reads: tuple[str, ...] = ()  # other frames prepare takes (each must exist)
+    reads_if_present: tuple[str, ...] = ()  # other frames prepare takes when they exist (None when not)
 
-    def frame(self, paths: RunPaths) -> pl.DataFrame:
-        """The table as GX will see it: loaded, derived columns added, list/vector columns dropped."""
-        df = self.load(paths) if self.load else read_table(paths.table(self.table))
+    def frame(self, df: pl.DataFrame, *others: pl.DataFrame | None) -> pl.DataFrame:
+        """The table as GX will see it: derived columns added, list/vector columns dropped."""
         if self.prepare:
-            df = self.prepare(df, paths)
+            df = self.prepare(df, *others)
         return df.select([c for c, t in df.schema.items() if not t.is_nested()])
 
     def expectation_suite(self) -> Any:
@@ -88,7 +88,7 @@ def _items(gxe: ModuleType) -> list[Any]:
     ]
 
 
-def _prepare_items(df: pl.DataFrame, paths: RunPaths) -> pl.DataFrame:
+def _prepare_items(df: pl.DataFrame) -> pl.DataFrame:
     """Count answers and blank answers, which GX cannot see inside the list column."""
     answers = pl.col("answers")
     return df.with_columns(
@@ -113,7 +113,7 @@ def _statements(gxe: ModuleType) -> list[Any]:
     ]
 
 
-def _prepare_statements(df: pl.DataFrame, paths: RunPaths) -> pl.DataFrame:
+def _prepare_statements(df: pl.DataFrame) -> pl.DataFrame:
     """How many splits each row's group appears in (must be exactly one)."""
     return df.with_columns(n_splits_of_group=pl.col("split").n_unique().over("group"))
 
@@ -152,9 +152,9 @@ def _sentences(gxe: ModuleType) -> list[Any]:
     ]
 
 
-def _prepare_sentences(df: pl.DataFrame, paths: RunPaths) -> pl.DataFrame:
+def _prepare_sentences(df: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
     """Check each unit against its item: context[char_start:char_end] is its text (a fact's: a span inside it)."""
-    items = read_table(paths.table("items")).select("item_id", pl.col("context").alias("_context"))
+    items = items.select("item_id", pl.col("context").alias("_context"))
     joined = df.join(items, on="item_id", how="left")
     length = (pl.col("char_end").cast(pl.Int64) - pl.col("char_start")).clip(lower_bound=0)
     span = pl.col("_context").str.slice(pl.col("char_start"), length)
@@ -188,69 +188,32 @@ def _activations(gxe: ModuleType) -> list[Any]:
     ]
 
 
-def _activation_metas(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Per model directory what its meta.json declares, and its expected rows per position (nulls when missing)."""
-    rows, positions = [], []
-    for model_dir in sorted(p for p in root.glob("model=*") if p.is_dir()):
-        meta_path = model_dir / "meta.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
-        model = model_dir.name.split("=", 1)[1]
-        by_position = (meta or {}).get("rows_by_position") or ({"last": meta["n_keys"]} if meta else {})
-        rows.append(
-            {
-                "model": model,
-                "has_meta": meta is not None,
-                "meta_dim": meta.get("dim") if meta else None,
-                "meta_n_rows": sum(by_position.values()) if meta else None,
-                "meta_layers": [int(x) for x in meta.get("layers", [])] if meta else None,
-            }
-        )
-        positions += [{"model": model, "position": p, "meta_position_rows": n} for p, n in by_position.items()]
-    schema = {"model": pl.String, "has_meta": pl.Boolean, "meta_dim": pl.Int64, "meta_n_rows": pl.Int64,
-              "meta_layers": pl.List(pl.Int64)}  # fmt: skip
-    pos_schema = {"model": pl.String, "position": pl.String, "meta_position_rows": pl.Int64}
-    return pl.DataFrame(rows, schema=schema), pl.DataFrame(positions, schema=pos_schema)
+# What the quality runner summarises the activation store into (no vector is loaded into GX): per stored vector its
+# hive partitions (model, layer), identity and scalar facts; per model what its meta.json declares (nulls, and
+# has_meta false, when it has none); per model and position the rows meta.json expects in each layer.
+ACTIVATION_FACTS = {"model": pl.String, "layer": pl.Int32, "key": pl.String, "source": pl.String,
+                    "position": pl.String, "context_key": pl.String, "dim": pl.Int64, "n_finite": pl.Int64}
+ACTIVATION_METAS = {"model": pl.String, "has_meta": pl.Boolean, "meta_dim": pl.Int64, "meta_n_rows": pl.Int64,
+                    "meta_layers": pl.List(pl.Int64)}
+ACTIVATION_POSITIONS = {"model": pl.String, "position": pl.String, "meta_position_rows": pl.Int64}
 
 
-_ACTIVATION_SQL = """
-with rows as (
-    select model, layer, key, source, position, context_key,
-           len(vector) as dim,
-           -- fast path: a finite sum means every element is finite; else count them exactly
-           case when isfinite(list_sum(vector)) then len(vector)
-                else list_count(list_filter(vector, lambda x: isfinite(x))) end as n_finite
-    from read_parquet($files, hive_partitioning = true, hive_types = {'model': VARCHAR, 'layer': INTEGER},
-                      union_by_name = true)
-),
-per_model as (select model, count(distinct layer) as n_layers from rows group by model)
-select r.* exclude (context_key),
-       count(*) over (partition by r.model, r.layer) as layer_rows,
-       count(*) over (partition by r.model, r.layer, r.position) as position_rows,
-       count(*) over (partition by r.model, r.layer, r.key, r.position, r.context_key) as row_count,
-       p.n_layers,
-       coalesce(m.has_meta, false) as has_meta,
-       m.meta_dim, m.meta_n_rows, len(m.meta_layers) as meta_n_layers,
-       coalesce(list_contains(m.meta_layers, r.layer), false) as layer_in_meta,
-       q.meta_position_rows,
-       q.meta_position_rows is not null as position_in_meta
-from rows r join per_model p using (model) left join metas m using (model)
-     left join meta_positions q on q.model = r.model and q.position = r.position
-"""
-
-
-def _load_activations(paths: RunPaths) -> pl.DataFrame:
-    """Per (model, layer, key) row: scalar facts about its vector, computed in DuckDB without loading vectors."""
-    import duckdb
-
-    root = Path(paths.activations)
-    files = sorted(str(p.resolve()) for p in root.glob("model=*/layer=*/*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{root} holds no activation shards: run the activations stage first")
-    metas, positions = _activation_metas(root)
-    with duckdb.connect() as con:
-        con.register("metas", metas.to_arrow())
-        con.register("meta_positions", positions.to_arrow())
-        return pl.from_arrow(con.sql(_ACTIVATION_SQL, params={"files": files}).to_arrow_table())
+def _prepare_activations(facts: pl.DataFrame, metas: pl.DataFrame, positions: pl.DataFrame) -> pl.DataFrame:
+    """Count each layer's rows (per position, per identity) and set them against what meta.json declares."""
+    counts = facts.with_columns(
+        layer_rows=pl.len().over("model", "layer").cast(pl.Int64),
+        position_rows=pl.len().over("model", "layer", "position").cast(pl.Int64),
+        row_count=pl.len().over("model", "layer", "key", "position", "context_key").cast(pl.Int64),
+        n_layers=pl.col("layer").n_unique().over("model").cast(pl.Int64),
+    )
+    per_model = counts.join(metas, on="model", how="left").with_columns(
+        has_meta=pl.col("has_meta").fill_null(False),
+        meta_n_layers=pl.col("meta_layers").list.len().cast(pl.Int64),
+        layer_in_meta=pl.col("meta_layers").list.contains(pl.col("layer").cast(pl.Int64)).fill_null(False),
+    )
+    return per_model.join(positions, on=["model", "position"], how="left").with_columns(
+        position_in_meta=pl.col("meta_position_rows").is_not_null(),
+    ).drop("context_key", "meta_layers")
 
 
 # ---------------------------------------------------------------- probe metrics
@@ -270,11 +233,10 @@ def _probe_metrics(gxe: ModuleType) -> list[Any]:
     ]
 
 
-def _prepare_probe_metrics(df: pl.DataFrame, paths: RunPaths) -> pl.DataFrame:
+def _prepare_probe_metrics(df: pl.DataFrame, statements: pl.DataFrame | None) -> pl.DataFrame:
     """AUROC may be null only where the split's statements hold a single class (it is undefined there)."""
-    stmt_path = paths.table("statements")
-    if stmt_path.exists():
-        classes = read_table(stmt_path).group_by("split").agg(_n_classes=pl.col("label").n_unique())
+    if statements is not None:
+        classes = statements.group_by("split").agg(_n_classes=pl.col("label").n_unique())
         df = df.join(classes, on="split", how="left")
     else:  # nothing to explain a null with: accept it rather than guess
         df = df.with_columns(_n_classes=pl.lit(None, pl.UInt32))
@@ -332,9 +294,10 @@ SUITES: dict[str, Suite] = {
     "items": Suite("items", _items, _prepare_items),
     "statements": Suite("statements", _statements, _prepare_statements),
     "rejects": Suite("rejects", _rejects),
-    "sentences": Suite("sentences", _sentences, _prepare_sentences),
-    "activations": Suite("activations", _activations, load=_load_activations),
-    "probe_metrics": Suite("probe_metrics", _probe_metrics, _prepare_probe_metrics),
+    "sentences": Suite("sentences", _sentences, _prepare_sentences, reads=("items",)),
+    "activations": Suite("activations", _activations, _prepare_activations,
+                         reads=("activation_metas", "activation_positions")),
+    "probe_metrics": Suite("probe_metrics", _probe_metrics, _prepare_probe_metrics, reads_if_present=("statements",)),
     "sentence_scores": Suite("sentence_scores", _sentence_scores),
     "predictions": Suite("predictions", _predictions),
     "metrics": Suite("metrics", _metrics),

@@ -1,25 +1,21 @@
 """Stage 3: hidden states of every statement and context sentence, from the shared activation store.
 
 The extraction itself is tasks/activations/extraction.py (hooks, early exit, positions); the content-addressed, sharded,
-resumable store is tasks/core/activation_store.py. This stage gathers the inputs, looks the store up (a hit loads no
-model), extracts the shards still missing, verifies the finished store and links it into the run directory as
-``activations/model=<slug>/layer=<L>/part-*.parquet`` + ``meta.json``.
+resumable store (its layout and its reader, `ActivationStore.open`) is tasks/core/activation_store.py. This stage
+gathers the inputs, looks the store up (a hit loads no model), extracts the shards still missing, verifies the finished
+store and links it into the run's activations/ directory.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from tasks.core.activation_store import (
@@ -48,8 +44,6 @@ from tasks.core.models import load_model, load_tokenizer, model_fingerprint, mod
 from tasks.core.storage import RunPaths, model_slug, read_table, text_key
 
 log = logging.getLogger(__name__)
-
-POSITION = "last"
 
 
 def probed_sentences(paths: RunPaths, sentences: str = "all") -> pl.DataFrame:
@@ -113,11 +107,6 @@ def fed_text(text: str, strip_final_punct: bool) -> str:
         stripped = text.rstrip().rstrip(".!?").rstrip()
         return stripped or text
     return text
-
-
-def layer_path(paths: RunPaths, slug: str, layer: int, shard: str = "part-last-00000.parquet") -> Path:
-    """One shard file of a layer in a run directory (hive-partitioned by model and layer)."""
-    return paths.activations / f"model={slug}" / f"layer={layer}" / shard
 
 
 def _shard_rows(inputs: StoreInputs, shard: Shard) -> int:
@@ -280,32 +269,6 @@ def run_activations(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
                  store.meta()["n_rows"], len(layers))
     else:
         build_store(cfg, store, inputs, layers, dim)
-    meta_path = store.link_into(paths.activations / f"model={model_slug(cfg.model.name)}")
+    meta_path = store.link_into(paths.activations, model_slug(cfg.model.name))
     return {"activations_meta": str(meta_path)}
 
-
-def read_meta(paths: RunPaths, slug: str) -> dict:
-    """The meta.json of a model's cached activations."""
-    path = paths.activations / f"model={slug}" / "meta.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the activations stage first")
-    return json.loads(path.read_text())
-
-
-def load_vectors(paths: RunPaths, slug: str, layer: int, keys: Sequence[str], position: str = POSITION) -> np.ndarray:
-    """float32 array (len(keys), d) of one layer's standalone ('last') vectors, rows aligned to `keys`."""
-    layer_dir = paths.activations / f"model={slug}" / f"layer={layer}"
-    if not any(layer_dir.glob("*.parquet")):
-        raise FileNotFoundError(f"{layer_dir} holds no shard: run the activations stage for layer {layer} first")
-    table = pq.read_table(layer_dir, columns=["key", "vector"], filters=[("position", "=", position)])
-    dim = table.schema.field("vector").type.list_size
-    wanted = pa.array(list(keys), pa.string())
-    index = pc.index_in(wanted, value_set=table["key"].combine_chunks())
-    if index.null_count:
-        missing = wanted.filter(pc.is_null(index)).to_pylist()
-        raise KeyError(
-            f"{len(missing)} keys have no activation at layer {layer}, position {position!r}, in {layer_dir} (e.g. {missing[:3]}): "
-            "re-run the activations stage on the current statements and sentences"
-        )
-    vectors = table["vector"].take(index).combine_chunks()
-    return vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)

@@ -1,8 +1,9 @@
 """A DuckDB catalog of views over the runs' Parquet tables, and a read-only SQL entry point to it.
 
 `<table>` views show one run (default: the latest finished), `all_<table>` views every run with a `run`
-column; activations come with typed hive partitions (model VARCHAR, layer INTEGER). Views hold absolute
-paths, so the catalog file can be opened from anywhere with any DuckDB >= 2.0.
+column; activations come with typed hive partitions (model VARCHAR, layer INTEGER), read where the activation
+store says its files are. Views hold absolute paths, so the catalog file can be opened from anywhere with any
+DuckDB >= 2.0.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 import duckdb
 
 from schemas.tables import TABLES
+from tasks.core.activation_store import DUCKDB_HIVE, ActivationStore, tree_glob
 from tasks.core.storage import RunPaths, atomic_path
 
-ACTIVATION_GLOB = "activations/model=*/layer=*/*.parquet"
-_HIVE = "hive_partitioning = true, hive_types = {'model': VARCHAR, 'layer': INTEGER}"
+ACTIVATION_GLOB = tree_glob(RunPaths(Path()).activations)  # every model's shards, relative to a run directory
 _READ_TYPES = {"SELECT", "EXPLAIN"}  # DESCRIBE / SHOW / SUMMARIZE parse as SELECT
 _GLOB_CHARS = re.compile(r"[*?\[\]{}]")
 _LEADING_NOISE = re.compile(r"^(\s+|--[^\n]*\n?|/\*.*?\*/|\()*", re.S)
@@ -86,7 +87,7 @@ def list_runs(runs_dir: Path) -> list[RunInfo]:
 
 def _has_activations(root: Path) -> bool:
     """Whether a run holds at least one activation shard."""
-    return any(root.glob(ACTIVATION_GLOB))
+    return any(store.files() for store in ActivationStore.tree(RunPaths(root).activations))
 
 
 def _lit(text: str) -> str:
@@ -110,14 +111,14 @@ def _run_column(prefix: str) -> str:
 def _all_view_sql(runs_dir: Path, rel: str, hive: bool) -> str:
     """View body over one table in every run (union by name: runs may differ in columns)."""
     prefix = _check_path(runs_dir) + "/"
-    opts = "filename = true, union_by_name = true" + (f", {_HIVE}" if hive else "")
+    opts = "filename = true, union_by_name = true" + (f", {DUCKDB_HIVE}" if hive else "")
     return f"SELECT {_run_column(prefix)}, * EXCLUDE (filename) FROM read_parquet({_lit(prefix + '*/' + rel)}, {opts})"
 
 
 def _run_view_sql(run: RunInfo, rel: str, hive: bool) -> str:
     """View body over one table of one run."""
     path = _check_path(run.root) + "/" + rel
-    opts = f", {_HIVE}" if hive else ""
+    opts = f", {DUCKDB_HIVE}" if hive else ""
     return f"SELECT {_lit(run.name)}::VARCHAR AS run, * FROM read_parquet({_lit(path)}{opts})"
 
 

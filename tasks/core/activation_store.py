@@ -1,10 +1,14 @@
-"""A content-addressed, sharded, resumable store of hidden states, shared by every run.
+"""A content-addressed, sharded, resumable store of hidden states, shared by every run, and its one reader.
 
 Key = model fingerprint + dtype + layers + positions + storage type + shard size + hash of the inputs
 (texts as fed, contexts and sentence spans). A store directory is ``<store>/<key>/layer=<L>/part-<kind>-<i>.parquet``
 plus ``meta.json``, which is written last: its presence means the store is complete, so a hit needs no model.
 Shards cover fixed, deterministic slices of the inputs; each layer file is written atomically, so after a kill the
 finished shards stay, a half-written one is redone, and temp files are swept on restart.
+
+A run links its store into ``activations/model=<slug>/`` (the same layout, hive-partitioned by model and layer).
+This module is the only one that knows that layout: consumers open a finished store with `ActivationStore.open`
+and ask it for its metadata, vectors (`vectors`) or files (`files`, `layer_files`, `tree_glob` for DuckDB).
 """
 
 from __future__ import annotations
@@ -21,16 +25,29 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from schemas.tables import activations_schema
-from tasks.core.models import cache_root
-from tasks.core.storage import atomic_path, write_json
+from tasks.core.storage import atomic_path, model_slug, write_json
 
 STORE_FORMAT = 1  # bump when the layout or the meaning of a stored vector changes
 VALUE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
 CTX_POSITIONS = ("ctx_last", "ctx_mean")
+SHARD_GLOB = "part-*.parquet"  # a layer's files; temp files (".part-*.tmp") never match
+HIVE_TYPES = {"model": "VARCHAR", "layer": "INTEGER"}  # partition keys of a run tree's paths, as DuckDB types them
+DUCKDB_HIVE = f"hive_partitioning = true, hive_types = {{{', '.join(f'{k!r}: {t}' for k, t in HIVE_TYPES.items())}}}"
+
+
+def model_dir(activations: Path, slug: str) -> Path:
+    """Where a model's store is linked inside a run's activations/ tree."""
+    return Path(activations) / f"model={slug}"
+
+
+def tree_glob(activations: Path | str) -> str:
+    """Every shard of every model under a run's activations/ tree (absolute or relative), as DuckDB's glob."""
+    return f"{Path(activations).as_posix()}/model=*/layer=*/{SHARD_GLOB}"
 
 
 @dataclass
@@ -89,6 +106,8 @@ def plan_shards(inputs: StoreInputs, positions: Sequence[str], shard_rows: int) 
 
 def store_root(configured: Path | None = None) -> Path:
     """Where stores live: the configured path, $CLEARFLOW_STORE, or the clearflow cache."""
+    from tasks.core.models import cache_root  # torch comes with it: readers of a store never need it
+
     if configured is not None:
         return Path(configured).expanduser()
     env = os.environ.get("CLEARFLOW_STORE")
@@ -133,10 +152,27 @@ def write_shard_file(table: pa.Table, path: Path) -> None:
 
 @dataclass(frozen=True)
 class ActivationStore:
-    """One content-addressed store directory."""
+    """One store directory, `root/key`: a content-addressed store (key = its content key) or a run's linked copy
+    (root = the run's activations/, key = ``model=<slug>``). The writer fills it shard by shard; readers `open` it."""
 
     root: Path
     key: str
+
+    @classmethod
+    def open(cls, path: Path | str, model: str | None = None) -> ActivationStore:
+        """A finished store to read: a store directory, or a run's activations/ tree (`model`: which model's, by
+        name or slug; needed only when the tree holds several)."""
+        where = _store_dir(Path(path), model)
+        store = cls(where.parent, where.name)
+        if not store.complete():
+            raise FileNotFoundError(f"{store.meta_path} does not exist: {where} is not a finished activation store; "
+                                    "run the activations stage first")
+        return store
+
+    @classmethod
+    def tree(cls, activations: Path) -> list[ActivationStore]:
+        """Every model's store linked in a run's activations/ tree, finished or not (a check reports the latter)."""
+        return [cls(Path(activations), d.name) for d in sorted(Path(activations).glob("model=*")) if d.is_dir()]
 
     @property
     def dir(self) -> Path:
@@ -151,6 +187,85 @@ class ActivationStore:
 
     def layer_dir(self, layer: int) -> Path:
         return self.dir / f"layer={layer}"
+
+    # ------------------------------------------------------------------ reading
+
+    def meta(self) -> dict[str, Any]:
+        """meta.json as written (every field; the properties below type the common ones)."""
+        return json.loads(self.meta_path.read_text())
+
+    @property
+    def slug(self) -> str:
+        """The model's slug: its ``model=<slug>`` directory in a run's tree, else what meta.json records."""
+        return self.key.split("=", 1)[1] if self.key.startswith("model=") else self.meta()["slug"]
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(layer) for layer in self.meta()["layers"]]
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta()["dim"])
+
+    @property
+    def storage_dtype(self) -> str:
+        return self.meta().get("storage_dtype", "float32")
+
+    @property
+    def rows_by_position(self) -> dict[str, int]:
+        """Rows per position in each layer (stores written before positions existed: n_keys 'last' rows)."""
+        meta = self.meta()
+        return dict(meta.get("rows_by_position") or {"last": meta["n_keys"]})
+
+    @property
+    def positions(self) -> list[str]:
+        meta = self.meta()
+        return list(meta.get("positions") or meta.get("rows_by_position") or [meta.get("position", "last")])
+
+    def layer_files(self, layer: int) -> list[Path]:
+        """One layer's shard files, sorted."""
+        return sorted(self.layer_dir(layer).glob(SHARD_GLOB))
+
+    def files(self) -> list[Path]:
+        """Every shard file of every layer, absolute and sorted (DuckDB reads `layer` from their paths)."""
+        return sorted(self.dir.absolute().glob(f"layer=*/{SHARD_GLOB}"))
+
+    def vectors(self, layer: int, keys: Sequence[str], position: str = "last",
+                context_keys: Sequence[str] | None = None) -> np.ndarray:
+        """float32 (len(keys), dim) of one layer and position, row i the vector of keys[i]; a context position
+        (one row per sentence and context it was read in) also takes each row's context key."""
+        in_context = position in CTX_POSITIONS
+        if in_context != (context_keys is not None):
+            raise ValueError(f"position {position!r} rows are keyed by {'key and context key' if in_context else 'key'}"
+                             ": pass context_keys for the ctx_* positions, and only for them")
+        table = self._position_rows(layer, position)
+        wanted = _row_ids(pa.array(list(keys), pa.string()), context_keys)
+        stored = _row_ids(table["key"], table["context_key"] if in_context else None)
+        index = pc.index_in(wanted, value_set=stored)
+        if index.null_count:
+            missing = wanted.filter(pc.is_null(index)).to_pylist()
+            raise KeyError(
+                f"{len(missing)} keys have no activation at layer {layer}, position {position!r}, in {self.dir} "
+                f"(e.g. {missing[:3]}): re-run the activations stage on the current statements and sentences")
+        dim = table.schema.field("vector").type.list_size
+        vectors = table["vector"].take(index).combine_chunks().flatten()
+        return vectors.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+    def _position_rows(self, layer: int, position: str) -> pa.Table:
+        """key, context_key and vector of one layer's rows at one position (a clear error for what is not stored)."""
+        layers, positions = self.layers, self.positions
+        if layer not in layers:
+            raise KeyError(f"layer {layer} is not in the activation store {self.dir} (layers {layers}): "
+                           "run the activations stage with it")
+        if position not in positions:
+            raise KeyError(f"position {position!r} is not in the activation store {self.dir} (positions {positions})")
+        files = self.layer_files(layer)
+        if not files:
+            raise FileNotFoundError(f"{self.layer_dir(layer)} holds no shard: run the activations stage again")
+        return ds.dataset(files, format="parquet").to_table(columns=["key", "context_key", "vector"],
+                                                            filter=pc.field("position") == position)
+
+    # ------------------------------------------------------------------ writing
 
     def shard_done(self, shard: Shard, layers: Sequence[int]) -> bool:
         """Every layer's file of the shard exists (each was renamed into place whole)."""
@@ -171,7 +286,7 @@ class ActivationStore:
         """Refuse to finish a store with a missing shard, a duplicate row or a row count off the inputs."""
         want = sum(expected.values())
         for layer in layers:
-            names = {p.name for p in self.layer_dir(layer).glob("part-*.parquet")}
+            names = {p.name for p in self.layer_files(layer)}
             missing = [s.name for s in shards if s.name not in names]
             table = pq.read_table(self.layer_dir(layer), columns=["key", "position", "context_key"])
             ids = pc.binary_join_element_wise(table["key"], table["position"],
@@ -187,14 +302,12 @@ class ActivationStore:
         """Mark the store complete (meta.json last)."""
         return write_json(meta, self.meta_path)
 
-    def meta(self) -> dict[str, Any]:
-        return json.loads(self.meta_path.read_text())
-
-    def link_into(self, target: Path) -> Path:
-        """Expose the store in a run directory as hard links (copies across file systems); returns its meta."""
+    def link_into(self, activations: Path, slug: str) -> Path:
+        """Link the store into a run's activations/ tree (hard links, or copies across file systems)."""
+        target = model_dir(activations, slug)
         tmp = target.parent / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        for src in sorted(self.dir.glob("layer=*/part-*.parquet")):
+        for src in self.files():
             dst = tmp / src.parent.name / src.name
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -205,6 +318,30 @@ class ActivationStore:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         return target / "meta.json"
+
+
+def _store_dir(path: Path, model: str | None) -> Path:
+    """The store directory a path names: itself, or one model's in a run's activations/ tree."""
+    if model is not None:
+        return model_dir(path, model_slug(model))
+    if (path / "meta.json").exists():
+        return path
+    models = sorted(d.name for d in path.glob("model=*") if d.is_dir())
+    if len(models) > 1:
+        raise ValueError(f"{path} holds the activation stores of {len(models)} models ({models}): name one")
+    return path / models[0] if models else path
+
+
+def _row_ids(keys: pa.Array | pa.ChunkedArray, context_keys: Sequence[str] | pa.ChunkedArray | None) -> pa.Array:
+    """A row's identity: its key, or its key and context key for a row read in a context."""
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    if context_keys is None:
+        return keys
+    if isinstance(context_keys, pa.ChunkedArray):
+        ctx = context_keys.combine_chunks()
+    else:
+        ctx = pa.array(list(context_keys), pa.string())
+    return pc.binary_join_element_wise(keys, pc.fill_null(ctx, ""), "\x1f")
 
 
 def disk_estimate(rows: int, n_layers: int, dim: int, storage_dtype: str) -> int:

@@ -1,4 +1,8 @@
-"""Run a table's Great Expectations suite so no stage starts on data that breaks its contract."""
+"""Run a table's Great Expectations suite so no stage starts on data that breaks its contract.
+
+The suites (schemas/suites.py) only declare; this module loads what they check: the table, the frames its
+preparation reads, and for the activations the store summarised per vector without loading a vector.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,11 @@ import threading
 import time
 from typing import Any
 
-from schemas.suites import suite_for
-from tasks.core.storage import RunPaths, write_json
+import polars as pl
+
+from schemas.suites import ACTIVATION_FACTS, ACTIVATION_METAS, ACTIVATION_POSITIONS, suite_for
+from tasks.core.activation_store import DUCKDB_HIVE, ActivationStore
+from tasks.core.storage import RunPaths, read_table, write_json
 
 STAGE_TABLES: dict[str, list[str]] = {
     "ingest": ["items", "statements", "rejects"],
@@ -21,6 +28,14 @@ STAGE_TABLES: dict[str, list[str]] = {
 }
 
 _EXAMPLES = 5  # unexpected values quoted per failing expectation
+_VECTOR_FACTS_SQL = f"""
+select model, layer, key, source, position, context_key,
+       len(vector) as dim,
+       -- fast path: a finite sum means every element is finite; else count them exactly
+       case when isfinite(list_sum(vector)) then len(vector)
+            else list_count(list_filter(vector, lambda x: isfinite(x))) end as n_finite
+from read_parquet($files, {DUCKDB_HIVE}, union_by_name = true)
+"""
 _LOCK = threading.Lock()  # one GX context per process; its registry is not thread-safe
 _STATE: dict[str, Any] = {}
 
@@ -64,9 +79,46 @@ def _expectation_suite(table: str) -> Any:
     return _STATE[key]
 
 
+def activation_frames(paths: RunPaths) -> dict[str, pl.DataFrame]:
+    """The run's activation stores as their suite reads them: per vector its scalar facts (computed in DuckDB),
+    per model and per (model, position) what meta.json declares."""
+    import duckdb
+
+    stores = ActivationStore.tree(paths.activations)
+    files = [str(f) for store in stores for f in store.files()]
+    if not files:
+        raise FileNotFoundError(f"{paths.activations} holds no activation shards: run the activations stage first")
+    metas, positions = [], []
+    for store in stores:
+        meta = store.meta() if store.complete() else None
+        by_position = store.rows_by_position if meta else {}
+        metas.append({"model": store.slug, "has_meta": meta is not None,
+                      "meta_dim": meta.get("dim") if meta else None,
+                      "meta_n_rows": sum(by_position.values()) if meta else None,
+                      "meta_layers": [int(x) for x in meta.get("layers", [])] if meta else None})
+        positions += [{"model": store.slug, "position": p, "meta_position_rows": n} for p, n in by_position.items()]
+    with duckdb.connect() as con:
+        facts = pl.from_arrow(con.sql(_VECTOR_FACTS_SQL, params={"files": files}).to_arrow_table())
+    return {"activations": facts.cast(ACTIVATION_FACTS),
+            "activation_metas": pl.DataFrame(metas, schema=ACTIVATION_METAS),
+            "activation_positions": pl.DataFrame(positions, schema=ACTIVATION_POSITIONS)}
+
+
+def suite_frame(table: str, paths: RunPaths) -> pl.DataFrame:
+    """What a table's suite checks: the table (or the activation summary) prepared with the frames it reads."""
+    suite = suite_for(table)
+    loaded = activation_frames(paths) if table == "activations" else {}
+
+    def load(name: str) -> pl.DataFrame:
+        return loaded[name] if name in loaded else read_table(paths.table(name))
+
+    present = [read_table(paths.table(n)) if paths.table(n).exists() else None for n in suite.reads_if_present]
+    return suite.frame(load(table), *map(load, suite.reads), *present)
+
+
 def run_suite(table: str, paths: RunPaths) -> dict:
     """Validate a table with its suite and return GX's result as a JSON dict (no file, no raise)."""
-    frame = suite_for(table).frame(paths)
+    frame = suite_frame(table, paths)
     pdf = frame.to_pandas()
     start = time.perf_counter()
     with _LOCK:

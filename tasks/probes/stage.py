@@ -23,7 +23,8 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from schemas.tables import PROBE_METRICS, SENTENCE_SCORES
-from tasks.activations.stage import load_vectors, probed_sentences, read_meta
+from tasks.activations.stage import probed_sentences
+from tasks.core.activation_store import ActivationStore
 from tasks.core.config import RunConfig
 from tasks.core.storage import RunPaths, atomic_path, model_slug, read_table, write_json, write_parquet
 
@@ -239,7 +240,7 @@ def score_sentences(
     Sentences left out in 'relevant' mode get no row, so marking never flags them.
     """
     probed = probed_sentences(paths, sentences).select("item_id", "sent_idx", "key")
-    p = probe.predict_proba(load_vectors(paths, slug, layer, probed["key"].to_list()))
+    p = probe.predict_proba(ActivationStore.open(paths.activations, slug).vectors(layer, probed["key"].to_list()))
     scores = probed.with_columns(
         pl.lit(layer).alias("layer"),
         pl.lit(kind).alias("probe"),
@@ -252,7 +253,8 @@ def score_sentences(
 def run_probes(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     """Train probes per layer and kind, pick the best layer on dev, score every sentence with it."""
     slug = model_slug(cfg.model.name)
-    meta = read_meta(paths, slug)
+    store = ActivationStore.open(paths.activations, slug)
+    meta = store.meta()
     layers = _probe_layers(cfg, meta)
     kinds = list(dict.fromkeys([*cfg.probe.kinds, cfg.probe.select_kind]))
     statements = read_table(paths.table("statements"))
@@ -266,7 +268,7 @@ def run_probes(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     # one BLAS thread: these fits are tiny, and threaded BLAS on a busy machine ran ~100x slower (measured)
     with threadpool_limits(limits=1):
         for layer in tqdm(layers, desc="probes", unit="layer", dynamic_ncols=True):
-            X = load_vectors(paths, slug, layer, keys)
+            X = store.vectors(layer, keys)
             probes, layer_rows = train_layer(X, y, split, kinds, cfg, layer, meta)
             rows.extend(layer_rows)
             for kind, probe in probes.items():
@@ -277,7 +279,7 @@ def run_probes(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     best = select_best(read_table(metrics_path), cfg.probe.select_kind, cfg.probe.layer)
     chosen = selected[best["layer"]]
     if cfg.probe.refit:
-        chosen = refit_train_dev(chosen, load_vectors(paths, slug, best["layer"], keys), y, split)
+        chosen = refit_train_dev(chosen, store.vectors(best["layer"], keys), y, split)
     chosen.save(paths.probes / "final.safetensors")
     test = chosen.meta["metrics"]["test"]
     best_json = {

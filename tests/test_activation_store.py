@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
@@ -19,8 +20,8 @@ import torch
 
 import tasks.activations.stage as acts
 from schemas.tables import ITEMS, SENTENCES, STATEMENTS
-from tasks.core.activation_store import plan_shards
-from tasks.activations.stage import collect_inputs, iter_context_activations, load_vectors, open_store, run_activations
+from tasks.core.activation_store import DUCKDB_HIVE, ActivationStore, Shard, plan_shards, tree_glob, vectors_table
+from tasks.activations.stage import collect_inputs, iter_context_activations, open_store, run_activations
 from tasks.core.config import ModelConfig, RunConfig
 from tasks.activations.extraction import span_tokens
 from tasks.core.models import load_model, load_tokenizer
@@ -119,8 +120,8 @@ def test_second_run_loads_no_model_and_the_store_is_shared(tiny_cfg, run_paths, 
     second = json.loads(Path(run_activations(cfg.model_copy(update={"run": "other-run"}), other)["activations_meta"]).read_text())
     assert time.perf_counter() - t0 < 5 and second == first
     keys = [text_key(t) for t, _, _ in split_sentences(CONTEXTS[0])]
-    np.testing.assert_array_equal(load_vectors(other, model_slug(cfg.model.name), 2, keys),
-                                  load_vectors(run_paths, model_slug(cfg.model.name), 2, keys))
+    np.testing.assert_array_equal(ActivationStore.open(other.activations).vectors(2, keys),
+                                  ActivationStore.open(run_paths.activations).vectors(2, keys))
     # a changed input is another store: extracting it would need the model
     write_run(other, CONTEXTS[:2], ["Paris is the capital of France."])
     with pytest.raises(AssertionError, match="model was loaded"):
@@ -150,12 +151,106 @@ def test_float16_storage_halves_the_vectors(tiny_cfg, run_paths):
     write_run(run_paths, CONTEXTS, ["Paris is the capital of France."])
     slug = model_slug(tiny_cfg.model.name)
     keys = [text_key(t) for t, _, _ in split_sentences(CONTEXTS[0])]
-    full = load_vectors(run_paths, slug, 1, keys) if run_activations(with_act(tiny_cfg), run_paths) else None
+    run_activations(with_act(tiny_cfg), run_paths)
+    full = ActivationStore.open(run_paths.activations, slug).vectors(1, keys)
     run_activations(with_act(tiny_cfg, storage_dtype="float16"), run_paths)
-    half = load_vectors(run_paths, slug, 1, keys)
+    half = ActivationStore.open(run_paths.activations, slug).vectors(1, keys)
     assert half.dtype == np.float32 and np.abs(half - full).max() <= 1e-2 * np.abs(full).max()
     field = pq.read_schema(next((run_paths.activations / f"model={slug}" / "layer=1").glob("*.parquet"))).field("vector")
     assert str(field.type.value_type) == "halffloat"
+    assert validate("activations", run_paths)["success"]  # DuckDB reads the float16 files (the suite's route)
+
+
+DIM = 6
+LAST_KEYS = [f"k{i}" for i in range(7)]
+CTX_ROWS = [("k0", "c0"), ("k1", "c0"), ("k0", "c1")]  # (sentence key, context key): k0 is read in two contexts
+
+
+def write_synthetic_store(root: Path, storage_dtype: str) -> ActivationStore:
+    """A finished store written by the writer without a model: per layer two 'last' shards and a ctx_last shard."""
+    store = ActivationStore(root, "synthetic")
+    rng = np.random.default_rng(7)
+    shards = [Shard("last", 0, 0, 4), Shard("last", 1, 4, 7), Shard("ctx", 0, 0, 2)]
+    for layer in (1, 4):
+        last, ctx = rng.normal(size=(len(LAST_KEYS), DIM)), rng.normal(size=(len(CTX_ROWS), DIM))
+        for shard in shards[:2]:
+            keys, rows = LAST_KEYS[shard.start : shard.stop], last[shard.start : shard.stop]
+            store.write_shard(shard, {layer: vectors_table(keys, ["statements"] * len(keys), rows, "last", None,
+                                                           storage_dtype)})
+        store.write_shard(shards[2], {layer: vectors_table([k for k, _ in CTX_ROWS], ["sentences"] * len(CTX_ROWS), ctx,
+                                                           "ctx_last", [c for _, c in CTX_ROWS], storage_dtype)})
+    rows = {"last": len(LAST_KEYS), "ctx_last": len(CTX_ROWS)}
+    store.verify([1, 4], shards, rows)
+    store.finish({"slug": "synthetic-model", "layers": [1, 4], "dim": DIM, "positions": ["last", "ctx_last"],
+                  "storage_dtype": storage_dtype, "rows_by_position": rows})
+    return store
+
+
+def read_directly(layer_glob: str, position: str) -> dict[tuple[str, str | None], np.ndarray]:
+    """(key, context key) -> vector, read by DuckDB straight from the Parquet files (not through the store)."""
+    sql = "select key, context_key, vector from read_parquet($files) where position = $position"
+    rows = duckdb.sql(sql, params={"files": layer_glob, "position": position}).fetchall()
+    return {(key, ctx): np.asarray(vector, dtype=np.float32) for key, ctx, vector in rows}
+
+
+@pytest.mark.parametrize("storage_dtype", ["float32", "float16"])
+def test_reader_returns_the_stored_vectors_in_the_order_asked(tmp_path, storage_dtype):
+    """A store directory and a run's linked tree give the files' own vectors, row i for keys[i] (repeats too)."""
+    written = write_synthetic_store(tmp_path / "store", storage_dtype)
+    activations = tmp_path / "run" / "activations"
+    written.link_into(activations, "synthetic-model")
+    opened = {"store dir": ActivationStore.open(written.dir), "run tree": ActivationStore.open(activations),
+              "run tree, by model": ActivationStore.open(activations, model="synthetic-model")}
+    keys = ["k5", "k0", "k3", "k0", "k6", "k1", "k2", "k4"]
+    for where, store in opened.items():
+        assert store.slug == "synthetic-model" and store.layers == [1, 4] and store.dim == DIM, where
+        assert store.storage_dtype == storage_dtype and store.positions == ["last", "ctx_last"], where
+        assert [p.name for p in store.layer_files(4)] == sorted(p.name for p in (store.dir / "layer=4").iterdir())
+        for layer in (1, 4):
+            got = store.vectors(layer, keys)
+            direct = read_directly(f"{store.dir}/layer={layer}/*.parquet", "last")
+            assert got.dtype == np.float32 and got.shape == (len(keys), DIM), where
+            np.testing.assert_array_equal(got, np.stack([direct[(k, None)] for k in keys]), err_msg=where)
+            asked = list(reversed(CTX_ROWS))
+            got = store.vectors(layer, [k for k, _ in asked], "ctx_last", context_keys=[c for _, c in asked])
+            direct = read_directly(f"{store.dir}/layer={layer}/*.parquet", "ctx_last")
+            np.testing.assert_array_equal(got, np.stack([direct[row] for row in asked]), err_msg=where)
+            assert store.vectors(layer, []).shape == (0, DIM)
+    tree = duckdb.sql(f"select distinct model, layer from read_parquet('{tree_glob(activations)}', {DUCKDB_HIVE}) "
+                      "order by layer").fetchall()
+    assert tree == [("synthetic-model", 1), ("synthetic-model", 4)]  # the glob DuckDB reads, typed partitions
+
+
+def test_reader_names_what_the_store_does_not_hold(tmp_path):
+    """An unknown layer, position, key or context is a clear error naming it; an unfinished store does not open."""
+    store = ActivationStore.open(write_synthetic_store(tmp_path / "store", "float32").dir)
+    with pytest.raises(KeyError, match=r"layer 2 is not in the activation store .*layers \[1, 4\]"):
+        store.vectors(2, ["k0"])
+    with pytest.raises(KeyError, match=r"position 'ctx_mean' is not in .*positions \['last', 'ctx_last'\]"):
+        store.vectors(1, ["k0"], "ctx_mean", context_keys=["c0"])
+    with pytest.raises(KeyError, match=r"2 keys have no activation at layer 1, position 'last'.*'nope', 'gone'"):
+        store.vectors(1, ["k0", "nope", "k1", "gone"])
+    with pytest.raises(KeyError, match=r"1 keys have no activation .*\('k1', 'c1'\)"):  # k1 was never read in c1
+        store.vectors(1, ["k0", "k1"], "ctx_last", context_keys=["c1", "c1"])
+    with pytest.raises(ValueError, match="context_keys"):  # k0 has two ctx_last rows: a key alone is ambiguous
+        store.vectors(1, ["k0"], "ctx_last")
+    with pytest.raises(ValueError, match="context_keys"):
+        store.vectors(1, ["k0"], "last", context_keys=["c0"])
+    with pytest.raises(FileNotFoundError, match="run the activations stage"):
+        ActivationStore.open(tmp_path / "nowhere")
+    store.meta_path.unlink()  # an unfinished store
+    with pytest.raises(FileNotFoundError, match="meta.json does not exist"):
+        ActivationStore.open(store.dir)
+
+
+def test_a_run_tree_with_two_models_needs_the_model_named(tmp_path):
+    activations = tmp_path / "activations"
+    for slug in ("model-a", "model-b"):
+        write_synthetic_store(tmp_path / slug, "float32").link_into(activations, slug)
+    with pytest.raises(ValueError, match=r"2 models \(\['model=model-a', 'model=model-b'\]\): name one"):
+        ActivationStore.open(activations)
+    assert ActivationStore.open(activations, "model-b").dir == activations / "model=model-b"
+    assert [s.slug for s in ActivationStore.tree(activations)] == ["model-a", "model-b"]
 
 
 _CHILD = textwrap.dedent(

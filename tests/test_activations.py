@@ -14,11 +14,10 @@ from tasks.activations.stage import (
     collect_texts,
     extract,
     fed_text,
-    layer_path,
-    load_vectors,
     resolve_layers,
     run_activations,
 )
+from tasks.core.activation_store import ActivationStore
 from tasks.core.config import ModelConfig
 from tasks.core.models import decoder_layers, load_model, load_tokenizer
 from tasks.core.storage import model_slug, text_key, write_parquet
@@ -153,7 +152,8 @@ def test_run_activations_writes_cache_and_loads_aligned(tiny_cfg, run_paths, mod
     assert out["activations_meta"].endswith("meta.json")
     assert not (run_paths.activations / f"model={slug}" / "layer=0").exists()
 
-    path = layer_path(run_paths, slug, 1)
+    store = ActivationStore.open(run_paths.activations, slug)
+    (path,) = store.layer_files(1)  # one shard holds every text
     table = pq.read_table(path)
     assert table.schema.equals(activations_schema(64))
     assert table.num_rows == len(TEXTS) and len(set(table["key"].to_pylist())) == len(TEXTS)
@@ -169,13 +169,13 @@ def test_run_activations_writes_cache_and_loads_aligned(tiny_cfg, run_paths, mod
     # keyed by the text, computed on what the model reads: the text without its final period
     ref = extract(model, tok, [fed_text(t, True) for t in order], layers=[1, 3], batch_size=1)
     for layer in (1, 3):
-        got = load_vectors(run_paths, slug, layer, [text_key(t) for t in order])
+        got = store.vectors(layer, [text_key(t) for t in order])
         assert got.dtype == np.float32 and got.shape == (len(TEXTS), 64)
         np.testing.assert_allclose(got, ref[layer], atol=1e-5)
     with pytest.raises(KeyError, match="no activation"):
-        load_vectors(run_paths, slug, 1, [text_key(TEXTS[0]), "missing-key"])
-    with pytest.raises(FileNotFoundError):
-        load_vectors(run_paths, slug, 0, [text_key(TEXTS[0])])
+        store.vectors(1, [text_key(TEXTS[0]), "missing-key"])
+    with pytest.raises(KeyError, match=r"layer 0 is not in the activation store"):  # not extracted: no such layer
+        store.vectors(0, [text_key(TEXTS[0])])
 
 
 def test_fed_text_drops_only_the_closing_punctuation():
@@ -203,7 +203,7 @@ def test_relevant_mode_extracts_only_relevant_sentences(tiny_cfg, run_paths):
 
     run_activations(relevant_cfg(tiny_cfg, layers=[0]), run_paths)
     slug = model_slug(tiny_cfg.model.name)
-    table = pq.read_table(layer_path(run_paths, slug, 0))
+    table = pq.read_table(ActivationStore.open(run_paths.activations, slug).layer_files(0))
     assert sorted(table["key"].to_pylist()) == sorted(keys)
     meta = json.loads((run_paths.activations / f"model={slug}" / "meta.json").read_text())
     assert meta["sentences"] == "relevant" and meta["n_sentences"] == 2

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.tables import SENTENCES, STATEMENTS, activations_schema
-from tasks.activations.stage import vectors_table, layer_path, load_vectors
+from tasks.activations.stage import vectors_table
+from tasks.core.activation_store import ActivationStore
 from tasks.probes.stage import (
     fit_on_dev,
     BEST_KEYS,
@@ -76,7 +77,8 @@ def write_case(paths, cfg, statements: pl.DataFrame, strengths: dict[int, dict[s
         keys = statements["key"].to_list() + [k for k in sent_keys if k in kept]
         sources = ["statements"] * statements.height + ["sentences"] * len(sent_vec)
         table = vectors_table(keys, sources, np.concatenate([vectors, sent_vec]))
-        write_parquet(table, layer_path(paths, slug, layer), activations_schema(DIM))
+        write_parquet(table, paths.activations / f"model={slug}" / f"layer={layer}" / "part-last-00000.parquet",
+                      activations_schema(DIM))
     write_json({"layers": sorted(strengths), "dim": DIM, "position": "last"},
                paths.activations / f"model={slug}" / "meta.json")
 
@@ -109,7 +111,7 @@ def test_run_probes_metrics_files_and_reload(tiny_cfg, run_paths):
     assert metrics.filter(pl.col("split") == "dev")["n"].to_list() == [40] * 4
 
     slug = model_slug(tiny_cfg.model.name)
-    X = load_vectors(run_paths, slug, 1, statements["key"].to_list())
+    X = ActivationStore.open(run_paths.activations, slug).vectors(1, statements["key"].to_list())
     for kind in ("logistic", "diffmean"):
         path = probe_path(run_paths, kind, 1)
         probe = LinearProbe.load(path)
@@ -168,7 +170,7 @@ def test_sentence_scores_follow_threshold(tiny_cfg, run_paths):
     best = json.loads((run_paths.probes / "best.json").read_text())
     assert set(scores["layer"]) == {best["layer"]} and set(scores["probe"]) == {"diffmean"}
     assert probe_path(run_paths, "diffmean", 0).exists()  # the select kind is trained even if not listed
-    X = load_vectors(run_paths, model_slug(cfg.model.name), best["layer"], sentences["key"].to_list())
+    X = ActivationStore.open(run_paths.activations, cfg.model.name).vectors(best["layer"], sentences["key"].to_list())
     probe = LinearProbe.load(run_paths.probes / "final.safetensors")  # the chosen probe, refitted
     assert probe.meta["kind"] == "diffmean" and probe.meta["layer"] == best["layer"]
     np.testing.assert_array_equal(scores["p_conflict"].to_numpy(), probe.predict_proba(X))
@@ -193,7 +195,7 @@ def test_probes_train_on_train_split_only(tiny_cfg, run_paths):
     assert (test_auroc < 0.2).all()  # the flipped test labels reached only the evaluation
 
     slug = model_slug(tiny_cfg.model.name)
-    path = layer_path(run_paths, slug, 0)
+    (path,) = ActivationStore.open(run_paths.activations, slug).layer_files(0)
     table = pq.read_table(path)
     vectors = table["vector"].combine_chunks().flatten().to_numpy().reshape(-1, DIM).copy()
     vectors[: statements.height][held_out] = np.random.default_rng(7).normal(size=(held_out.sum(), DIM))
@@ -239,7 +241,7 @@ def test_final_probe_refits_on_train_and_dev_never_test(tiny_cfg, run_paths):
 
 def test_l2_is_chosen_on_dev(tiny_cfg, run_paths):
     write_case(run_paths, tiny_cfg, make_statements(), {0: {"train": 2.0, "dev": 2.0, "test": 2.0}}, seed=0)
-    X = load_vectors(run_paths, model_slug(tiny_cfg.model.name), 0, make_statements()["key"].to_list())
+    X = ActivationStore.open(run_paths.activations, tiny_cfg.model.name).vectors(0, make_statements()["key"].to_list())
     y = make_statements()["label"].to_numpy()
     split = make_statements()["split"].to_numpy()
     grid = [1e-4, 1.0]

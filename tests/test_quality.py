@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -230,3 +234,16 @@ def test_fact_units_and_rejects_are_checked(good_run):
     write_parquet([reject, {**reject, "record": 4, "reason": "because"}], good_run.table("rejects"), T.REJECTS)
     with pytest.raises(DataQualityError, match=r"\[reason\].*'because'"):
         validate("rejects", good_run)
+
+
+def test_schemas_import_nothing_from_tasks():
+    """The contracts sit below the code that fulfils them: importing every schemas module loads no tasks module."""
+    root = Path(__file__).resolve().parents[1]
+    modules = sorted(f"schemas.{p.stem}" for p in (root / "schemas").glob("*.py") if p.stem != "__init__")
+    assert {"schemas.suites", "schemas.tables", "schemas.rejects"} <= set(modules)
+    code = (f"import sys, {', '.join(modules)}\n"
+            "bad = sorted(m for m in sys.modules if m == 'tasks' or m.startswith('tasks.'))\n"
+            "assert not bad, bad")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

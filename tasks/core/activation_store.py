@@ -144,10 +144,12 @@ def vectors_table(
 
 
 def write_shard_file(table: pa.Table, path: Path) -> None:
-    """One layer's file of a shard, atomically; byte-stream split compresses float vectors best."""
+    """One layer's file of a shard, atomically; byte-stream split compresses float32 vectors best (float16 ones are
+    written plain: DuckDB cannot read byte-stream-split float16, and the suite and the catalog read with DuckDB)."""
+    split = ["vector.list.element"] if table.schema.field("vector").type.value_type == pa.float32() else False
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", use_dictionary=["source", "position", "context_key"],
-                       use_byte_stream_split=["vector.list.element"])
+                       use_byte_stream_split=split)
 
 
 @dataclass(frozen=True)
@@ -239,11 +241,13 @@ class ActivationStore:
             raise ValueError(f"position {position!r} rows are keyed by {'key and context key' if in_context else 'key'}"
                              ": pass context_keys for the ctx_* positions, and only for them")
         table = self._position_rows(layer, position)
-        wanted = _row_ids(pa.array(list(keys), pa.string()), context_keys)
+        keys = list(keys)
+        wanted = _row_ids(pa.array(keys, pa.string()), context_keys)
         stored = _row_ids(table["key"], table["context_key"] if in_context else None)
         index = pc.index_in(wanted, value_set=stored)
         if index.null_count:
-            missing = wanted.filter(pc.is_null(index)).to_pylist()
+            at = pc.indices_nonzero(pc.is_null(index)).to_pylist()
+            missing = [keys[i] if context_keys is None else (keys[i], context_keys[i]) for i in at]
             raise KeyError(
                 f"{len(missing)} keys have no activation at layer {layer}, position {position!r}, in {self.dir} "
                 f"(e.g. {missing[:3]}): re-run the activations stage on the current statements and sentences")

@@ -28,14 +28,6 @@ STAGE_TABLES: dict[str, list[str]] = {
 }
 
 _EXAMPLES = 5  # unexpected values quoted per failing expectation
-_VECTOR_FACTS_SQL = f"""
-select model, layer, key, source, position, context_key,
-       len(vector) as dim,
-       -- fast path: a finite sum means every element is finite; else count them exactly
-       case when isfinite(list_sum(vector)) then len(vector)
-            else list_count(list_filter(vector, lambda x: isfinite(x))) end as n_finite
-from read_parquet($files, {DUCKDB_HIVE}, union_by_name = true)
-"""
 _LOCK = threading.Lock()  # one GX context per process; its registry is not thread-safe
 _STATE: dict[str, Any] = {}
 
@@ -77,6 +69,16 @@ def _expectation_suite(table: str) -> Any:
     if key not in _STATE:
         _STATE[key] = suite_for(table).expectation_suite()
     return _STATE[key]
+
+
+_VECTOR_FACTS_SQL = f"""
+select model, layer, key, source, position, context_key,
+       len(vector) as dim,
+       -- fast path: a finite sum means every element is finite; else count them exactly
+       case when isfinite(list_sum(vector)) then len(vector)
+            else list_count(list_filter(vector, lambda x: isfinite(x))) end as n_finite
+from read_parquet($files, {DUCKDB_HIVE}, union_by_name = true)
+"""
 
 
 def activation_frames(paths: RunPaths) -> dict[str, pl.DataFrame]:

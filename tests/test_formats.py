@@ -10,8 +10,10 @@ import pytest
 
 from schemas.tables import ITEMS, REJECTS, STATEMENTS
 from tasks.core.config import RunConfig
-from tasks.ingest.formats import READERS, FormatError, ReadOptions
-from tasks.ingest.formats import common as C
+from schemas import rejects as R
+from tasks.ingest.formats import READERS, FormatError, Ingested, ReadOptions
+from tasks.ingest.formats.items import fit_context, target_sentence
+from tasks.ingest.formats.records import _decode, flatten_squad
 from tasks.ingest.formats.faitheval import CONFLICT_INSTRUCTION, UNKNOWN_INSTRUCTION
 from tasks.ingest.stage import ingest
 from tasks.core.storage import text_key, to_arrow
@@ -19,22 +21,22 @@ from tests import format_fixtures as F
 
 WORDS = ReadOptions(max_context_tokens=F.LONG_BUDGET, count_tokens=lambda t: len(t.split()))
 QA_REASONS = {
-    C.MISSING_FIELD, C.WRONG_TYPE, C.EMPTY_QUESTION, C.EMPTY_CONTEXT, C.EMPTY_ANSWERS, C.DUPLICATE_ID,
-    C.UNDECODABLE, C.CONTEXT_TOO_LONG, C.SAME_ANSWER, C.NOT_AN_OBJECT, C.MALFORMED_JSON, C.MISALIGNED,
+    R.MISSING_FIELD, R.WRONG_TYPE, R.EMPTY_QUESTION, R.EMPTY_CONTEXT, R.EMPTY_ANSWERS, R.DUPLICATE_ID,
+    R.UNDECODABLE, R.CONTEXT_TOO_LONG, R.SAME_ANSWER, R.NOT_AN_OBJECT, R.MALFORMED_JSON, R.MISALIGNED,
 }
 F_ZHOU = ("orig_dev_filtered.json", "conflict_dev_filtered.json")
-KF_REASONS = {C.EMPTY_FIELD, C.UNKNOWN_RELATION, C.DUPLICATE, C.NO_COUNTERFACTUAL, C.UNFORMABLE_SENTENCE}
+KF_REASONS = {R.EMPTY_FIELD, R.UNKNOWN_RELATION, R.DUPLICATE, R.NO_COUNTERFACTUAL, R.UNFORMABLE_SENTENCE}
 
 
-def _read(name: str, tmp_path: Path, broken: bool = False, opts: ReadOptions = WORDS, **kw) -> C.Ingested:
+def _read(name: str, tmp_path: Path, broken: bool = False, opts: ReadOptions = WORDS, **kw) -> Ingested:
     return READERS[name].read(F.WRITERS[name](tmp_path, broken=broken, **kw), opts)
 
 
-def _by_question(out: C.Ingested) -> dict[str, dict]:
+def _by_question(out: Ingested) -> dict[str, dict]:
     return {it["question"]: it for it in out.items}
 
 
-def _check_tables(out: C.Ingested) -> None:
+def _check_tables(out: Ingested) -> None:
     """Rows fit their schemas exactly, ids are unique and no group straddles splits."""
     assert all(set(it) == set(ITEMS.names) for it in out.items)
     for rows, schema in ((out.items, ITEMS), (out.statements, STATEMENTS), (out.rejects, REJECTS)):
@@ -176,11 +178,11 @@ def test_known_facts_reader_small_file(tmp_path):
 def _source_records(path: Path) -> list:
     """The records of a fixture file as a reader numbers them (for checking rejects.raw)."""
     if path.is_dir():
-        orig, conflict = (json.loads(C._decode((path / n).read_bytes())) for n in F_ZHOU)
+        orig, conflict = (json.loads(_decode((path / n).read_bytes())) for n in F_ZHOU)
         n = max(len(orig), len(conflict))
         return [{"orig": orig[i] if i < len(orig) else None, "conflict": conflict[i] if i < len(conflict) else None}
                 for i in range(n)]
-    text = C._decode(path.read_bytes())
+    text = _decode(path.read_bytes())
     if path.suffix == ".jsonl":
         out = []
         for line in filter(str.strip, text.splitlines()):
@@ -190,7 +192,7 @@ def _source_records(path: Path) -> list:
                 out.append(line)
         return out
     doc = json.loads(text)
-    return C.flatten_squad(doc) if isinstance(doc, dict) else doc
+    return flatten_squad(doc) if isinstance(doc, dict) else doc
 
 
 def test_broken_fixtures_reject_every_reason_and_lose_nothing(tmp_path):
@@ -212,14 +214,14 @@ def test_broken_fixtures_reject_every_reason_and_lose_nothing(tmp_path):
         assert reasons == Counter(F.BROKEN_REASONS[name]), name
         seen.update(reasons)
     assert set(seen) == QA_REASONS | KF_REASONS
-    assert set(seen) <= set(C.REASONS)
+    assert set(seen) <= set(R.REASONS)
 
 
 def test_record_ids_of_rejects(tmp_path):
     out = _read("faitheval-counterfactual", tmp_path, broken=True)
     reasons = {r["record_id"]: r["reason"] for r in out.rejects}
-    assert reasons["faitheval-counterfactual-fe-cf-x1"] == C.EMPTY_ANSWERS
-    assert reasons["faitheval-counterfactual-fe-cf-0"] == C.DUPLICATE_ID
+    assert reasons["faitheval-counterfactual-fe-cf-x1"] == R.EMPTY_ANSWERS
+    assert reasons["faitheval-counterfactual-fe-cf-0"] == R.DUPLICATE_ID
 
 
 @pytest.mark.parametrize("name", sorted(READERS))
@@ -295,7 +297,7 @@ def test_truncation_policy(policy, tmp_path):
     count = lambda t: len(t.split())  # noqa: E731
     out = READERS["confiqa-qa"].read(path, ReadOptions(max_context_tokens=19, truncation=policy, count_tokens=count))
     if policy == "reject":
-        assert not out.items and out.rejects[0]["reason"] == C.CONTEXT_TOO_LONG
+        assert not out.items and out.rejects[0]["reason"] == R.CONTEXT_TOO_LONG
         assert "61 tokens, over the budget of 19" in out.rejects[0]["detail"]
         return
     (it,) = out.items
@@ -304,7 +306,7 @@ def test_truncation_policy(policy, tmp_path):
     assert it["target_sentence"] == "The novel was written by Charlotte Bronte."
     tight = ReadOptions(max_context_tokens=5, truncation="truncate", count_tokens=count)
     out = READERS["confiqa-qa"].read(path, tight)  # not even the first sentence fits
-    assert not out.items and out.rejects[0]["reason"] == C.CONTEXT_TOO_LONG
+    assert not out.items and out.rejects[0]["reason"] == R.CONTEXT_TOO_LONG
 
 
 def test_truncation_option_is_checked():
@@ -329,9 +331,9 @@ def test_limit_sampling_is_seeded_and_counts_add_up(tmp_path):
 
 def test_target_sentence_and_fit_helpers():
     ctx = "Paris is big. The Eiffel Tower stands in Lyon. Lyon is old."
-    assert C.target_sentence(ctx, ["lyon"]) == "The Eiffel Tower stands in Lyon."
-    assert C.target_sentence(ctx, ["Rome"]) is None
-    assert C.fit_context(ctx, ReadOptions()) == (ctx, False)  # no counter: no budget check
+    assert target_sentence(ctx, ["lyon"]) == "The Eiffel Tower stands in Lyon."
+    assert target_sentence(ctx, ["Rome"]) is None
+    assert fit_context(ctx, ReadOptions()) == (ctx, False)  # no counter: no budget check
 
 
 def test_jsonl_line_level_rejects(tmp_path):
@@ -340,6 +342,6 @@ def test_jsonl_line_level_rejects(tmp_path):
     path.write_bytes(b"\n".join([good, b'{"question": "\xff', b"{broken", b"", b"[1]"]) + b"\n")
     out = READERS["confiqa-qa"].read(path, ReadOptions())
     assert out.n_read == 4 and out.n_kept == 1  # the blank line is no record
-    assert [r["reason"] for r in out.rejects] == [C.UNDECODABLE, C.MALFORMED_JSON, C.NOT_AN_OBJECT]
+    assert [r["reason"] for r in out.rejects] == [R.UNDECODABLE, R.MALFORMED_JSON, R.NOT_AN_OBJECT]
     assert json.loads(out.rejects[0]["raw"]) == '{"question": "\udcff' and "line 2" in out.rejects[0]["detail"]
     to_arrow(out.rejects, REJECTS)  # the lone surrogate is escaped, so the table still writes

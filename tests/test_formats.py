@@ -11,10 +11,11 @@ import pytest
 from schemas.tables import ITEMS, REJECTS, STATEMENTS
 from tasks.core.config import RunConfig
 from schemas import rejects as R
-from tasks.ingest.formats import READERS, FormatError, Ingested, ReadOptions
+from tasks.ingest.formats import MODULES, READERS, FormatError, Ingested, ReadOptions, registry
 from tasks.ingest.formats.items import fit_context, target_sentence
 from tasks.ingest.formats.records import _decode, flatten_squad
 from tasks.ingest.formats.faitheval import CONFLICT_INSTRUCTION, UNKNOWN_INSTRUCTION
+from tasks.ingest.provenance import loader_code_files
 from tasks.ingest.stage import ingest
 from tasks.core.storage import text_key, to_arrow
 from tests import format_fixtures as F
@@ -345,3 +346,41 @@ def test_jsonl_line_level_rejects(tmp_path):
     assert [r["reason"] for r in out.rejects] == [R.UNDECODABLE, R.MALFORMED_JSON, R.NOT_AN_OBJECT]
     assert json.loads(out.rejects[0]["raw"]) == '{"question": "\udcff' and "line 2" in out.rejects[0]["detail"]
     to_arrow(out.rejects, REJECTS)  # the lone surrogate is escaped, so the table still writes
+
+
+# ------------------------------------------------------------------- one new dataset = one parse function
+
+
+def test_a_new_reader_is_a_parse_function_and_its_options(tmp_path, monkeypatch):
+    finished = []
+    reader = F.toy_reader(finish=finished.append)
+    monkeypatch.setitem(READERS, F.TOY, reader)
+    path = F.write_toy(tmp_path, broken=True)
+    out = ingest(RunConfig(run="t", dataset=F.TOY, data_path=path, ingest={"max_context_tokens": 400}))
+    assert len(out.items) == 8 and {it["dataset"] for it in out.items} == {F.TOY}
+    assert {it["split"] for it in out.items} == {"train", "dev", "test"}
+    assert out.items[0]["target_sentence"] == F.target_of(F.FACTS[0])
+    assert [r["reason"] for r in out.rejects] == [R.SAME_ANSWER, R.NOT_AN_OBJECT] and len(finished) == 1
+    assert out.statements and all(s["stmt_id"].startswith("kf-") for s in out.statements)  # bundled known facts
+    assert reader.files(path) == [path]
+    with pytest.raises(ValueError, match=f"'{F.TOY}' needs --data-path \\(get the file from tests/"):
+        reader.read(None, ReadOptions())
+    path.write_text(json.dumps([{"question": "x"}]))
+    with pytest.raises(FormatError, match="records with fields q, passage"):
+        reader.read(path, ReadOptions())
+
+
+def test_registry_lists_every_module_once_and_refuses_a_name_twice():
+    assert list(registry(MODULES)) == list(READERS)
+    with pytest.raises(ValueError, match="'squad' is registered twice"):
+        registry([*MODULES, "squad"])
+
+
+def test_readers_build_on_shared_contracts_only():
+    """Readers import neither evaluation nor scoring: only schemas/, tasks/core/ and the formats package."""
+    root = Path(__file__).resolve().parents[1]
+    files = {f.relative_to(root).as_posix() for f in loader_code_files()}
+    allowed = ("schemas/", "tasks/core/", "tasks/ingest/formats/")
+    assert all(f.startswith(allowed) for f in files), sorted(files)
+    shared = {"schemas/tables.py", "schemas/rejects.py", "tasks/core/text.py", "tasks/core/splitter.py"}
+    assert shared <= files and {f"tasks/ingest/formats/{m}.py" for m in MODULES} <= files

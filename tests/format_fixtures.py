@@ -14,6 +14,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas.rejects import EMPTY_CONTEXT, EMPTY_QUESTION
+from tasks.ingest.formats import Reader, file_reader
+from tasks.ingest.formats.fields import get_answers, get_text
+from tasks.ingest.formats.items import Parsed, conflict_item
+
 LONG_BUDGET = 200  # tokens (whitespace words): every good context fits, the long one does not
 BAD_BYTES = b"\xff\xfe"  # never valid UTF-8
 _BAD_MARK = "@@INVALID_UTF8@@"
@@ -447,6 +452,31 @@ def write_not_the_format(dir: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("name,age\nAda Lovelace,36\nAlan Turing,41\n", encoding="utf-8")
     return path
+
+
+# ------------------------------------------------------ a throwaway dataset: all a new reader module declares
+
+TOY = "toy-qa"
+
+
+def parse_toy(rec: dict) -> Parsed:
+    """One record of a made-up QA format: question `q`, context `passage`, answers `new`, memorised `old`."""
+    question, context = get_text(rec, "q", EMPTY_QUESTION), get_text(rec, "passage", EMPTY_CONTEXT)
+    return conflict_item(question, context, get_answers(rec, "new"), get_answers(rec, "old"), None)
+
+
+def toy_reader(**options) -> Reader:
+    """The made-up format's Reader, as its module would declare it (not registered: a test registers it)."""
+    return file_reader(TOY, "A made-up QA format (tests only).", "tests/format_fixtures.py", ("q", "passage"),
+                       parse_toy, "1", **options)
+
+
+def write_toy(dir: Path, broken: bool = False) -> Path:
+    """Eight good toy records as JSON Lines; broken adds a same-answer record and a non-object."""
+    rows: list = [{"q": f[0], "passage": context_of(f, f[2][0]), "new": f[2], "old": f[1]} for f in FACTS]
+    if broken:
+        rows += [{**rows[0], "q": "Who wrote it?", "new": "George Eliot"}, [1]]
+    return _write_jsonl(Path(dir) / "toy.jsonl", rows)
 
 
 _QA = ("missing_field", "wrong_type", "empty_question", "empty_context", "empty_answers", "duplicate_id")

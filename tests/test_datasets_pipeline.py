@@ -65,6 +65,21 @@ def test_each_format_runs_to_a_report(dataset, tiny_model, tmp_path, prefect_har
     assert manifest["inputs"]["loaders"]["data"]["dataset"] == dataset
 
 
+def test_a_dataset_registered_with_one_reader_runs_to_a_report(tiny_model, tmp_path, prefect_harness, monkeypatch):
+    """A new dataset is one reader (tests/format_fixtures.py:toy_reader) plus one registry entry."""
+    from flows.pipeline import pipeline_flow
+    from tasks.ingest.formats import READERS
+
+    monkeypatch.setitem(READERS, fixtures.TOY, fixtures.toy_reader())
+    cfg = _cfg(fixtures.TOY, fixtures.write_toy(tmp_path / "data", broken=True), tiny_model, tmp_path / "runs")
+    assert pipeline_flow(cfg=cfg) == str(RunPaths(cfg.runs_dir / fixtures.TOY).report)
+    paths = RunPaths(cfg.runs_dir / fixtures.TOY)
+    assert set(pl.read_parquet(paths.table("items"))["dataset"]) == {fixtures.TOY}
+    rejects = pl.read_parquet(paths.table("rejects")).filter(pl.col("source") == "toy.jsonl")
+    assert rejects["reason"].to_list() == ["same_answer", "not_an_object"]
+    assert set(pl.read_parquet(paths.table("metrics"))["method"]) == {"full_context", "clear"}
+
+
 def test_llm_facts_relevance_and_relevant_only_probing_through_the_pipeline(tiny_model, tmp_path, prefect_harness):
     """The reference's decomposition options end to end: local-LLM facts, relevance filter, only relevant units probed."""
     from flows.pipeline import pipeline_flow

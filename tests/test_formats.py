@@ -10,31 +10,34 @@ import pytest
 
 from schemas.tables import ITEMS, REJECTS, STATEMENTS
 from tasks.core.config import RunConfig
-from tasks.ingest.formats import READERS, FormatError, ReadOptions
-from tasks.ingest.formats import common as C
+from schemas import rejects as R
+from tasks.ingest.formats import MODULES, READERS, FormatError, Ingested, ReadOptions, registry
+from tasks.ingest.formats.items import fit_context, target_sentence
+from tasks.ingest.formats.records import _decode, flatten_squad
 from tasks.ingest.formats.faitheval import CONFLICT_INSTRUCTION, UNKNOWN_INSTRUCTION
+from tasks.ingest.provenance import loader_code_files
 from tasks.ingest.stage import ingest
 from tasks.core.storage import text_key, to_arrow
 from tests import format_fixtures as F
 
 WORDS = ReadOptions(max_context_tokens=F.LONG_BUDGET, count_tokens=lambda t: len(t.split()))
 QA_REASONS = {
-    C.MISSING_FIELD, C.WRONG_TYPE, C.EMPTY_QUESTION, C.EMPTY_CONTEXT, C.EMPTY_ANSWERS, C.DUPLICATE_ID,
-    C.UNDECODABLE, C.CONTEXT_TOO_LONG, C.SAME_ANSWER, C.NOT_AN_OBJECT, C.MALFORMED_JSON, C.MISALIGNED,
+    R.MISSING_FIELD, R.WRONG_TYPE, R.EMPTY_QUESTION, R.EMPTY_CONTEXT, R.EMPTY_ANSWERS, R.DUPLICATE_ID,
+    R.UNDECODABLE, R.CONTEXT_TOO_LONG, R.SAME_ANSWER, R.NOT_AN_OBJECT, R.MALFORMED_JSON, R.MISALIGNED,
 }
 F_ZHOU = ("orig_dev_filtered.json", "conflict_dev_filtered.json")
-KF_REASONS = {C.EMPTY_FIELD, C.UNKNOWN_RELATION, C.DUPLICATE, C.NO_COUNTERFACTUAL, C.UNFORMABLE_SENTENCE}
+KF_REASONS = {R.EMPTY_FIELD, R.UNKNOWN_RELATION, R.DUPLICATE, R.NO_COUNTERFACTUAL, R.UNFORMABLE_SENTENCE}
 
 
-def _read(name: str, tmp_path: Path, broken: bool = False, opts: ReadOptions = WORDS, **kw) -> C.Ingested:
+def _read(name: str, tmp_path: Path, broken: bool = False, opts: ReadOptions = WORDS, **kw) -> Ingested:
     return READERS[name].read(F.WRITERS[name](tmp_path, broken=broken, **kw), opts)
 
 
-def _by_question(out: C.Ingested) -> dict[str, dict]:
+def _by_question(out: Ingested) -> dict[str, dict]:
     return {it["question"]: it for it in out.items}
 
 
-def _check_tables(out: C.Ingested) -> None:
+def _check_tables(out: Ingested) -> None:
     """Rows fit their schemas exactly, ids are unique and no group straddles splits."""
     assert all(set(it) == set(ITEMS.names) for it in out.items)
     for rows, schema in ((out.items, ITEMS), (out.statements, STATEMENTS), (out.rejects, REJECTS)):
@@ -176,11 +179,11 @@ def test_known_facts_reader_small_file(tmp_path):
 def _source_records(path: Path) -> list:
     """The records of a fixture file as a reader numbers them (for checking rejects.raw)."""
     if path.is_dir():
-        orig, conflict = (json.loads(C._decode((path / n).read_bytes())) for n in F_ZHOU)
+        orig, conflict = (json.loads(_decode((path / n).read_bytes())) for n in F_ZHOU)
         n = max(len(orig), len(conflict))
         return [{"orig": orig[i] if i < len(orig) else None, "conflict": conflict[i] if i < len(conflict) else None}
                 for i in range(n)]
-    text = C._decode(path.read_bytes())
+    text = _decode(path.read_bytes())
     if path.suffix == ".jsonl":
         out = []
         for line in filter(str.strip, text.splitlines()):
@@ -190,7 +193,7 @@ def _source_records(path: Path) -> list:
                 out.append(line)
         return out
     doc = json.loads(text)
-    return C.flatten_squad(doc) if isinstance(doc, dict) else doc
+    return flatten_squad(doc) if isinstance(doc, dict) else doc
 
 
 def test_broken_fixtures_reject_every_reason_and_lose_nothing(tmp_path):
@@ -212,14 +215,14 @@ def test_broken_fixtures_reject_every_reason_and_lose_nothing(tmp_path):
         assert reasons == Counter(F.BROKEN_REASONS[name]), name
         seen.update(reasons)
     assert set(seen) == QA_REASONS | KF_REASONS
-    assert set(seen) <= set(C.REASONS)
+    assert set(seen) <= set(R.REASONS)
 
 
 def test_record_ids_of_rejects(tmp_path):
     out = _read("faitheval-counterfactual", tmp_path, broken=True)
     reasons = {r["record_id"]: r["reason"] for r in out.rejects}
-    assert reasons["faitheval-counterfactual-fe-cf-x1"] == C.EMPTY_ANSWERS
-    assert reasons["faitheval-counterfactual-fe-cf-0"] == C.DUPLICATE_ID
+    assert reasons["faitheval-counterfactual-fe-cf-x1"] == R.EMPTY_ANSWERS
+    assert reasons["faitheval-counterfactual-fe-cf-0"] == R.DUPLICATE_ID
 
 
 @pytest.mark.parametrize("name", sorted(READERS))
@@ -295,7 +298,7 @@ def test_truncation_policy(policy, tmp_path):
     count = lambda t: len(t.split())  # noqa: E731
     out = READERS["confiqa-qa"].read(path, ReadOptions(max_context_tokens=19, truncation=policy, count_tokens=count))
     if policy == "reject":
-        assert not out.items and out.rejects[0]["reason"] == C.CONTEXT_TOO_LONG
+        assert not out.items and out.rejects[0]["reason"] == R.CONTEXT_TOO_LONG
         assert "61 tokens, over the budget of 19" in out.rejects[0]["detail"]
         return
     (it,) = out.items
@@ -304,7 +307,7 @@ def test_truncation_policy(policy, tmp_path):
     assert it["target_sentence"] == "The novel was written by Charlotte Bronte."
     tight = ReadOptions(max_context_tokens=5, truncation="truncate", count_tokens=count)
     out = READERS["confiqa-qa"].read(path, tight)  # not even the first sentence fits
-    assert not out.items and out.rejects[0]["reason"] == C.CONTEXT_TOO_LONG
+    assert not out.items and out.rejects[0]["reason"] == R.CONTEXT_TOO_LONG
 
 
 def test_truncation_option_is_checked():
@@ -329,9 +332,9 @@ def test_limit_sampling_is_seeded_and_counts_add_up(tmp_path):
 
 def test_target_sentence_and_fit_helpers():
     ctx = "Paris is big. The Eiffel Tower stands in Lyon. Lyon is old."
-    assert C.target_sentence(ctx, ["lyon"]) == "The Eiffel Tower stands in Lyon."
-    assert C.target_sentence(ctx, ["Rome"]) is None
-    assert C.fit_context(ctx, ReadOptions()) == (ctx, False)  # no counter: no budget check
+    assert target_sentence(ctx, ["lyon"]) == "The Eiffel Tower stands in Lyon."
+    assert target_sentence(ctx, ["Rome"]) is None
+    assert fit_context(ctx, ReadOptions()) == (ctx, False)  # no counter: no budget check
 
 
 def test_jsonl_line_level_rejects(tmp_path):
@@ -340,6 +343,44 @@ def test_jsonl_line_level_rejects(tmp_path):
     path.write_bytes(b"\n".join([good, b'{"question": "\xff', b"{broken", b"", b"[1]"]) + b"\n")
     out = READERS["confiqa-qa"].read(path, ReadOptions())
     assert out.n_read == 4 and out.n_kept == 1  # the blank line is no record
-    assert [r["reason"] for r in out.rejects] == [C.UNDECODABLE, C.MALFORMED_JSON, C.NOT_AN_OBJECT]
+    assert [r["reason"] for r in out.rejects] == [R.UNDECODABLE, R.MALFORMED_JSON, R.NOT_AN_OBJECT]
     assert json.loads(out.rejects[0]["raw"]) == '{"question": "\udcff' and "line 2" in out.rejects[0]["detail"]
     to_arrow(out.rejects, REJECTS)  # the lone surrogate is escaped, so the table still writes
+
+
+# ------------------------------------------------------------------- one new dataset = one parse function
+
+
+def test_a_new_reader_is_a_parse_function_and_its_options(tmp_path, monkeypatch):
+    finished = []
+    reader = F.toy_reader(finish=finished.append)
+    monkeypatch.setitem(READERS, F.TOY, reader)
+    path = F.write_toy(tmp_path, broken=True)
+    out = ingest(RunConfig(run="t", dataset=F.TOY, data_path=path, ingest={"max_context_tokens": 400}))
+    assert len(out.items) == 8 and {it["dataset"] for it in out.items} == {F.TOY}
+    assert {it["split"] for it in out.items} == {"train", "dev", "test"}
+    assert out.items[0]["target_sentence"] == F.target_of(F.FACTS[0])
+    assert [r["reason"] for r in out.rejects] == [R.SAME_ANSWER, R.NOT_AN_OBJECT] and len(finished) == 1
+    assert out.statements and all(s["stmt_id"].startswith("kf-") for s in out.statements)  # bundled known facts
+    assert reader.files(path) == [path]
+    with pytest.raises(ValueError, match=f"'{F.TOY}' needs --data-path \\(get the file from tests/"):
+        reader.read(None, ReadOptions())
+    path.write_text(json.dumps([{"question": "x"}]))
+    with pytest.raises(FormatError, match="records with fields q, passage"):
+        reader.read(path, ReadOptions())
+
+
+def test_registry_lists_every_module_once_and_refuses_a_name_twice():
+    assert list(registry(MODULES)) == list(READERS)
+    with pytest.raises(ValueError, match="'squad' is registered twice"):
+        registry([*MODULES, "squad"])
+
+
+def test_readers_build_on_shared_contracts_only():
+    """Readers import neither evaluation nor scoring: only schemas/, tasks/core/ and the formats package."""
+    root = Path(__file__).resolve().parents[1]
+    files = {f.relative_to(root).as_posix() for f in loader_code_files()}
+    allowed = ("schemas/", "tasks/core/", "tasks/ingest/formats/")
+    assert all(f.startswith(allowed) for f in files), sorted(files)
+    shared = {"schemas/tables.py", "schemas/rejects.py", "tasks/core/text.py", "tasks/core/splitter.py"}
+    assert shared <= files and {f"tasks/ingest/formats/{m}.py" for m in MODULES} <= files

@@ -12,6 +12,8 @@ from flows.runner import fingerprint
 from flows.stages import STAGES
 from tasks.core.config import RunConfig
 import tasks.ingest.stage
+from tasks.ingest.provenance import input_files
+from tasks.ingest.sources import run_sources
 from tasks.ingest.stage import run_ingest
 from tasks.core.storage import RunPaths, file_sha256
 
@@ -87,3 +89,51 @@ def test_missing_path_and_bad_probe_source_are_one_clear_error(tmp_path):
         run_ingest(RunConfig(run="x", dataset="nq-swap", data_path=tmp_path / "nope.json"), RunPaths(tmp_path / "x"))
     with pytest.raises(ValueError, match="has no probe statements"):
         run_ingest(RunConfig(run="x", ingest={"probe_dataset": "squad"}), RunPaths(tmp_path / "x"))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "ingest", "expected"),
+    [
+        ("known-facts", {}, [("known-facts", "data")]),
+        ("mquake", {}, [("mquake", "data")]),
+        ("mquake", {"probe_dataset": "mquake"}, [("mquake", "data")]),
+        ("mquake", {"probe_dataset": "known-facts"}, [("mquake", "data"), ("known-facts", "probe")]),
+        ("known-facts", {"probe_dataset": "mquake", "probe_data_path": "m.json"},
+         [("known-facts", "data"), ("mquake", "probe")]),
+        ("confiqa-qa", {}, [("confiqa-qa", "data"), ("known-facts", "probe")]),
+        ("squad", {"probe_dataset": "mquake", "probe_data_path": "m.json"}, [("squad", "data"), ("mquake", "probe")]),
+    ],
+)
+def test_the_probe_statement_source_is_decided_once(dataset, ingest, expected):
+    cfg = RunConfig.model_validate({"run": "x", "dataset": dataset, "data_path": "d.json", "ingest": ingest})
+    sources = run_sources(cfg)
+    assert [(s.dataset, s.role) for s in sources] == expected
+    assert sources[0].path == cfg.data_path
+    assert all(s.path == cfg.ingest.probe_data_path for s in sources[1:])
+
+
+def test_reading_and_provenance_take_the_same_sources(tmp_path, monkeypatch, caplog):
+    """What the stage reads is what provenance hashes: both come from the one run_sources list."""
+    caplog.set_level("INFO", logger="tasks")
+    probe = fixtures.write_mquake(tmp_path / "probe")
+    cfg = _cfg(tmp_path, "a", fixtures.write_squad(tmp_path / "data"), dataset="squad",
+               ingest={"max_context_tokens": 400, "probe_dataset": "mquake", "probe_data_path": str(probe)})
+    calls = []
+    monkeypatch.setattr(tasks.ingest.stage, "run_sources", lambda c: calls.append(c) or run_sources(c))
+    out = run_ingest(cfg, RunPaths(tmp_path / "runs" / "a"))
+    prov = json.loads(open(out["provenance"]).read())
+    assert len(calls) == 1
+    assert [(f["role"], f["sha256"]) for f in prov["files"]] == [("data", file_sha256(cfg.data_path)),
+                                                               ("probe", file_sha256(probe))]
+    assert {r: v["dataset"] for r, v in prov["loaders"].items()} == {"data": "squad", "probe": "mquake"}
+    assert [line.split(":")[0] for line in _lines(caplog)] == ["squad", "mquake"]
+    assert set(pl.read_parquet(out["statements"])["stmt_id"].str.slice(0, 7)) == {"mquake-"}
+
+
+def test_an_unknown_dataset_or_missing_probe_path_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'nope'; supported datasets: .*squad"):
+        run_sources(RunConfig(run="x", dataset="nope"))
+    data = fixtures.write_squad(tmp_path)
+    cfg = RunConfig(run="x", dataset="squad", data_path=data, ingest={"probe_dataset": "mquake"})
+    with pytest.raises(ValueError, match="ingest.probe_dataset 'mquake' needs --ingest.probe-data-path"):
+        input_files(run_sources(cfg))

@@ -7,6 +7,7 @@ three ingest tables from `<cache>/ingest/<key>/` into the run: no file is parsed
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -18,6 +19,7 @@ from typing import Any
 from tasks.core.config import RunConfig
 from tasks.core.models import cache_root
 from tasks.core.storage import atomic_path, file_sha256, write_json
+from tasks.ingest.sources import Source, run_sources
 
 INGEST_TABLES = ("items", "statements", "rejects")
 PROMPT_RESERVE = 256  # tokens of the model's window left for the system line, question and answer
@@ -48,18 +50,45 @@ def budget_options(cfg: RunConfig) -> dict[str, Any]:
     return opts
 
 
-def loader_code_digest() -> str:
-    """Hash of the readers' source and the table schemas: an edited reader never serves a stale cache entry."""
-    import schemas.rejects
-    import schemas.tables
-    import tasks.core.splitter
-    import tasks.core.text
+# The readers' code: the formats package and the project modules it imports (see loader_code_files).
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_PACKAGES = ("schemas", "tasks")
+FORMATS_DIR = Path(__file__).resolve().parent / "formats"
 
-    shared = [schemas.tables, schemas.rejects, tasks.core.splitter, tasks.core.text]  # what the readers build on
-    sources = sorted((Path(__file__).resolve().parent / "formats").glob("*.py")) + [Path(m.__file__) for m in shared]
+
+def _project_imports(path: Path) -> list[Path]:
+    """Source files of this project that a module imports (absolute `schemas.*` / `tasks.*` imports)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from schemas import rejects`
+    files = []
+    for name in names:
+        if name.split(".")[0] in PROJECT_PACKAGES:
+            base = PROJECT_ROOT.joinpath(*name.split("."))
+            files += [f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()]
+    return files
+
+
+def loader_code_files() -> list[Path]:
+    """The readers' source files and every project module they build on, followed import by import."""
+    todo, seen = sorted(FORMATS_DIR.glob("*.py")), set()
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo += _project_imports(path)
+    return sorted(seen)
+
+
+def loader_code_digest() -> str:
+    """Hash of the readers' source and what they import: an edited reader never serves a stale cache entry."""
     h = hashlib.sha256()
-    for src in sources:
-        h.update(src.name.encode() + b"\0" + src.read_bytes())
+    for src in loader_code_files():
+        h.update(src.relative_to(PROJECT_ROOT).as_posix().encode() + b"\0" + src.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -113,46 +142,21 @@ class IngestCache:
         write_json(summary, self.root / "summary.json")
 
 
-# Datasets whose reader yields probe statements; any other dataset borrows them from one of these.
-PROBE_SOURCES = ("known-facts", "mquake")
-
-
-def reader_for(name: str):
-    """The registered reader of a dataset name, or one clear error listing the names there are."""
-    from tasks.ingest.formats import READERS
-
-    if name not in READERS:
-        raise ValueError(f"unknown dataset {name!r}; supported datasets: {', '.join(sorted(READERS))}")
-    return READERS[name]
-
-
-def probe_source(cfg: RunConfig) -> tuple[str, Path | None] | None:
-    """(dataset, path) whose statements train the probes, or None when the main dataset supplies its own."""
-    name = cfg.ingest.probe_dataset
-    if name is None:
-        return None if cfg.dataset in PROBE_SOURCES else ("known-facts", None)
-    if name not in PROBE_SOURCES:
-        raise ValueError(f"ingest.probe_dataset {name!r} has no probe statements; use one of {list(PROBE_SOURCES)}")
-    if name == cfg.dataset and cfg.ingest.probe_data_path in (None, cfg.data_path):
-        return None
-    return name, cfg.ingest.probe_data_path
-
-
-def input_files(cfg: RunConfig) -> list[dict[str, Any]]:
+def input_files(sources: list[Source]) -> list[dict[str, Any]]:
     """Provenance records of every file the ingest reads: the dataset's, then the probe statements' source."""
-    reader = reader_for(cfg.dataset)
-    if reader.needs_path and cfg.data_path is None:
-        raise ValueError(f"dataset {cfg.dataset!r} needs --data-path (get it from {reader.source})")
-    records = [file_record(p, "data") for p in reader.files(cfg.data_path)]
-    probe = probe_source(cfg)
-    if probe is not None:
-        probe_reader = reader_for(probe[0])
-        if probe_reader.needs_path and probe[1] is None:
-            raise ValueError(f"ingest.probe_dataset {probe[0]!r} needs --ingest.probe-data-path")
-        records += [file_record(p, "probe") for p in probe_reader.files(probe[1])]
-    return records
+    return [file_record(path, src.role) for src in sources for path in src.files()]
 
 
 def input_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The ingest stage's outside inputs: file contents and the model window that bounds a context."""
-    return {"files": [(f["role"], f["sha256"]) for f in input_files(cfg)], "budget": budget_options(cfg)}
+    return {"files": [(f["role"], f["sha256"]) for f in input_files(run_sources(cfg))], "budget": budget_options(cfg)}
+
+
+def provenance_of(cfg: RunConfig, sources: list[Source]) -> dict[str, Any]:
+    """Input files with their sha256, loader versions and the options that shape the tables."""
+    loaders = {src.role: {"dataset": src.dataset, "version": src.reader.version} for src in sources}
+    options = {"limit": cfg.limit, "seed": cfg.seed, "n_distractors": cfg.ingest.n_distractors, **budget_options(cfg)}
+    prov = {"dataset": cfg.dataset, "files": input_files(sources), "loaders": loaders,
+            "loader_code": loader_code_digest(), "options": options}
+    prov["cache_key"] = cache_key(prov)
+    return prov

@@ -2,9 +2,10 @@
 
 Each --dataset name maps to a Reader of tasks.ingest.formats (the offline default ``known-facts`` lives in
 tasks/ingest/formats/known_facts.py). A dataset without probe statements borrows them from the bundled known
-facts or from an MQuAKE file (``ingest.probe_dataset``). The sha256 of every input file and the loader
-versions go into ``ingest_provenance.json`` (and the manifest); the same files and options hit the ingest
-cache and are not parsed again.
+facts or from an MQuAKE file (``ingest.probe_dataset``): tasks/ingest/sources.py decides a run's sources once,
+and both the reading and the provenance take that list. The sha256 of every input file and the loader versions
+go into ``ingest_provenance.json`` (and the manifest); the same files and options hit the ingest cache and are
+not parsed again.
 """
 
 from __future__ import annotations
@@ -15,20 +16,16 @@ from typing import Any
 
 from schemas.tables import ITEMS, REJECTS, STATEMENTS
 from tasks.core.config import ModelConfig, RunConfig
-from tasks.ingest.formats.common import Ingested, ReadOptions
+from tasks.ingest.formats import Ingested, ReadOptions
 from tasks.ingest.formats.known_facts import KNOWN_FACTS_PATH, RELATION_TEMPLATES, make_question, make_sentence
 from tasks.core.models import load_tokenizer, model_window
 from tasks.ingest.provenance import (
     INGEST_TABLES,
     PROMPT_RESERVE,
     IngestCache,
-    budget_options,
-    cache_key,
-    input_files,
-    loader_code_digest,
-    probe_source,
-    reader_for,
+    provenance_of,
 )
+from tasks.ingest.sources import Source, run_sources
 from tasks.core.storage import RunPaths, write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -79,14 +76,9 @@ def read_options(cfg: RunConfig) -> ReadOptions:
     )
 
 
-def read_sources(cfg: RunConfig) -> list[Ingested]:
-    """The dataset's rows, then (when it has no statements of its own) the probe source's."""
-    opts = read_options(cfg)
-    results = [reader_for(cfg.dataset).read(cfg.data_path, opts)]
-    probe = probe_source(cfg)
-    if probe is not None:
-        results.append(reader_for(probe[0]).read(probe[1], opts))
-    return results
+def read_sources(sources: list[Source], opts: ReadOptions) -> list[Ingested]:
+    """The rows of every source of the run, in its order (the main dataset first)."""
+    return [src.read(opts) for src in sources]
 
 
 def merge(results: list[Ingested]) -> Ingested:
@@ -106,26 +98,13 @@ def merge(results: list[Ingested]) -> Ingested:
 
 def ingest(cfg: RunConfig) -> Ingested:
     """Read the configured dataset and its probe statements into one set of rows."""
-    return merge(read_sources(cfg))
+    return merge(read_sources(run_sources(cfg), read_options(cfg)))
 
 
 def _counts(res: Ingested) -> dict[str, Any]:
     """A source's read/kept/rejected counts, as provenance keeps them."""
     return {"read": res.n_read, "kept": res.n_kept, "rejected": len(res.rejects),
             "by_reason": dict(Counter(r["reason"] for r in res.rejects))}
-
-
-def provenance_of(cfg: RunConfig) -> dict[str, Any]:
-    """Input files with their sha256, loader versions and the options that shape the tables."""
-    loaders = {"data": {"dataset": cfg.dataset, "version": reader_for(cfg.dataset).version}}
-    probe = probe_source(cfg)
-    if probe is not None:
-        loaders["probe"] = {"dataset": probe[0], "version": reader_for(probe[0]).version}
-    options = {"limit": cfg.limit, "seed": cfg.seed, "n_distractors": cfg.ingest.n_distractors, **budget_options(cfg)}
-    prov = {"dataset": cfg.dataset, "files": input_files(cfg), "loaders": loaders, "loader_code": loader_code_digest(),
-            "options": options}
-    prov["cache_key"] = cache_key(prov)
-    return prov
 
 
 def _write_tables(result: Ingested, paths: RunPaths) -> dict[str, str]:
@@ -139,7 +118,8 @@ def _write_tables(result: Ingested, paths: RunPaths) -> dict[str, str]:
 
 def run_ingest(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     """Write items, statements and rejects (from the cache when the same inputs were read before)."""
-    prov = provenance_of(cfg)
+    sources = run_sources(cfg)
+    prov = provenance_of(cfg, sources)
     cache = IngestCache.for_key(prov["cache_key"])
     tables = {t: paths.table(t) for t in INGEST_TABLES}
     if cache.hit():
@@ -147,7 +127,7 @@ def run_ingest(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
         summary, outputs = cache.summary(), {t: str(p) for t, p in tables.items()}
         log.info("ingest: cache hit %s, no file parsed", prov["cache_key"])
     else:
-        results = read_sources(cfg)
+        results = read_sources(sources, read_options(cfg))
         outputs = _write_tables(merge(results), paths)
         summary = {"lines": [r.summary() for r in results], "counts": {r.dataset: _counts(r) for r in results}}
         cache.store(tables, summary)

@@ -1,20 +1,40 @@
-"""Benchmark readers: each --dataset name maps to the Reader of its published file format."""
+"""Benchmark readers: each --dataset name maps to the Reader of its published file format.
+
+A reader module of this package declares `READERS: list[Reader]` (most build theirs with
+`reader.file_reader(...)`); adding a dataset is one new module here plus its name in MODULES below.
+"""
 
 from __future__ import annotations
 
-from tasks.ingest.formats import confiqa, faitheval, known_facts, mquake, nq, squad
-from tasks.ingest.formats.common import FormatError, Ingested, Reader, ReadOptions
+from collections.abc import Iterable
+from importlib import import_module
 
-READERS: dict[str, Reader] = {
-    r.name: r
-    for r in (
-        known_facts.READER,
-        *confiqa.READERS,
-        *faitheval.READERS,
-        *nq.READERS,
-        squad.READER,
-        mquake.READER,
-    )
-}
+from tasks.ingest.formats.items import ReadOptions
+from tasks.ingest.formats.reader import Ingested, Reader, file_reader
+from tasks.ingest.formats.records import FormatError
 
-__all__ = ["READERS", "FormatError", "Ingested", "Reader", "ReadOptions"]
+# One line per reader module, in the order `clearflow datasets` lists them.
+MODULES = (
+    "known_facts",
+    "confiqa",
+    "faitheval",
+    "nq",
+    "squad",
+    "mquake",
+)
+
+
+def registry(modules: Iterable[str]) -> dict[str, Reader]:
+    """Every module's readers by name; two readers of one name would shadow each other, so that is an error."""
+    readers: dict[str, Reader] = {}
+    for name in modules:
+        for reader in import_module(f"{__name__}.{name}").READERS:
+            if reader.name in readers:
+                raise ValueError(f"dataset {reader.name!r} is registered twice ({name})")
+            readers[reader.name] = reader
+    return readers
+
+
+READERS: dict[str, Reader] = registry(MODULES)
+
+__all__ = ["MODULES", "READERS", "FormatError", "Ingested", "Reader", "ReadOptions", "file_reader", "registry"]

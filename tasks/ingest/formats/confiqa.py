@@ -2,29 +2,10 @@
 
 from __future__ import annotations
 
-from functools import partial
-from pathlib import Path
-
-from tasks.ingest.formats.common import (
-    EMPTY_ANSWERS,
-    EMPTY_CONTEXT,
-    EMPTY_QUESTION,
-    WRONG_TYPE,
-    Ingested,
-    Parsed,
-    Reader,
-    ReadOptions,
-    RecordReject,
-    check_format,
-    conflict_item,
-    file_reader,
-    get_aliases,
-    get_text,
-    load_records,
-    read_dataset,
-    require_path,
-    with_aliases,
-)
+from schemas.rejects import EMPTY_ANSWERS, EMPTY_CONTEXT, EMPTY_QUESTION, WRONG_TYPE
+from tasks.ingest.formats.fields import RecordReject, get_aliases, get_text, with_aliases
+from tasks.ingest.formats.items import Parsed, conflict_item
+from tasks.ingest.formats.reader import Reader, file_reader
 
 VERSION = "1"
 REQUIRED = ("question", "cf_context", "cf_answer", "orig_answer")
@@ -55,18 +36,10 @@ def parse_record(rec: dict) -> Parsed:
     return conflict_item(question, context, answers, orig, _optional_text(rec, "orig_context"))
 
 
-def read_confiqa(name: str, source: str, path: Path | None, opts: ReadOptions) -> Ingested:
-    """Read one ConFiQA file (a JSON list; JSONL and Parquet also accepted)."""
-    path = require_path(path, name, source)
-    records = load_records(path, name)
-    check_format(path, name, records, REQUIRED)
-    return read_dataset(name, path.name, records, opts, parse_record)
-
-
 def _reader(kind: str) -> Reader:
-    """The Reader of one ConFiQA subset."""
+    """The Reader of one ConFiQA subset (a JSON list as published; JSONL and Parquet also accepted)."""
     name, source = f"confiqa-{kind.lower()}", SOURCE.format(kind=kind)
-    return file_reader(name, partial(read_confiqa, name, source), VERSION, SUMMARIES[kind], source)
+    return file_reader(name, SUMMARIES[kind], source, REQUIRED, parse_record, VERSION)
 
 
 READERS = [_reader(kind) for kind in ("QA", "MR", "MC")]

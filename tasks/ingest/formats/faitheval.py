@@ -4,30 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-from tasks.ingest.formats.common import (
-    EMPTY_ANSWERS,
-    EMPTY_CONTEXT,
-    EMPTY_QUESTION,
-    MISSING_FIELD,
-    WRONG_TYPE,
-    Ingested,
-    Parsed,
-    Reader,
-    ReadOptions,
-    RecordReject,
-    check_format,
-    file_reader,
-    get_answers,
-    get_id,
-    get_text,
-    load_records,
-    question_group,
-    read_dataset,
-    require_path,
-)
+from schemas.rejects import EMPTY_ANSWERS, EMPTY_CONTEXT, EMPTY_QUESTION, MISSING_FIELD, WRONG_TYPE
+from tasks.ingest.formats.fields import RecordReject, get_answers, get_id, get_text
+from tasks.ingest.formats.items import Parsed, question_group
+from tasks.ingest.formats.reader import Reader, file_reader
 
 VERSION = "1"
 HF = "https://huggingface.co/datasets/Salesforce/FaithEval-{subset}-v1.0 (data/test-00000-of-00001.parquet)"
@@ -113,19 +95,11 @@ SUBSETS: dict[str, tuple[tuple[str, ...], str, Callable[[dict], Parsed], str]] =
 }
 
 
-def read_faitheval(subset: str, path: Path | None, opts: ReadOptions) -> Ingested:
-    """Read one FaithEval subset file (Parquet as published; JSON and JSONL also accepted)."""
-    name, (required, id_field, parse, _) = f"faitheval-{subset}", SUBSETS[subset]
-    path = require_path(path, name, HF.format(subset=subset))
-    records = load_records(path, name)
-    check_format(path, name, records, required)
-    return read_dataset(name, path.name, records, opts, parse, id_field=id_field)
-
-
 def _reader(subset: str) -> Reader:
-    """The Reader of one FaithEval subset."""
+    """The Reader of one FaithEval subset (Parquet as published; JSON and JSONL also accepted)."""
+    required, id_field, parse, summary = SUBSETS[subset]
     name, source = f"faitheval-{subset}", HF.format(subset=subset)
-    return file_reader(name, partial(read_faitheval, subset), VERSION, SUBSETS[subset][3], source)
+    return file_reader(name, summary, source, required, parse, VERSION, id_field=id_field)
 
 
 READERS = [_reader(subset) for subset in SUBSETS]

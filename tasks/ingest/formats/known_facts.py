@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tasks.ingest.formats.common import (
+from schemas.rejects import (
     DUPLICATE,
     DUPLICATE_ID,
     EMPTY_FIELD,
@@ -23,22 +23,13 @@ from tasks.ingest.formats.common import (
     UNFORMABLE_SENTENCE,
     UNKNOWN_RELATION,
     WRONG_TYPE,
-    Ingested,
-    RawRecord,
-    Reader,
-    ReadOptions,
-    RecordReject,
-    check_format,
-    fit_context,
-    has_surrogates,
-    item_row,
-    load_records,
-    reject_row,
-    sample_positions,
-    split_groups,
 )
 from tasks.core.splitter import split_sentences
 from tasks.core.storage import text_key
+from tasks.ingest.formats.fields import RecordReject
+from tasks.ingest.formats.items import ReadOptions, fit_context, item_row, reject_row, sample_positions, split_groups
+from tasks.ingest.formats.reader import Ingested, Reader
+from tasks.ingest.formats.records import RawRecord, has_surrogates, load_format
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +307,7 @@ def _apply_budget(out: Ingested, facts: list[Fact], data: list[RawRecord], opts:
 def build_known_facts(path: Path | None, opts: ReadOptions) -> Ingested:
     """Build the counterfactual known-facts benchmark from the bundled (or given) fact file."""
     path = Path(path) if path else KNOWN_FACTS_PATH
-    data = load_records(path, NAME)
-    check_format(path, NAME, data, _REQUIRED_STR)
+    data = load_format(path, NAME, _REQUIRED_STR)
     rng = random.Random(f"known-facts:{opts.seed}")
 
     # Counterfactual objects may come from any valid record of the file, sampled or not, so that a
@@ -337,12 +327,15 @@ def build_known_facts(path: Path | None, opts: ReadOptions) -> Ingested:
     return out
 
 
-READER = Reader(
-    name=NAME,
-    read=build_known_facts,
-    version=VERSION,
-    files=lambda path: [Path(path) if path else KNOWN_FACTS_PATH],
-    summary="Offline default: real Wikidata facts (804) as counterfactual QA items and probe statements.",
-    source=SOURCE,
-    needs_path=False,
-)
+# Not a plain file reader (it generates contexts across records), so it fills the Reader interface itself.
+READERS = [
+    Reader(
+        name=NAME,
+        read=build_known_facts,
+        version=VERSION,
+        files=lambda path: [Path(path) if path else KNOWN_FACTS_PATH],
+        summary="Offline default: real Wikidata facts (804) as counterfactual QA items and probe statements.",
+        source=SOURCE,
+        needs_path=False,
+    )
+]

@@ -2,34 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tasks.ingest.formats.common import (
+from schemas.rejects import (
     EMPTY_ANSWERS,
     EMPTY_FIELD,
     EMPTY_QUESTION,
     SAME_ANSWER,
     UNFORMABLE_SENTENCE,
     WRONG_TYPE,
-    Ingested,
-    Parsed,
-    ReadOptions,
+)
+from tasks.core.storage import text_key
+from tasks.core.text import normalize
+from tasks.ingest.formats.fields import (
     RecordReject,
-    check_format,
     check_same_answer,
-    content_hash,
-    file_reader,
     get_aliases,
     get_field,
     get_id,
     get_text,
-    load_records,
-    read_dataset,
-    require_path,
     with_aliases,
 )
-from tasks.core.text import normalize
-from tasks.core.storage import text_key
+from tasks.ingest.formats.items import Parsed, content_hash
+from tasks.ingest.formats.reader import Ingested, file_reader
 
 NAME = "mquake"
 VERSION = "1"
@@ -142,17 +135,9 @@ def _dedupe_statements(out: Ingested) -> None:
         out.note = f"{out.note}; {note}" if out.note else note
 
 
-def read_mquake(path: Path | None, opts: ReadOptions) -> Ingested:
-    """Read an MQuAKE-CF file: statements for the probes, items where records carry questions."""
-    path = require_path(path, NAME, SOURCE)
-    records = load_records(path, NAME)
-    check_format(path, NAME, records, REQUIRED)
-    out = read_dataset(NAME, path.name, records, opts, parse_record, id_field="case_id")
-    _dedupe_statements(out)
-    return out
-
-
-READER = file_reader(
-    NAME, read_mquake, VERSION,
-    "MQuAKE-CF-3k(-v2): edit statements (true 0 / new 1) for probe training; multi-hop items where given.", SOURCE,
-)
+READERS = [
+    file_reader(
+        NAME, "MQuAKE-CF-3k(-v2): edit statements (true 0 / new 1) for probe training; multi-hop items where given.",
+        SOURCE, REQUIRED, parse_record, VERSION, id_field="case_id", finish=_dedupe_statements,
+    )
+]

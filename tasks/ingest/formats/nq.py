@@ -4,28 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.ingest.formats.common import (
-    EMPTY_CONTEXT,
-    EMPTY_QUESTION,
-    MISALIGNED,
-    NOT_AN_OBJECT,
-    Ingested,
-    Parsed,
-    RawRecord,
-    Reader,
-    ReadOptions,
-    RecordReject,
-    check_format,
-    conflict_item,
-    file_reader,
-    format_error,
-    get_answers,
-    get_text,
-    load_records,
-    question_group,
-    read_dataset,
-    require_path,
-)
+from schemas.rejects import EMPTY_CONTEXT, EMPTY_QUESTION, MISALIGNED, NOT_AN_OBJECT
+from tasks.ingest.formats.fields import RecordReject, get_answers, get_text
+from tasks.ingest.formats.items import Parsed, ReadOptions, conflict_item, question_group
+from tasks.ingest.formats.reader import Ingested, Reader, file_reader, read_dataset
+from tasks.ingest.formats.records import RawRecord, check_format, format_error, load_records, require_path
 
 VERSION = "1"
 NQ_SWAP = "nq-swap"
@@ -47,14 +30,6 @@ def parse_nq_swap(rec: dict) -> Parsed:
     answers = get_answers(rec, "sub_answer")
     orig = get_answers(rec, "org_answer")
     return conflict_item(question, context, answers, orig, get_text(rec, "org_context", EMPTY_CONTEXT))
-
-
-def read_nq_swap(path: Path | None, opts: ReadOptions) -> Ingested:
-    """Read an NQ-Swap file (Parquet as published on HF; JSON and JSONL also accepted)."""
-    path = require_path(path, NQ_SWAP, NQ_SWAP_SOURCE)
-    records = load_records(path, NQ_SWAP)
-    check_format(path, NQ_SWAP, records, NQ_SWAP_REQUIRED)
-    return read_dataset(NQ_SWAP, path.name, records, opts, parse_nq_swap)
 
 
 def zhou_files(path: Path | None) -> list[Path]:
@@ -120,10 +95,12 @@ def read_zhou(path: Path | None, opts: ReadOptions) -> Ingested:
 
 
 READERS = [
+    # Parquet as published on HF; JSON and JSONL also accepted
     file_reader(
-        NQ_SWAP, read_nq_swap, VERSION, "NQ-Swap: Natural Questions with the answer entity swapped in the context.",
-        NQ_SWAP_SOURCE,
+        NQ_SWAP, "NQ-Swap: Natural Questions with the answer entity swapped in the context.", NQ_SWAP_SOURCE,
+        NQ_SWAP_REQUIRED, parse_nq_swap, VERSION,
     ),
+    # two files aligned by position, not one: its own Reader built from the same parts
     Reader(
         name=ZHOU,
         read=read_zhou,

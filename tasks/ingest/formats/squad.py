@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tasks.ingest.formats.common import (
-    EMPTY_ANSWERS,
-    EMPTY_CONTEXT,
-    EMPTY_QUESTION,
-    MISSING_FIELD,
-    WRONG_TYPE,
-    Ingested,
-    Parsed,
-    ReadOptions,
-    RecordReject,
-    check_format,
-    file_reader,
-    get_answers,
-    get_id,
-    get_text,
-    load_records,
-    question_group,
-    read_dataset,
-    require_path,
-)
+from schemas.rejects import EMPTY_ANSWERS, EMPTY_CONTEXT, EMPTY_QUESTION, MISSING_FIELD, WRONG_TYPE
+from tasks.ingest.formats.fields import RecordReject, get_answers, get_id, get_text
+from tasks.ingest.formats.items import Parsed, question_group
+from tasks.ingest.formats.reader import file_reader
 
 NAME = "squad"
 VERSION = "1"
@@ -67,15 +49,10 @@ def parse_record(rec: dict) -> Parsed:
     return Parsed(item=item, source_id=source_id)
 
 
-def read_squad(path: Path | None, opts: ReadOptions) -> Ingested:
-    """Read SQuAD from HF rows (Parquet/JSON/JSONL) or the official nested JSON, flattened per question."""
-    path = require_path(path, NAME, SOURCE)
-    records = load_records(path, NAME, nested_squad=True)
-    check_format(path, NAME, records, REQUIRED)
-    return read_dataset(NAME, path.name, records, opts, parse_record, id_field="id")
-
-
-READER = file_reader(
-    NAME, read_squad, VERSION,
-    "SQuAD: extractive QA without conflict (utility check); HF rows or the official nested JSON.", SOURCE,
-)
+# HF rows (Parquet/JSON/JSONL) or the official nested JSON, flattened per question
+READERS = [
+    file_reader(
+        NAME, "SQuAD: extractive QA without conflict (utility check); HF rows or the official nested JSON.", SOURCE,
+        REQUIRED, parse_record, VERSION, id_field="id", nested_squad=True,
+    )
+]

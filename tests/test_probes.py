@@ -11,13 +11,13 @@ import pytest
 
 from schemas.tables import SENTENCES, STATEMENTS, activations_schema
 from tasks.activations.stage import vectors_table, layer_path, load_vectors
+from tasks.probes.kinds.diffmean import fit_diffmean
+from tasks.probes.kinds.linear import LinearProbe
+from tasks.probes.kinds.logistic import fit_logistic
 from tasks.probes.stage import (
     fit_on_dev,
     BEST_KEYS,
-    LinearProbe,
     check_splits,
-    fit_diffmean,
-    fit_logistic,
     probe_path,
     run_probes,
     select_best,

@@ -127,6 +127,14 @@ def test_run_probes_metrics_files_and_reload(tiny_cfg, run_paths):
                                   probe.predict_proba(X))
 
 
+def test_unknown_probe_kind_is_refused_before_any_fit(tiny_cfg, run_paths):
+    write_case(run_paths, tiny_cfg, make_statements(), {0: {"train": 4.0, "dev": 4.0, "test": 4.0}})
+    for probe in ({"kinds": ["logistic", "lda"]}, {"select_kind": "lda"}):
+        with pytest.raises(ValueError, match=r"unknown probe kind\(s\) \['lda'\]; known: \['diffmean', 'logistic'\]"):
+            run_probes(with_probe(tiny_cfg, **probe), run_paths)
+        assert not run_paths.table("probe_metrics").exists() and not list(run_paths.probes.glob("*.safetensors"))
+
+
 def test_best_layer_is_chosen_on_dev_not_test(tiny_cfg, run_paths):
     # layer 0: dev separable, test noise; layer 1: dev noise, test separable -> dev must win
     strengths = {0: {"train": 4.0, "dev": 4.0, "test": 0.0}, 1: {"train": 4.0, "dev": 0.0, "test": 4.0}}

@@ -1,4 +1,4 @@
-"""Opinion + instruction (Zhou et al. 2023, O&I): the context as a narrator's statement, the question about his opinion."""
+"""Opinion + instruction (Zhou et al. 2023, O&I): the context as a narrator's statement, asked about his opinion."""
 
 from __future__ import annotations
 

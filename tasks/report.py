@@ -18,17 +18,10 @@ from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
 from tasks.core.config import RunConfig
 from tasks.core.storage import RunPaths, atomic_path, read_table
+from tasks.evaluate.methods import REGISTRY as METHODS
 
 log = logging.getLogger(__name__)
 
-LABELS = {
-    "closed_book": "closed book",
-    "full_context": "full context",
-    "opinion_instruction": "opinion + instruction",
-    "probe_marking": "probe marking",
-    "clear": "CLEAR",
-    "clear_unmarked": "CLEAR weights, no markers",
-}
 METRIC_LABELS = {"em": "EM", "f1": "F1", "ps": "p_s", "po": "p_o", "mr": "MR"}
 N_EXAMPLES = 3
 
@@ -90,8 +83,14 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def label(method: str) -> str:
-    """Human name of a method."""
-    return LABELS.get(method, method)
+    """Human name of a method: its registered label (a name no longer registered stays as it is)."""
+    return METHODS[method].label if method in METHODS else method
+
+
+def method_legend(methods: list[str]) -> str:
+    """One line per evaluated method: its label, its name in the tables, what the model sees."""
+    return "\n".join(f"- **{label(m)}** (`{m}`)" + (f": {METHODS[m].description}" if m in METHODS else "")
+                     for m in methods)
 
 
 # ---------------------------------------------------------------- sections
@@ -267,6 +266,7 @@ def section_methods(metrics: pl.DataFrame) -> str:
         "Percent, with 95% bootstrap confidence intervals over items. p_s: the answer states the context's "
         "answer (not negated, without the memorised one); p_o: it states the memorised answer; "
         "MR = p_o / (p_s + p_o), lower is more faithful to the context. Per-sample answers: `predictions.parquet`.",
+        method_legend(metrics["method"].to_list()),
         md_table(["method", "n", *METRIC_LABELS.values()], rows),
         " ".join(_sentence(verdict(metrics, m, "full_context")) for m in ("clear", "probe_marking")),
         "CLEAR is fine-tuned on the train split while the prompt baselines are not; the ablation "

@@ -87,6 +87,16 @@ def test_unknown_method_is_refused_with_known_list(tiny_cfg, run_paths):
         ev.run_evaluate(cfg, run_paths)
 
 
+def test_default_methods_are_every_registered_one_in_registry_order(tiny_cfg):
+    from tasks.evaluate.methods import REGISTRY
+
+    assert tiny_cfg.evaluate.methods is None
+    assert [m.name for m in ev.resolve_methods(None)] == list(REGISTRY) == ALL
+    assert [m.name for m in ev.resolve_methods(["clear", "closed_book"])] == ["clear", "closed_book"]
+    with pytest.raises(ValueError, match="listed twice"):
+        ev.resolve_methods(["clear", "clear"])
+
+
 def test_empty_split_is_refused(tiny_cfg, run_with_items):
     cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"split": "dev"})})
     with pytest.raises(ValueError, match=r"no items in split 'dev'; splits present: \['test', 'train'\]"):

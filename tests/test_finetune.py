@@ -10,6 +10,7 @@ import torch
 
 from schemas.tables import ITEMS, SENTENCE_SCORES, SENTENCES
 from tasks.core import chat, prompts
+from tasks.evaluate.methods import REGISTRY
 from tasks.finetune.stage import (
     IGNORE,
     AttentionGrabber,
@@ -77,7 +78,7 @@ def test_example_labels_and_marked_mask(tok):
     context = prompts.mark_context(["Paris is in France.", "The Eiffel Tower is in Rome.", "Cats purr."],
                                    [False, True, False])
     ex = build_example(tok, "Where is the Eiffel Tower?", context, ["Rome", "Roma"], max_length=512)
-    prompt_text = chat.render(tok, prompts.messages_for("clear", "Where is the Eiffel Tower?", context))
+    prompt_text = chat.render(tok, REGISTRY["clear"].messages("Where is the Eiffel Tower?", context))
     enc = chat.encode(tok, prompt_text, return_offsets_mapping=True)
     n_prompt = len(enc["input_ids"])
     target = tok(prompts.target_text(["Rome"], tok), add_special_tokens=False)["input_ids"]

@@ -12,13 +12,13 @@ import pytest
 from schemas.tables import SENTENCES, STATEMENTS, activations_schema
 from tasks.activations.stage import vectors_table
 from tasks.core.activation_store import ActivationStore
+from tasks.probes.kinds.diffmean import fit_diffmean
+from tasks.probes.kinds.linear import LinearProbe
+from tasks.probes.kinds.logistic import fit_logistic
 from tasks.probes.stage import (
     fit_on_dev,
     BEST_KEYS,
-    LinearProbe,
     check_splits,
-    fit_diffmean,
-    fit_logistic,
     probe_path,
     run_probes,
     select_best,
@@ -127,6 +127,14 @@ def test_run_probes_metrics_files_and_reload(tiny_cfg, run_paths):
     probe.save(run_paths.root / "copy.safetensors")
     np.testing.assert_array_equal(LinearProbe.load(run_paths.root / "copy.safetensors").predict_proba(X),
                                   probe.predict_proba(X))
+
+
+def test_unknown_probe_kind_is_refused_before_any_fit(tiny_cfg, run_paths):
+    write_case(run_paths, tiny_cfg, make_statements(), {0: {"train": 4.0, "dev": 4.0, "test": 4.0}})
+    for probe in ({"kinds": ["logistic", "lda"]}, {"select_kind": "lda"}):
+        with pytest.raises(ValueError, match=r"unknown probe kind\(s\) \['lda'\]; known: \['diffmean', 'logistic'\]"):
+            run_probes(with_probe(tiny_cfg, **probe), run_paths)
+        assert not run_paths.table("probe_metrics").exists() and not list(run_paths.probes.glob("*.safetensors"))
 
 
 def test_best_layer_is_chosen_on_dev_not_test(tiny_cfg, run_paths):

@@ -10,7 +10,6 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 DEFAULT_MODEL = "smollm2-135m"
-METHODS = ("closed_book", "full_context", "opinion_instruction", "probe_marking", "clear", "clear_unmarked")
 
 
 class IngestConfig(BaseModel):
@@ -105,8 +104,11 @@ class ActivationConfig(BaseModel):
 class ProbeConfig(BaseModel):
     """Per-layer probes on the statements' hidden states."""
 
-    kinds: list[Literal["logistic", "diffmean"]] = Field(["logistic", "diffmean"], description="Probe types per layer.")
-    select_kind: Literal["logistic", "diffmean"] = Field("logistic", description="Probe type used to flag sentences.")
+    kinds: list[str] = Field(
+        ["logistic", "diffmean"], description="Probe kinds fitted per layer (names registered in"
+        " tasks/probes/kinds/, checked when the stage starts)."
+    )
+    select_kind: str = Field("logistic", description="Probe kind used to flag sentences (fitted even if not in kinds).")
     l2_grid: list[float] = Field(
         [0.003, 0.01, 0.1, 1.0], min_length=1, description="Inverse L2 strengths (sklearn C) of the logistic"
         " probe tried per layer; the best dev AUROC is kept."
@@ -136,7 +138,10 @@ class FinetuneConfig(BaseModel):
 class EvalConfig(BaseModel):
     """Generation-based evaluation of the methods."""
 
-    methods: list[str] = Field(list(METHODS), description="Methods to evaluate, in report order.")
+    methods: list[str] | None = Field(
+        None, description="Methods to evaluate, in report order; None = every method registered in"
+        " tasks/evaluate/methods/, in registry order (names checked when the stage starts)."
+    )
     split: str = Field("test", description="Items split evaluated.")
     max_new_tokens: int = Field(24, ge=1, description="Greedy decoding budget (answers are short).")
     batch_size: int = Field(16, ge=1)

@@ -1,4 +1,7 @@
-"""Prompts of every method, shared by fine-tuning and evaluation so both see the same text."""
+"""The prompt text fine-tuning and evaluation share: system lines, conflict markers, the QA prompt.
+
+Method-specific prompts live with their method in tasks/evaluate/methods/.
+"""
 
 from __future__ import annotations
 
@@ -36,26 +39,24 @@ def item_question(item: Mapping[str, Any]) -> str:
     return full_question(item["question"], item.get("choices"), item.get("instruction"))
 
 
-def messages_for(method: str, question: str, context: str | None) -> list[dict[str, str]]:
-    """Chat messages of one method; `context` is already marked for the marking methods."""
-    if method == "closed_book":
-        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Question: {question}"}]
+Messages = list[dict[str, str]]
+
+
+def chat_messages(system: str, user: str) -> Messages:
+    """A system line and one user turn: the shape of every method's prompt."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def qa_messages(question: str, context: str | None, system: str = SYSTEM) -> Messages:
+    """The shared question-answering prompt: the context, then the question."""
     if context is None:
-        raise ValueError(f"method {method!r} needs a context")
-    if method == "full_context":
-        user = f"Context: {context}\nQuestion: {question}"
-        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
-    if method == "opinion_instruction":
-        # Zhou et al. 2023 (O&I): the context as a narrator's statement, the question about his opinion.
-        user = (
-            "Instruction: read the given information and answer the question.\n"
-            f'Bob said, "{context}"\nQuestion: {question} In Bob\'s opinion, based on what he said?'
-        )
-        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
-    if method in ("probe_marking", "clear", "clear_unmarked"):
-        user = f"Context: {context}\nQuestion: {question}"
-        return [{"role": "system", "content": SYSTEM_MARKED}, {"role": "user", "content": user}]
-    raise KeyError(f"unknown method {method!r}")
+        raise ValueError("the QA prompt needs a context")
+    return chat_messages(system, f"Context: {context}\nQuestion: {question}")
+
+
+def marked_qa_messages(question: str, context: str | None) -> Messages:
+    """The QA prompt under the marker-aware system line: what CLEAR fine-tunes on and is evaluated with."""
+    return qa_messages(question, context, SYSTEM_MARKED)
 
 
 def target_text(answers: Sequence[str], tokenizer) -> str:

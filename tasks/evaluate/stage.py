@@ -1,12 +1,13 @@
-"""Evaluate stage: every method answers the same items by greedy decoding; one predictions table, one metrics table."""
+"""Evaluate stage: every method answers the same items by greedy decoding; one predictions table, one metrics table.
+
+The methods themselves (prompt, context, weights) are the entries of tasks/evaluate/methods/.
+"""
 
 from __future__ import annotations
 
 import gc
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import polars as pl
 import torch
@@ -17,45 +18,12 @@ from schemas.tables import METRICS, PREDICTIONS
 from tasks.core.config import RunConfig
 from tasks.core.models import load_model, load_tokenizer
 from tasks.core.chat import encode, render
-from tasks.core.prompts import item_question, messages_for
+from tasks.core.prompts import item_question
+from tasks.evaluate.methods import Method, resolve_methods
 from tasks.evaluate.scoring import method_metrics, score_prediction
 from tasks.core.storage import RunPaths, read_table, to_arrow, write_parquet
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Method:
-    """How one method builds its prompt: which context it sees and which weights answer."""
-
-    name: str
-    context: Literal["none", "plain", "marked"]
-    model: Literal["base", "finetuned"]
-
-
-REGISTRY: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("closed_book", "none", "base"),
-        Method("full_context", "plain", "base"),
-        Method("opinion_instruction", "plain", "base"),
-        Method("probe_marking", "marked", "base"),
-        Method("clear", "marked", "finetuned"),
-        Method("clear_unmarked", "plain", "finetuned"),  # ablation: the adapter without the probe's markers
-    )
-}
-
-
-def resolve_methods(names: Sequence[str]) -> list[Method]:
-    """Registry entries of the requested methods, refusing unknown names up front (before any model loads)."""
-    if not names:
-        raise ValueError(f"no evaluation methods configured; known: {sorted(REGISTRY)}")
-    unknown = [n for n in names if n not in REGISTRY]
-    if unknown:
-        raise ValueError(f"unknown evaluation method(s) {unknown}; known: {sorted(REGISTRY)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"evaluation methods listed twice: {list(names)}")
-    return [REGISTRY[n] for n in names]
 
 
 def first_line(text: str) -> str:
@@ -130,7 +98,7 @@ def build_prompts(method: Method, items: pl.DataFrame, tokenizer, marked: dict[s
             context = item["context"]
         else:
             context = marked[item["item_id"]]
-        prompts.append(render(tokenizer, messages_for(method.name, item_question(item), context)))
+        prompts.append(render(tokenizer, method.messages(item_question(item), context)))
     return prompts
 
 

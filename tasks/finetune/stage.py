@@ -108,8 +108,8 @@ class Example:
 
 
 def build_example(tok, question: str, context: str, answers: Sequence[str], max_length: int) -> Example:
-    """Prompt as evaluation renders it (method 'clear'), target = first answer + EOS, left-truncated."""
-    prompt_text = chat.render(tok, prompts.messages_for("clear", question, context))
+    """Prompt as evaluation renders it (method 'clear': the same builder), target = first answer + EOS, left-truncated."""
+    prompt_text = chat.render(tok, prompts.marked_qa_messages(question, context))
     if not getattr(tok, "is_fast", False):
         raise TypeError("marking tokens needs a fast tokenizer (offset mappings)")
     enc = chat.encode(tok, prompt_text, return_offsets_mapping=True)

@@ -1,24 +1,20 @@
-"""Stage 4: a linear probe per layer on the statements' hidden states, the best layer, and sentence scores.
+"""Stage 4: a probe per layer and kind on the statements' hidden states, the best layer, and sentence scores.
 
-Every probe, whatever its kind, is saved as one linear map in the original feature space
-(`weight` (d,), `bias` ()), so p_conflict = sigmoid(x @ weight + bias) with no scaler to carry.
-Probes are fitted on the train split only; dev picks the layer; test is only reported.
+The kinds (how a probe is fitted, saved and reloaded) are the entries of tasks/probes/kinds/; this stage
+fits each configured kind on the train split per layer, lets dev pick its strength and the layer, reports
+test only, and scores every context sentence with the chosen probe.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-from safetensors.numpy import load_file, save_file
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
@@ -26,99 +22,16 @@ from schemas.tables import PROBE_METRICS, SENTENCE_SCORES
 from tasks.activations.stage import probed_sentences
 from tasks.core.activation_store import ActivationStore
 from tasks.core.config import RunConfig
-from tasks.core.storage import RunPaths, atomic_path, model_slug, read_table, write_json, write_parquet
+from tasks.core.storage import RunPaths, model_slug, read_table, write_json, write_parquet
+from tasks.probes.kinds import KINDS, Probe, probe_kinds
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
-MAX_ITER = 2000
 BEST_KEYS = (
     "layer", "probe", "l2", "fitted_on", "dev_auroc", "test_auroc", "test_accuracy", "test_auroc_train_only",
     "threshold", "model",
 )
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """Numerically stable logistic function."""
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
-
-
-@dataclass
-class LinearProbe:
-    """p_conflict = sigmoid(x @ weight + bias): every probe kind reduces to this."""
-
-    weight: np.ndarray  # (d,) float32
-    bias: float
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.weight = np.asarray(self.weight, dtype=np.float32).reshape(-1)
-        self.bias = float(np.float32(self.bias))  # what the safetensors file can hold, so reloads are identical
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Probability of label 1 (conflicting) per row, shape (n,) (not sklearn's (n, 2))."""
-        X = np.asarray(X)
-        if X.ndim != 2 or X.shape[1] != self.weight.shape[0]:
-            raise ValueError(f"expected features of shape (n, {self.weight.shape[0]}), got {X.shape}")
-        return sigmoid(X.astype(np.float64) @ self.weight.astype(np.float64) + self.bias)
-
-    def save(self, path: Path) -> Path:
-        """Write `<path>` (.safetensors: weight, bias) and its `.json` metadata beside it, atomically."""
-        path = Path(path)
-        tensors = {"weight": self.weight, "bias": np.array(self.bias, dtype=np.float32)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"kind": str(self.meta.get("kind", "linear"))})
-        write_json(self.meta, path.with_suffix(".json"))
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> LinearProbe:
-        """Read a probe saved by `save` (metadata from the .json beside it when present)."""
-        path = Path(path)
-        tensors = load_file(str(path))
-        meta_path = path.with_suffix(".json")
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        return cls(tensors["weight"], float(tensors["bias"]), meta)
-
-
-def _fold(coef: np.ndarray, intercept: float, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, float]:
-    """Fold standardisation into a linear map: coef @ ((x - mean) / scale) + c == x @ w + b."""
-    w = coef / scale
-    return w, float(intercept - w @ mean)
-
-
-def _check_labels(y: np.ndarray) -> None:
-    """A probe needs both labels in its training data."""
-    if len(np.unique(y)) < 2:
-        raise ValueError(f"the train split has only label(s) {np.unique(y).tolist()}: a probe needs both 0 and 1")
-
-
-def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float) -> LinearProbe:
-    """Standardised L2 logistic regression, folded back to the raw feature space."""
-    _check_labels(y)
-    scaler = StandardScaler().fit(X)
-    clf = LogisticRegression(C=l2, max_iter=MAX_ITER).fit(scaler.transform(X), y)
-    w, b = _fold(clf.coef_[0], clf.intercept_[0], scaler.mean_, scaler.scale_)
-    return LinearProbe(w, b)
-
-
-def fit_diffmean(X: np.ndarray, y: np.ndarray, l2: float) -> LinearProbe:
-    """Difference-of-means direction; a 1-D logistic fit on the train projections calibrates it."""
-    _check_labels(y)
-    X = X.astype(np.float64)
-    direction = X[y == 1].mean(axis=0) - X[y == 0].mean(axis=0)
-    norm = np.linalg.norm(direction)
-    if norm == 0:
-        raise ValueError("the two labels have identical mean vectors: no difference-of-means direction")
-    direction /= norm
-    proj = (X @ direction)[:, None]
-    scaler = StandardScaler().fit(proj)
-    clf = LogisticRegression(C=l2, max_iter=MAX_ITER).fit(scaler.transform(proj), y)
-    a, b = _fold(clf.coef_[0], clf.intercept_[0], scaler.mean_, scaler.scale_)
-    return LinearProbe(a[0] * direction, b)
-
-
-FITTERS = {"logistic": fit_logistic, "diffmean": fit_diffmean}
 
 
 def split_metrics(p: np.ndarray, y: np.ndarray, threshold: float) -> dict:
@@ -178,28 +91,29 @@ def _probe_layers(cfg: RunConfig, meta: dict) -> list[int]:
     return layers
 
 
-def _dev_auroc(probe: LinearProbe, X: np.ndarray, y: np.ndarray) -> float:
+def _dev_auroc(probe: Probe, X: np.ndarray, y: np.ndarray) -> float:
     """Dev AUROC used for every choice (NaN where dev lacks a label, so it never wins)."""
     auroc = split_metrics(probe.predict_proba(X), y, 0.5)["auroc"]
     return -math.inf if auroc is None else auroc
 
 
-def fit_on_dev(kind: str, X: np.ndarray, y: np.ndarray, split: np.ndarray, grid: list[float]) -> tuple[LinearProbe, float]:
-    """Fit on train for every L2 strength in `grid` (logistic only) and keep the best on dev."""
+def fit_on_dev(
+    kind: str, X: np.ndarray, y: np.ndarray, split: np.ndarray, strengths: Sequence[float]
+) -> tuple[Probe, float]:
+    """Fit one kind on train at every candidate strength and keep the best on dev (ties: the smaller strength)."""
     train, dev = split == "train", split == "dev"
-    candidates = grid if kind == "logistic" else [1.0]  # diffmean's 1-D calibration needs no tuning
-    fits = [(FITTERS[kind](X[train], y[train], c), c) for c in candidates]
+    fits = [(KINDS[kind].fit(X[train], y[train], c), c) for c in strengths]
     return max(fits, key=lambda fc: (_dev_auroc(fc[0], X[dev], y[dev]), -fc[1]))
 
 
 def train_layer(
     X: np.ndarray, y: np.ndarray, split: np.ndarray, kinds: list[str], cfg: RunConfig, layer: int, meta: dict
-) -> tuple[dict[str, LinearProbe], list[dict]]:
-    """Fit every probe kind on one layer's train rows (L2 chosen on dev); metric rows on every split."""
-    probes: dict[str, LinearProbe] = {}
+) -> tuple[dict[str, Probe], list[dict]]:
+    """Fit every probe kind on one layer's train rows (strength chosen on dev); metric rows on every split."""
+    probes: dict[str, Probe] = {}
     rows: list[dict] = []
     for kind in kinds:
-        probe, l2 = fit_on_dev(kind, X, y, split, cfg.probe.l2_grid)
+        probe, l2 = fit_on_dev(kind, X, y, split, KINDS[kind].strengths(cfg.probe))
         metrics = {}
         for name in SPLITS:
             sel = split == name
@@ -220,10 +134,10 @@ def train_layer(
     return probes, rows
 
 
-def refit_train_dev(probe: LinearProbe, X: np.ndarray, y: np.ndarray, split: np.ndarray) -> LinearProbe:
+def refit_train_dev(probe: Probe, X: np.ndarray, y: np.ndarray, split: np.ndarray) -> Probe:
     """The chosen probe (layer, kind, L2 fixed on dev) refitted on train+dev; test metrics recomputed."""
     seen = np.isin(split, ["train", "dev"])
-    final = FITTERS[probe.meta["kind"]](X[seen], y[seen], probe.meta["l2"])
+    final = KINDS[probe.meta["kind"]].fit(X[seen], y[seen], probe.meta["l2"])
     test = split == "test"
     metrics = dict(probe.meta["metrics"])
     metrics["test"] = split_metrics(final.predict_proba(X[test]), y[test], probe.meta["threshold"])
@@ -233,7 +147,7 @@ def refit_train_dev(probe: LinearProbe, X: np.ndarray, y: np.ndarray, split: np.
 
 
 def score_sentences(
-    paths: RunPaths, slug: str, probe: LinearProbe, layer: int, kind: str, threshold: float, sentences: str = "all"
+    paths: RunPaths, slug: str, probe: Probe, layer: int, kind: str, threshold: float, sentences: str = "all"
 ) -> Path:
     """p_conflict and the flag of every probed context sentence (all, or the relevant ones) under the chosen probe.
 
@@ -256,7 +170,7 @@ def run_probes(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     store = ActivationStore.open(paths.activations, slug)
     meta = store.meta()
     layers = _probe_layers(cfg, meta)
-    kinds = list(dict.fromkeys([*cfg.probe.kinds, cfg.probe.select_kind]))
+    kinds = probe_kinds(cfg.probe)
     statements = read_table(paths.table("statements"))
     check_splits(statements)
     keys = statements["key"].to_list()
@@ -264,7 +178,7 @@ def run_probes(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     split = statements["split"].to_numpy().astype(str)
 
     rows: list[dict] = []
-    selected: dict[int, LinearProbe] = {}
+    selected: dict[int, Probe] = {}
     # one BLAS thread: these fits are tiny, and threaded BLAS on a busy machine ran ~100x slower (measured)
     with threadpool_limits(limits=1):
         for layer in tqdm(layers, desc="probes", unit="layer", dynamic_ncols=True):

@@ -1,0 +1,28 @@
+"""Evaluation methods: one module per method declaring `METHOD` (a `Method`), registered below in report order.
+
+Adding a method is one new module here plus one line in MODULES (see docs/ARCHITECTURE.md); the
+evaluate stage, the report's labels and the default of `evaluate.methods` all follow this registry.
+"""
+
+from __future__ import annotations
+
+from tasks.core.registry import collect, resolve
+from tasks.evaluate.methods.base import Method, PromptBuilder
+
+MODULES = (  # one line per method, in report order
+    "closed_book",
+    "full_context",
+    "opinion_instruction",
+    "probe_marking",
+    "clear",
+    "clear_unmarked",
+)
+REGISTRY: dict[str, Method] = collect(__name__, MODULES, "METHOD")
+
+
+def resolve_methods(names: list[str] | None) -> list[Method]:
+    """The configured methods (None: every registered one, in registry order), unknown names refused up front."""
+    return list(REGISTRY.values()) if names is None else resolve(REGISTRY, names, "evaluation method")
+
+
+__all__ = ["MODULES", "REGISTRY", "Method", "PromptBuilder", "resolve_methods"]

@@ -1,0 +1,26 @@
+"""Difference-of-means probe: the direction between the two labels' mean vectors, calibrated by a 1-D logistic fit."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tasks.probes.kinds.base import ProbeKind, check_labels
+from tasks.probes.kinds.linear import LinearProbe, standardised_logistic
+
+
+def fit_diffmean(X: np.ndarray, y: np.ndarray, l2: float) -> LinearProbe:
+    """Difference-of-means direction; a 1-D logistic fit on the train projections calibrates it."""
+    check_labels(y)
+    X = X.astype(np.float64)
+    direction = X[y == 1].mean(axis=0) - X[y == 0].mean(axis=0)
+    norm = np.linalg.norm(direction)
+    if norm == 0:
+        raise ValueError("the two labels have identical mean vectors: no difference-of-means direction")
+    direction /= norm
+    a, b = standardised_logistic((X @ direction)[:, None], y, l2)
+    return LinearProbe(a[0] * direction, b)
+
+
+# the 1-D calibration needs no tuning: one fit at strength 1.0
+KIND = ProbeKind("diffmean", "difference-of-means direction, calibrated by a 1-D logistic fit", fit_diffmean,
+                 LinearProbe.load)

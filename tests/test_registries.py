@@ -103,12 +103,12 @@ def test_registry_helpers_refuse_bad_names():
         resolve(KINDS, ["logistic", "logistic"], "probe kind")
 
 
-@pytest.fixture()
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
+@pytest.fixture()
 def throwaway_entries(monkeypatch, tmp_path):
     """The three throwaway entries, each registered with one line, removed again after the test."""
     monkeypatch.setitem(REGISTRY, QUESTION_FIRST.name, QUESTION_FIRST)

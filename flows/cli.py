@@ -57,7 +57,7 @@ class Stage(RunConfig):
         given = self.model_dump(mode="json", exclude_unset=True, exclude={"name", "force"})
         base = RunConfig.model_validate(given | {"run": self.run})
         saved = load_manifest(paths_of(base)).get("config")
-        if saved is None and STAGES[self.name].after:
+        if saved is None and STAGES[self.name].upstream:
             raise FileNotFoundError(f"no run {self.run!r} under {base.runs_dir}: start one with `clearflow run`")
         saved = saved or {}
         cfg = RunConfig.model_validate(_deep_update(saved, given))

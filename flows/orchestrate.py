@@ -13,6 +13,7 @@ from flows.runner import (
     load_manifest,
     missing_upstream,
     paths_of,
+    produced,
     record_stage,
     resolve_run,
     start_manifest,
@@ -26,21 +27,22 @@ log = logging.getLogger("clearflow")
 
 
 @task(name="stage-work", task_run_name="{stage_name}", cache_policy=NO_CACHE)
-def stage_work(stage_name: str, cfg: RunConfig) -> dict[str, str]:
-    """The stage's plain function from tasks/; returns the paths it wrote."""
-    return STAGES[stage_name].function()(cfg, paths_of(cfg))
+def stage_work(stage_name: str, cfg: RunConfig) -> None:
+    """The stage's plain function from tasks/, given only the config sections it declares."""
+    stage = STAGES[stage_name]
+    stage.function()(stage.view(cfg), paths_of(cfg))
 
 
 @task(name="quality-check", task_run_name="quality-{stage_name}", cache_policy=NO_CACHE)
 def quality_check(stage_name: str, run_dir: str) -> dict:
-    """Great Expectations suites of the stage's tables; raises DataQualityError on a failure."""
-    from tasks.core.quality import validate_stage
+    """Great Expectations suites of the tables the stage declares it writes; raises DataQualityError on a failure."""
+    from tasks.core.quality import validate_tables
 
-    return validate_stage(stage_name, RunPaths(Path(run_dir)))
+    return validate_tables(STAGES[stage_name].suites, RunPaths(Path(run_dir)))
 
 
 def run_stage(stage_name: str, cfg: RunConfig, force: bool = False) -> dict[str, str]:
-    """Run a stage unless its outputs are current; check them; record them in the manifest."""
+    """Run a stage unless its outputs are current; check them; record them in the manifest; returns their paths."""
     stage = STAGES[stage_name]
     paths = paths_of(cfg)
     missing = missing_upstream(stage, load_manifest(paths))
@@ -52,13 +54,14 @@ def run_stage(stage_name: str, cfg: RunConfig, force: bool = False) -> dict[str,
     manifest = start_manifest(cfg, paths)
     if not force and is_current(stage, cfg, paths, manifest):
         log.info("%-11s up to date, skipped", stage_name)
-        return {n: str(paths.root / o["path"]) for n, o in manifest["stages"][stage_name]["outputs"].items()}
+        return {a: str(paths.artifact(a)) for a in stage.writes}
     log.info("%-11s %s", stage_name, stage.summary)
-    outputs, seconds = timed(stage_work, stage_name, cfg)
+    _, seconds = timed(stage_work, stage_name, cfg)
+    outputs = produced(stage, paths)
     quality = quality_check(stage_name, str(paths.root))
-    record_stage(stage, cfg, paths, outputs, seconds, quality)
+    record_stage(stage, cfg, paths, seconds, quality)
     log.info("%-11s done in %.1f s", stage_name, seconds)
-    return outputs
+    return {a: str(p) for a, p in outputs.items()}
 
 
 def make_stage_flow(stage_name: str):

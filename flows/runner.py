@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.stages import Stage
+from flows.stages import WRITER, Stage
+from schemas.layout import LAYOUT
 from tasks.core.config import RunConfig
 from tasks.core.storage import RunPaths, file_sha256, write_json
 
 log = logging.getLogger("clearflow")
 REPO = Path(__file__).resolve().parents[1]
+PROVENANCE = "ingest_provenance"  # the artifact whose content heads the manifest as its "inputs"
 
 
 def now() -> str:
@@ -44,39 +46,56 @@ def load_manifest(paths: RunPaths) -> dict[str, Any]:
     return {}
 
 
-def digest(path: Path) -> str:
-    """sha256 of a file, or of a directory's (relative path, file hash) list."""
+def digest(path: Path, pattern: str | None = None) -> str:
+    """sha256 of a file, or of a directory's (relative path, file hash) list over `pattern` (default: all files)."""
     path = Path(path)
     if path.is_file():
         return file_sha256(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for f in sorted(p for p in path.glob(pattern or "**/*") if p.is_file() and not p.name.startswith(".")):
         h.update(f"{f.relative_to(path)}:{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 
-def fingerprint(stage: Stage, cfg: RunConfig, manifest: dict[str, Any]) -> str:
-    """What a stage's outputs depend on: its config sections and its inputs' content hashes."""
+def read_hashes(stage: Stage, manifest: dict[str, Any]) -> dict[str, str | None]:
+    """Content hash of each artifact the stage reads, as its writer's manifest record holds it."""
     done = manifest.get("stages", {})
-    upstream = {u: done.get(u, {}).get("outputs", {}) for u in stage.after}
-    outside = stage.input_fingerprint(cfg)
+    return {a: done.get(WRITER[a], {}).get("outputs", {}).get(a, {}).get("sha256") for a in stage.reads}
+
+
+def fingerprint(stage: Stage, cfg: RunConfig, manifest: dict[str, Any]) -> str:
+    """What a stage's outputs depend on: its declared config sections, what it reads, its outside inputs."""
     blob = json.dumps(
-        [stage.name, cfg.digest(*stage.sections) if stage.sections else "", upstream, outside], sort_keys=True
+        [stage.name, stage.view(cfg).digest(), read_hashes(stage, manifest), stage.input_fingerprint(cfg)],
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def is_current(stage: Stage, cfg: RunConfig, paths: RunPaths, manifest: dict[str, Any]) -> bool:
-    """True when the recorded outputs exist and were made from the same config and inputs."""
+    """True when the declared outputs exist and were made from the same config and inputs."""
     rec = manifest.get("stages", {}).get(stage.name)
     if not rec or rec.get("fingerprint") != fingerprint(stage, cfg, manifest):
         return False
-    return all((paths.root / o["path"]).exists() for o in rec.get("outputs", {}).values())
+    outputs = rec.get("outputs", {})
+    return set(outputs) == set(stage.writes) and all(paths.artifact(a).exists() for a in stage.writes)
 
 
 def missing_upstream(stage: Stage, manifest: dict[str, Any]) -> list[str]:
     done = manifest.get("stages", {})
-    return [u for u in stage.after if u not in done]
+    return [u for u in stage.upstream if u not in done]
+
+
+def produced(stage: Stage, paths: RunPaths) -> dict[str, Path]:
+    """The paths of the stage's declared outputs; a declared output it did not write is an error."""
+    outputs = {a: paths.artifact(a) for a in stage.writes}
+    missing = [f"{a} ({LAYOUT[a].path})" for a, p in outputs.items() if not p.exists()]
+    if missing:
+        raise RuntimeError(
+            f"stage {stage.name!r} finished without writing {', '.join(missing)}, which its declaration in"
+            " flows/stages.py says it writes"
+        )
+    return outputs
 
 
 def code_version() -> dict[str, Any]:
@@ -123,14 +142,13 @@ def start_manifest(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
 
 
 def record_stage(
-    stage: Stage, cfg: RunConfig, paths: RunPaths, outputs: dict[str, str], seconds: float, quality: dict[str, Any]
+    stage: Stage, cfg: RunConfig, paths: RunPaths, seconds: float, quality: dict[str, Any]
 ) -> dict[str, Any]:
-    """Write what a finished stage produced (with content hashes) into the manifest."""
+    """Write what a finished stage produced (its declared outputs, with content hashes) into the manifest."""
     manifest = load_manifest(paths)
-    recorded = {}
-    for name, p in outputs.items():
-        p = Path(p)
-        recorded[name] = {"path": str(p.resolve().relative_to(paths.root.resolve())), "sha256": digest(p)}
+    recorded = {
+        a: {"path": LAYOUT[a].path, "sha256": digest(p, LAYOUT[a].identity)} for a, p in produced(stage, paths).items()
+    }
     manifest.setdefault("stages", {})[stage.name] = {
         "fingerprint": fingerprint(stage, cfg, manifest),
         "outputs": recorded,
@@ -138,8 +156,8 @@ def record_stage(
         "finished_at": now(),
         "quality": {t: {"success": r.get("success"), "expectations": r.get("evaluated")} for t, r in quality.items()},
     }
-    if "provenance" in outputs:  # where the data came from (files, sha256, loader versions) heads the manifest
-        manifest["inputs"] = json.loads(Path(outputs["provenance"]).read_text())
+    if PROVENANCE in stage.writes:  # where the data came from (files, sha256, loader versions) heads the manifest
+        manifest["inputs"] = json.loads(paths.artifact(PROVENANCE).read_text())
     write_json(manifest, paths.manifest)
     return manifest
 

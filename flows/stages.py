@@ -1,32 +1,66 @@
-"""The DAG: which stage runs what, after which, and which config sections it depends on."""
+"""The DAG, declared once: what each stage reads, writes and is configured by.
+
+Everything else is derived from these declarations: the order of stages (a stage runs after the stages that write
+what it reads), the config view a stage gets, its staleness fingerprint (flows/runner.py), its quality suites and
+the outputs the manifest records. Artifact names are those of schemas/layout.py.
+"""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from tasks.core.config import RunConfig
+from schemas.layout import artifact
+from tasks.core.config import ConfigView, RunConfig
 from tasks.core.storage import RunPaths
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One node of the pipeline: the work is the plain function `target` in tasks/."""
+    """One node of the pipeline: the plain function `run(cfg, paths)` of tasks/, and its contract.
+
+    The function gets a view of the config holding only `config` (reading any other section raises), writes
+    every artifact of `writes` under `paths` and returns nothing: the runner takes the paths from the layout.
+    """
 
     name: str
-    target: str  # "module:function", imported lazily so `clearflow sql` never imports torch
-    sections: tuple[str, ...]  # RunConfig fields whose change makes this stage stale
-    after: tuple[str, ...]  # upstream stages whose outputs it reads
+    run: str  # "module:function", imported lazily so `clearflow sql` never imports torch
+    reads: tuple[str, ...]  # run artifacts it reads; their writers are its upstream stages
+    writes: tuple[str, ...]  # run artifacts it must produce; recorded (with content hashes) in the manifest
+    config: tuple[str, ...]  # the RunConfig sections it receives; a change to one makes it stale
     summary: str
-    inputs: str | None = None  # "module:function" (cfg -> JSON-able): outside inputs, e.g. input file hashes
+    inputs: str | None = None  # "module:function" (config view -> JSON-able): outside inputs, e.g. file hashes
 
-    def function(self) -> Callable[[RunConfig, RunPaths], dict[str, str]]:
-        return _resolve(self.target)
+    def __post_init__(self) -> None:
+        for name in (*self.reads, *self.writes):
+            artifact(name)  # an unknown name fails at import, not mid-run
+        unknown = [s for s in self.config if s not in RunConfig.model_fields]
+        if unknown:
+            raise ValueError(f"stage {self.name!r} declares unknown config sections {unknown}")
+
+    def function(self) -> Callable[[RunConfig | ConfigView, RunPaths], None]:
+        return _resolve(self.run)
+
+    def view(self, cfg: RunConfig) -> ConfigView:
+        """The config as this stage may see it: its declared sections only."""
+        return cfg.view(*self.config, stage=self.name)
 
     def input_fingerprint(self, cfg: RunConfig) -> object:
         """What the stage reads from outside the run (file contents), so an edited input file makes it stale."""
-        return _resolve(self.inputs)(cfg) if self.inputs else None
+        return _resolve(self.inputs)(self.view(cfg)) if self.inputs else None
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        """The stages that write what this one reads, in pipeline order."""
+        return tuple(dict.fromkeys(WRITER[a] for a in self.reads))
+
+    @property
+    def suites(self) -> tuple[str, ...]:
+        """The written tables that have a quality suite: what the runner checks after the stage."""
+        from schemas.suites import SUITES
+
+        return tuple(a for a in self.writes if a in SUITES)
 
 
 def _resolve(target: str) -> Callable:
@@ -37,20 +71,53 @@ def _resolve(target: str) -> Callable:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("ingest", "tasks.ingest.stage:run_ingest", ("dataset", "data_path", "limit", "seed", "ingest"), (),
-              "build items, probe statements and rejects from the dataset", inputs="tasks.ingest.provenance:input_fingerprint"),
-        Stage("decompose", "tasks.decompose.stage:run_decompose", ("decompose", "model"), ("ingest",),
-              "split every context into units (sentences or LLM atomic facts), score their relevance"),
-        Stage("activations", "tasks.activations.stage:run_activations", ("model", "activations"), ("ingest", "decompose"),
-              "hidden states of statements and sentences per layer and position, from the shared store"),
-        Stage("probes", "tasks.probes.stage:run_probes", ("probe",), ("ingest", "decompose", "activations"),
-              "train a probe per layer, pick the best on dev, score every context sentence"),
-        Stage("finetune", "tasks.finetune.stage:run_finetune", ("model", "finetune", "seed"), ("ingest", "decompose", "probes"),
-              "LoRA fine-tuning with <conflict> markers and the attention loss"),
-        Stage("evaluate", "tasks.evaluate.stage:run_evaluate", ("model", "evaluate", "seed"),
-              ("ingest", "decompose", "probes", "finetune"), "generate answers per method and score them"),
-        Stage("report", "tasks.report:run_report", (), ("ingest", "decompose", "probes", "finetune", "evaluate"),
-              "write report.md and its figures"),
+        Stage("ingest", "tasks.ingest.stage:run_ingest",
+              reads=(), writes=("items", "statements", "rejects", "ingest_provenance"),
+              config=("dataset", "data_path", "limit", "seed", "ingest", "model"),
+              summary="build items, probe statements and rejects from the dataset",
+              inputs="tasks.ingest.provenance:input_fingerprint"),
+        Stage("decompose", "tasks.decompose.stage:run_decompose",
+              reads=("items", "statements"), writes=("sentences",), config=("decompose", "model", "seed"),
+              summary="split every context into units (sentences or LLM atomic facts), score their relevance"),
+        Stage("activations", "tasks.activations.stage:run_activations",
+              reads=("items", "statements", "sentences"), writes=("activations",), config=("model", "activations"),
+              summary="hidden states of statements and sentences per layer and position, from the shared store"),
+        Stage("probes", "tasks.probes.stage:run_probes",
+              reads=("statements", "sentences", "activations"),
+              writes=("probes", "probe_metrics", "best_probe", "sentence_scores"),
+              config=("probe", "activations", "model"),
+              summary="train a probe per layer, pick the best on dev, score every context sentence"),
+        Stage("finetune", "tasks.finetune.stage:run_finetune",
+              reads=("items", "sentences", "sentence_scores"), writes=("adapter", "train_log"),
+              config=("model", "finetune", "seed"),
+              summary="LoRA fine-tuning with <conflict> markers and the attention loss"),
+        Stage("evaluate", "tasks.evaluate.stage:run_evaluate",
+              reads=("items", "sentences", "sentence_scores", "adapter"), writes=("predictions", "metrics"),
+              config=("model", "evaluate", "seed"),
+              summary="generate answers per method and score them"),
+        Stage("report", "tasks.report:run_report",
+              reads=("items", "sentences", "probe_metrics", "best_probe", "sentence_scores", "train_log",
+                     "predictions", "metrics"),
+              writes=("report", "figures"), config=("dataset", "limit", "seed", "model", "evaluate"),
+              summary="write report.md and its figures"),
     )
 }
 ORDER = list(STAGES)
+RUNNER_ARTIFACTS = ("quality", "manifest", "catalog")  # written by the runner and the pipeline, not by a stage
+
+
+def writers(stages: Iterable[Stage]) -> dict[str, str]:
+    """artifact -> the one stage that writes it; refuses two writers and a read of what no earlier stage wrote."""
+    writer: dict[str, str] = {}
+    for stage in stages:
+        unwritten = [a for a in stage.reads if a not in writer]
+        if unwritten:
+            raise ValueError(f"stage {stage.name!r} reads {unwritten}, which no earlier stage writes")
+        for a in stage.writes:
+            if a in writer or a in RUNNER_ARTIFACTS:
+                raise ValueError(f"{a!r} is written by both {writer.get(a, 'the runner')!r} and {stage.name!r}")
+            writer[a] = stage.name
+    return writer
+
+
+WRITER: dict[str, str] = writers(STAGES.values())

@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 from pydantic import ValidationError
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
-from tasks.core.config import RunConfig
+from tasks.core.config import ConfigView, RunConfig
 from tasks.core.storage import RunPaths, atomic_path, read_table
 from tasks.evaluate.methods import REGISTRY as METHODS
 
@@ -39,12 +39,14 @@ def _optional_json(path: Path) -> Any:
     return json.loads(Path(path).read_text()) if Path(path).exists() else None
 
 
-def run_config(cfg: RunConfig, paths: RunPaths) -> RunConfig:
-    """The configuration the run recorded in its manifest (what actually ran), else the one given."""
+def run_config(cfg: RunConfig | ConfigView, paths: RunPaths) -> RunConfig | ConfigView:
+    """The configuration the run recorded in its manifest (what actually ran), else the one given; a view stays a
+    view of the same sections, so the manifest is no way around the stage's declaration."""
     manifest = _optional_json(paths.manifest)
     if isinstance(manifest, dict) and isinstance(manifest.get("config"), dict):
         try:
-            return RunConfig.model_validate(manifest["config"])
+            recorded = RunConfig.model_validate(manifest["config"])
+            return cfg.over(recorded) if isinstance(cfg, ConfigView) else recorded
         except ValidationError as err:
             log.warning("manifest config unreadable (%s); reporting with the given config", err.errors()[0]["msg"])
     return cfg
@@ -337,18 +339,17 @@ def plot_methods(metrics: pl.DataFrame, path: Path) -> Path:
 # ---------------------------------------------------------------- stage
 
 
-def run_report(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
+def run_report(cfg: RunConfig, paths: RunPaths) -> None:
     """Write report.md and figures/{probe_layers,methods}.png from the run's tables."""
     conf = run_config(cfg, paths)
     items = read_table(paths.table("items"))
     metrics = read_table(paths.table("metrics"))
     probe_metrics = _optional_table(paths.table("probe_metrics"))
-    best = _optional_json(paths.probes / "best.json")
-    train_log = _optional_json(paths.adapter / "train_log.json")
-    out: dict[str, str] = {}
+    best = _optional_json(paths.best_probe)
+    train_log = _optional_json(paths.train_log)
     if probe_metrics is not None:
-        out["probe_layers"] = str(plot_probe_layers(probe_metrics, best, paths.figures / "probe_layers.png"))
-    out["methods"] = str(plot_methods(metrics, paths.figures / "methods.png"))
+        plot_probe_layers(probe_metrics, best, paths.figures / "probe_layers.png")
+    plot_methods(metrics, paths.figures / "methods.png")
     sections = [
         f"# clearflow report: {paths.root.name}",
         section_what_ran(conf, items, metrics, train_log),
@@ -361,5 +362,3 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     ]
     with atomic_path(paths.report) as tmp:
         tmp.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
-    out["report"] = str(paths.report)
-    return out

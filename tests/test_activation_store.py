@@ -62,6 +62,10 @@ def with_act(cfg: RunConfig, **update) -> RunConfig:
     return cfg.model_copy(update={"activations": cfg.activations.model_copy(update=update)})
 
 
+def _meta_path(paths: RunPaths, cfg: RunConfig) -> Path:
+    return paths.activations / f"model={model_slug(cfg.model.name)}" / "meta.json"
+
+
 def test_sentence_in_context_parity_with_hf_hidden_states(model_tok):
     """ctx_last / ctx_mean equal HF's hidden_states[L + 1] of the whole context at the span's tokens (fp32)."""
     model, tok = model_tok
@@ -107,7 +111,8 @@ def test_store_holds_every_position_once_and_passes_its_suite(tiny_cfg, run_path
 def test_second_run_loads_no_model_and_the_store_is_shared(tiny_cfg, run_paths, monkeypatch, tmp_path):
     write_run(run_paths, CONTEXTS, ["Paris is the capital of France."])
     cfg = with_act(tiny_cfg, layers=[0, 2])
-    first = json.loads(Path(run_activations(cfg, run_paths)["activations_meta"]).read_text())
+    run_activations(cfg, run_paths)
+    first = json.loads(_meta_path(run_paths, cfg).read_text())
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -117,7 +122,8 @@ def test_second_run_loads_no_model_and_the_store_is_shared(tiny_cfg, run_paths, 
     other = RunPaths(tmp_path / "other-run")
     write_run(other, CONTEXTS, ["Paris is the capital of France."])
     t0 = time.perf_counter()
-    second = json.loads(Path(run_activations(cfg.model_copy(update={"run": "other-run"}), other)["activations_meta"]).read_text())
+    run_activations(cfg.model_copy(update={"run": "other-run"}), other)
+    second = json.loads(_meta_path(other, cfg).read_text())
     assert time.perf_counter() - t0 < 5 and second == first
     keys = [text_key(t) for t, _, _ in split_sentences(CONTEXTS[0])]
     np.testing.assert_array_equal(ActivationStore.open(other.activations).vectors(2, keys),

@@ -143,13 +143,13 @@ def test_run_activations_writes_cache_and_loads_aligned(tiny_cfg, run_paths, mod
     _write_inputs(run_paths, statements, sentences)
     cfg = tiny_cfg.model_copy(update={"activations": tiny_cfg.activations.model_copy(update={"layers": [3, 1],
                                                                                               "batch_size": 2})})
-    out = run_activations(cfg, run_paths)
+    run_activations(cfg, run_paths)
     slug = model_slug(cfg.model.name)
 
     meta = json.loads((run_paths.activations / f"model={slug}" / "meta.json").read_text())
     assert meta["layers"] == [1, 3] and meta["dim"] == 64 and meta["n_keys"] == len(TEXTS)
     assert meta["n_statements"] == 4 and meta["n_sentences"] == 3 and meta["sentences_per_s"] > 0
-    assert out["activations_meta"].endswith("meta.json")
+    assert run_paths.activations == run_paths.root / "activations"
     assert not (run_paths.activations / f"model={slug}" / "layer=0").exists()
 
     store = ActivationStore.open(run_paths.activations, slug)

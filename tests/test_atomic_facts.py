@@ -9,7 +9,7 @@ from http.server import ThreadingHTTPServer
 import pytest
 
 from tasks.decompose.atomic_facts import atomic_units, decompose_context, parse_facts, parse_steps, question_steps
-from tasks.core.config import RunConfig
+from tasks.core.config import ModelConfig, RunConfig
 from tasks.decompose.llm import CachedChat, LLMError, OpenAIChat, make_chat
 from tests.llm_server import _Handler
 
@@ -77,7 +77,8 @@ def test_endpoint_facts_cache_and_bearer_key(server, tmp_path, monkeypatch):
     monkeypatch.setenv("CLEARFLOW_LLM_BASE_URL", server.base_url)
     monkeypatch.setenv("CLEARFLOW_TEST_KEY", "sk-test-123")
     cfg = _openai_cfg(tmp_path)
-    units = atomic_units(make_chat(cfg, tmp_path / "llm"), CONTEXTS + [[]], progress=False)
+    chat = make_chat(cfg.decompose.llm, cfg.model, cfg.seed, tmp_path / "llm")
+    units = atomic_units(chat, CONTEXTS + [[]], progress=False)
     assert units[0] == [
         (0, "Paris is the capital of France.", "fact"), (0, "Paris lies on the Seine.", "fact"),
         (1, "Hello there!", "sentence"), (2, "Berlin is in Germany.", "fact"),
@@ -91,7 +92,7 @@ def test_endpoint_facts_cache_and_bearer_key(server, tmp_path, monkeypatch):
     }
     assert "sk-test-123" not in "".join(p.read_text() for p in (tmp_path / "llm").rglob("*.json"))
 
-    again = make_chat(cfg, tmp_path / "llm")
+    again = make_chat(cfg.decompose.llm, cfg.model, cfg.seed, tmp_path / "llm")
     assert atomic_units(again, CONTEXTS + [[]], progress=False) == units
     assert len(server.requests) == 2 and (again.hits, again.misses) == (2, 0)
 
@@ -100,9 +101,10 @@ def test_no_key_no_authorization_header_and_no_base_url(server, tmp_path, monkey
     monkeypatch.delenv("CLEARFLOW_TEST_KEY", raising=False)
     monkeypatch.delenv("CLEARFLOW_LLM_BASE_URL", raising=False)
     with pytest.raises(LLMError, match="no base_url: set decompose.llm.base_url or CLEARFLOW_LLM_BASE_URL"):
-        make_chat(_openai_cfg(tmp_path))
+        make_chat(_openai_cfg(tmp_path).decompose.llm, ModelConfig(), 0)
     monkeypatch.setenv("CLEARFLOW_LLM_BASE_URL", server.base_url)
-    make_chat(_openai_cfg(tmp_path), tmp_path / "llm").complete([{"role": "user", "content": "hi"}])
+    chat = make_chat(_openai_cfg(tmp_path).decompose.llm, ModelConfig(), 0, tmp_path / "llm")
+    chat.complete([{"role": "user", "content": "hi"}])
     assert server.requests[0]["auth"] is None
 
 
@@ -186,12 +188,12 @@ def test_question_steps_and_fallback(server, tmp_path):
 def test_local_chat_tiny_model_end_to_end(tiny_cfg, tmp_path):
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.decompose.method, cfg.decompose.llm.max_new_tokens = "llm", 16
-    chat = make_chat(cfg, tmp_path / "llm")
+    chat = make_chat(cfg.decompose.llm, cfg.model, cfg.seed, tmp_path / "llm")
     units = atomic_units(chat, CONTEXTS, progress=False)
     _assert_nothing_lost(CONTEXTS, units)
     assert chat.misses == 2 and chat.hits == 0
 
-    again = make_chat(cfg, tmp_path / "llm")
+    again = make_chat(cfg.decompose.llm, cfg.model, cfg.seed, tmp_path / "llm")
     assert atomic_units(again, CONTEXTS, progress=False) == units
     assert (again.hits, again.misses) == (2, 0) and again.backend._model is None  # a full hit loads no model
 

@@ -85,9 +85,9 @@ def test_real_benchmark_offsets_labels_and_speed(tmp_path):
     paths = RunPaths(tmp_path / "t")
     run_ingest(cfg, paths)
     t0 = time.perf_counter()
-    out = run_decompose(cfg, paths)
+    run_decompose(cfg, paths)
     assert time.perf_counter() - t0 < 10
-    sents = read_table(out["sentences"])
+    sents = read_table(paths.table("sentences"))
     items = read_table(paths.table("items"))
     stmts = read_table(paths.table("statements"))
     assert sents.to_arrow().schema.names == SENTENCES.names
@@ -129,7 +129,8 @@ def test_labels_aligned_unknown_and_untrusted(tmp_path):
     ]
     write_parquet(items, paths.table("items"), ITEMS)
     write_parquet([{**s, "relation_id": None} for s in stmts], paths.table("statements"), STATEMENTS)
-    sents = read_table(run_decompose(RunConfig(run="t"), paths)["sentences"])
+    run_decompose(RunConfig(run="t"), paths)
+    sents = read_table(paths.table("sentences"))
     got = {r["text"]: (r["label"], r["truthful"]) for r in sents.iter_rows(named=True)}
     assert got == {
         "Paris is in France.": ("aligned", True),
@@ -152,7 +153,8 @@ def _one_item(paths: RunPaths) -> None:
 
 def test_llm_facts_and_relevance_through_the_stage(server, tmp_path, monkeypatch):
     """Atomic facts from an OpenAI-compatible endpoint keep their source sentence; a rerun makes no call."""
-    from tasks.core.quality import validate_stage
+    from flows.stages import STAGES
+    from tasks.core.quality import validate_tables
 
     monkeypatch.setenv("CLEARFLOW_CACHE", str(tmp_path / "cache"))
     from tests.llm_server import _facts_reply
@@ -163,7 +165,8 @@ def test_llm_facts_and_relevance_through_the_stage(server, tmp_path, monkeypatch
     _one_item(paths)
     llm = {"backend": "openai", "base_url": server.base_url, "model": "test-model", "max_retries": 0}
     cfg = RunConfig.model_validate({"run": "t", "decompose": {"method": "llm", "llm": llm, "relevance": True, "top_k": 1}})
-    sents = read_table(run_decompose(cfg, paths)["sentences"])
+    run_decompose(cfg, paths)
+    sents = read_table(paths.table("sentences"))
     got = [(r["text"], r["unit"], r["source_idx"], r["char_start"], r["label"]) for r in sents.iter_rows(named=True)]
     first_end = len("Paris is the capital of France and Paris lies on the Seine.")
     assert got == [
@@ -174,7 +177,7 @@ def test_llm_facts_and_relevance_through_the_stage(server, tmp_path, monkeypatch
     ]
     # one LLM step, top-1: exactly the capital fact is kept, and it is the most relevant unit
     assert sents["is_relevant"].to_list() == [True, False, False, False] and sents["relevance"].arg_max() == 0
-    assert validate_stage("decompose", paths)["sentences"]["success"]
+    assert validate_tables(STAGES["decompose"].suites, paths)["sentences"]["success"]
     calls = len(server.requests)
     run_decompose(cfg, paths)
     assert len(server.requests) == calls  # every reply came from the cache

@@ -162,8 +162,8 @@ def test_scores_follow_predictions(tiny_cfg, run_with_items, monkeypatch):
 
     monkeypatch.setattr(ev, "generate", fake_generate)
     cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": list(scripted)})})
-    out = ev.run_evaluate(cfg, run_with_items)
-    metrics = {r["method"]: r for r in read_table(out["metrics"]).iter_rows(named=True)}
+    ev.run_evaluate(cfg, run_with_items)
+    metrics = {r["method"]: r for r in read_table(run_with_items.table("metrics")).iter_rows(named=True)}
     assert list(metrics) == list(scripted)
     assert (metrics["closed_book"]["po"], metrics["closed_book"]["ps"]) == (1.0, 0.0)
     assert metrics["closed_book"]["mr"] == 1.0
@@ -187,10 +187,10 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
 
     monkeypatch.setattr(tasks.finetune.stage, "load_finetuned", spy)
     cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"batch_size": 4})})
-    out = ev.run_evaluate(cfg, run_with_items)
+    ev.run_evaluate(cfg, run_with_items)
 
     assert len(calls) == 1
-    preds = read_table(out["predictions"])
+    preds = read_table(run_with_items.table("predictions"))
     assert preds.columns == PREDICTIONS.names
     assert preds.height == 5 * len(ALL)
     assert preds["method"].unique(maintain_order=True).to_list() == ALL
@@ -211,7 +211,7 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
 
     assert [strip_markers(p) for p in marked] == unmarked
     assert all("\n" not in p for p in preds["prediction"])
-    metrics = read_table(out["metrics"])
+    metrics = read_table(run_with_items.table("metrics"))
     assert metrics.columns == METRICS.names
     assert metrics["method"].to_list() == ALL
     assert metrics["n"].to_list() == [5] * len(ALL)

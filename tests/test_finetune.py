@@ -155,9 +155,9 @@ def _write_run(paths, n_items: int = 6, flag_first: bool = True) -> None:
 def test_run_finetune_end_to_end(tiny_cfg, run_paths):
     cfg = tiny_cfg.model_copy(update={"finetune": tiny_cfg.finetune.model_copy(update={"lr": 5e-3, "epochs": 2})})
     _write_run(run_paths)
-    out = run_finetune(cfg, run_paths)
+    run_finetune(cfg, run_paths)
     adapter = run_paths.adapter
-    assert out["adapter"] == str(adapter)
+    assert adapter == run_paths.root / "adapter" and run_paths.train_log == adapter / "train_log.json"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
     log = json.loads((adapter / "train_log.json").read_text())
     assert log["n_items"] == 4 and log["steps"] == 8 and log["n_truncated"] == 0 and log["n_marked"] == 4

@@ -9,6 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from flows.stages import STAGES
 from schemas.tables import ITEMS, REJECTS, STATEMENTS
 from tasks.core.config import RunConfig
 from tasks.ingest.stage import KNOWN_FACTS_PATH, RELATION_TEMPLATES, ingest, make_sentence, run_ingest
@@ -132,9 +133,9 @@ def test_broken_records_are_rejected(tmp_path):
     path.write_text(json.dumps(records))
     cfg = _cfg(tmp_path, data_path=str(path))
     paths = RunPaths(tmp_path / "runs" / "t")
-    written = run_ingest(cfg, paths)
-    rejects = read_table(written["rejects"])
-    items = read_table(written["items"])
+    run_ingest(cfg, paths)
+    rejects = read_table(paths.table("rejects"))
+    items = read_table(paths.table("items"))
     assert rejects.height + items.height == len(records)
     reason = dict(zip(rejects["record"].to_list(), rejects["reason"].to_list()))
     assert reason == {
@@ -147,17 +148,18 @@ def test_broken_records_are_rejected(tmp_path):
     assert sorted(items["item_id"].to_list()) == ["kf-1", "kf-2", "kf-3", "kf-4"]
     # written tables follow their schemas exactly
     for name, schema in (("items", ITEMS), ("statements", STATEMENTS), ("rejects", REJECTS)):
-        assert read_table(written[name]).to_arrow().schema.names == schema.names
+        assert read_table(paths.table(name)).to_arrow().schema.names == schema.names
 
 
 def test_run_ingest_summary_line(tmp_path, caplog):
     caplog.set_level("INFO", logger="tasks")
-    written = run_ingest(_cfg(tmp_path, limit=40), RunPaths(tmp_path / "runs" / "t"))
+    paths = RunPaths(tmp_path / "runs" / "t")
+    run_ingest(_cfg(tmp_path, limit=40), paths)
     line = [r.getMessage() for r in caplog.records if r.name == "tasks.ingest.stage"][-1]
     assert line.startswith("known-facts: 40 read, 40 kept, 0 rejected")
-    assert set(written) == {"items", "statements", "rejects", "provenance"}
-    assert all(Path(p).exists() for p in written.values())
-    prov = json.loads(Path(written["provenance"]).read_text())
+    assert STAGES["ingest"].writes == ("items", "statements", "rejects", "ingest_provenance")
+    assert all(paths.artifact(a).exists() for a in STAGES["ingest"].writes)
+    prov = json.loads(paths.ingest_provenance.read_text())
     assert prov["files"][0]["path"] == str(KNOWN_FACTS_PATH) and prov["files"][0]["role"] == "data"
     assert prov["loaders"]["data"]["dataset"] == "known-facts" and prov["loaders"]["data"]["version"]
     assert prov["counts"]["known-facts"] == {"read": 40, "kept": 40, "rejected": 0, "by_reason": {}}

@@ -30,6 +30,13 @@ def _cfg(tmp_path, run: str, data_path, **kw) -> RunConfig:
     )
 
 
+def _provenance(cfg: RunConfig) -> dict:
+    """Ingest a run and return its ingest_provenance.json."""
+    paths = RunPaths(cfg.runs_dir / cfg.run)
+    run_ingest(cfg, paths)
+    return json.loads(paths.ingest_provenance.read_text())
+
+
 def _lines(caplog) -> list[str]:
     """The stage's summary lines (one per source), as the CLI shows them."""
     out = [r.getMessage() for r in caplog.records if r.name == "tasks.ingest.stage" and " read, " in r.getMessage()]
@@ -40,9 +47,10 @@ def _lines(caplog) -> list[str]:
 def test_same_file_and_options_are_not_parsed_again(tmp_path, monkeypatch, caplog):
     caplog.set_level("INFO", logger="tasks")
     data = fixtures.write_confiqa_qa(tmp_path / "data", broken=True)
-    first = run_ingest(_cfg(tmp_path, "a", data), RunPaths(tmp_path / "runs" / "a"))
+    first = RunPaths(tmp_path / "runs" / "a")
+    run_ingest(_cfg(tmp_path, "a", data), first)
     lines = _lines(caplog)
-    prov = json.loads(open(first["provenance"]).read())
+    prov = json.loads(first.ingest_provenance.read_text())
     assert prov["files"][0] == {"role": "data", "path": str(data.resolve()), "bytes": data.stat().st_size,
                                 "sha256": file_sha256(data)}
     assert prov["files"][1]["role"] == "probe" and prov["loaders"]["probe"]["dataset"] == "known-facts"
@@ -55,21 +63,22 @@ def test_same_file_and_options_are_not_parsed_again(tmp_path, monkeypatch, caplo
         raise AssertionError("parsed again")
 
     monkeypatch.setattr(tasks.ingest.stage, "read_sources", refuse)
-    second = run_ingest(_cfg(tmp_path, "b", data), RunPaths(tmp_path / "runs" / "b"))
+    second = RunPaths(tmp_path / "runs" / "b")
+    run_ingest(_cfg(tmp_path, "b", data), second)
     assert _lines(caplog) == lines
     for table in ("items", "statements", "rejects"):
-        assert pl.read_parquet(second[table]).equals(pl.read_parquet(first[table]))
-    assert json.loads(open(second["provenance"]).read()) == prov
+        assert pl.read_parquet(second.table(table)).equals(pl.read_parquet(first.table(table)))
+    assert json.loads(second.ingest_provenance.read_text()) == prov
 
 
 def test_edited_file_or_other_options_miss_the_cache(tmp_path, monkeypatch):
     data = fixtures.write_confiqa_qa(tmp_path / "data")
-    first = json.loads(open(run_ingest(_cfg(tmp_path, "a", data), RunPaths(tmp_path / "runs" / "a"))["provenance"]).read())
-    other = json.loads(open(run_ingest(_cfg(tmp_path, "b", data, seed=3), RunPaths(tmp_path / "runs" / "b"))["provenance"]).read())
+    first = _provenance(_cfg(tmp_path, "a", data))
+    other = _provenance(_cfg(tmp_path, "b", data, seed=3))
     assert other["cache_key"] != first["cache_key"]
     records = json.loads(data.read_text())
     data.write_text(json.dumps(records[:-1]))
-    edited = json.loads(open(run_ingest(_cfg(tmp_path, "c", data), RunPaths(tmp_path / "runs" / "c"))["provenance"]).read())
+    edited = _provenance(_cfg(tmp_path, "c", data))
     assert edited["cache_key"] != first["cache_key"] and edited["files"][0]["sha256"] != first["files"][0]["sha256"]
 
 

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from flows.cli import main
-from flows.stages import ORDER
+from flows.stages import ORDER, STAGES
 from tasks.core.storage import RunPaths
 
 
@@ -47,6 +47,8 @@ def test_pipeline_writes_every_artifact(tiny_run):
     assert set(manifest["stages"]) == set(ORDER)
     assert manifest["config"]["limit"] == 60 and manifest["finished_at"]
     assert all(len(o["sha256"]) == 64 for s in manifest["stages"].values() for o in s["outputs"].values())
+    assert {n: set(s["outputs"]) for n, s in manifest["stages"].items()} == {n: set(STAGES[n].writes) for n in ORDER}
+    assert manifest["inputs"] == json.loads(paths.ingest_provenance.read_text())
     methods = set(pl.read_parquet(paths.table("metrics"))["method"])
     from tasks.evaluate.methods import REGISTRY
 
@@ -78,6 +80,25 @@ def test_stage_rerun_with_new_option_makes_downstream_stale(tiny_run, capsys):
     assert is_current(STAGES["probes"], new_cfg, paths, manifest)
     # finetune read the old flags: it is no longer current for the new probes outputs
     assert not is_current(STAGES["finetune"], new_cfg, paths, manifest)
+
+
+def test_runner_gives_a_stage_only_its_declared_sections(tiny_run, prefect_harness, monkeypatch):
+    import tasks.report
+    from flows.orchestrate import run_stage
+    from tasks.core.config import ConfigView
+
+    cfg, paths, _ = tiny_run
+    seen = []
+    real = tasks.report.run_report
+
+    def spy(view, run_paths):
+        seen.append(view)
+        return real(view, run_paths)
+
+    monkeypatch.setattr(tasks.report, "run_report", spy)
+    outputs = run_stage("report", cfg, force=True)
+    assert outputs == {"report": str(paths.report), "figures": str(paths.figures)}
+    assert isinstance(seen[0], ConfigView) and seen[0].sections == STAGES["report"].config
 
 
 def test_stage_of_unknown_run_is_a_clear_error(tiny_cfg, capsys):

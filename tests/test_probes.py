@@ -102,9 +102,9 @@ def test_run_probes_metrics_files_and_reload(tiny_cfg, run_paths):
     statements = make_statements()
     strong = {"train": 4.0, "dev": 4.0, "test": 4.0}
     write_case(run_paths, tiny_cfg, statements, {0: strong, 1: strong})
-    out = run_probes(tiny_cfg, run_paths)
+    run_probes(tiny_cfg, run_paths)
 
-    metrics = read_table(out["probe_metrics"])
+    metrics = read_table(run_paths.table("probe_metrics"))
     assert metrics.height == 2 * 2 * 3  # layers x kinds x splits
     test_rows = metrics.filter(pl.col("split") == "test")
     assert (test_rows["auroc"] > 0.95).all() and (test_rows["accuracy"] > 0.85).all()
@@ -168,8 +168,8 @@ def test_sentence_scores_follow_threshold(tiny_cfg, run_paths):
     strong = {"train": 2.0, "dev": 2.0, "test": 2.0}
     write_case(run_paths, tiny_cfg, make_statements(), {0: strong, 2: strong})
     cfg = with_probe(tiny_cfg, threshold=0.3, select_kind="diffmean", kinds=["logistic"])
-    out = run_probes(cfg, run_paths)
-    scores = read_table(out["sentence_scores"])
+    run_probes(cfg, run_paths)
+    scores = read_table(run_paths.table("sentence_scores"))
     sentences = read_table(run_paths.table("sentences"))
     assert scores.height == sentences.height  # every sentence, repeated keys included
     assert scores.select("item_id", "sent_idx").equals(sentences.select("item_id", "sent_idx"))
@@ -267,7 +267,8 @@ def test_relevant_mode_scores_only_relevant_sentences(tiny_cfg, run_paths):
     cfg = with_probe(tiny_cfg, threshold=0.01)  # a low threshold, so that most scored sentences are flagged
     cfg = cfg.model_copy(update={"decompose": cfg.decompose.model_copy(update={"relevance": True}),
                                  "activations": cfg.activations.model_copy(update={"sentences": "relevant"})})
-    scores = read_table(run_probes(cfg, run_paths)["sentence_scores"])
+    run_probes(cfg, run_paths)
+    scores = read_table(run_paths.table("sentence_scores"))
     sentences = read_table(run_paths.table("sentences"))
     kept = sentences.filter(pl.col("is_relevant"))
     assert scores.select("item_id", "sent_idx").equals(kept.select("item_id", "sent_idx"))

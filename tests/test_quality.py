@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas import tables as T
-from tasks.core.quality import STAGE_TABLES, DataQualityError, validate, validate_stage
+from flows.stages import STAGES
+from tasks.core.quality import DataQualityError, validate, validate_tables
 from tasks.core.storage import RunPaths, text_key, write_json, write_parquet
 
 CONTEXTS = {
@@ -123,9 +124,9 @@ def good_run(run_paths):
 
 def test_every_stage_of_a_good_run_passes_and_writes_its_json(good_run):
     """All suites pass on consistent tables, and each result lands in quality/<table>.json."""
-    for stage, tables in STAGE_TABLES.items():
-        results = validate_stage(stage, good_run)
-        assert sorted(results) == sorted(tables)
+    for stage in STAGES.values():
+        results = validate_tables(stage.suites, good_run)
+        assert sorted(results) == sorted(stage.suites)
         for table, res in results.items():
             assert res["success"], (table, res)
             assert res["evaluated"] >= 2 and res["failed"] == 0
@@ -183,12 +184,12 @@ def test_nan_vector_and_missing_key_fail_activations(good_run):
 
 
 def test_stage_reports_every_failing_table_and_out_of_range_scores(good_run):
-    """validate_stage checks all of a stage's tables before raising one error naming each failure."""
+    """validate_tables checks all of a stage's tables before raising one error naming each failure."""
     write_parquet(
         [{"method": "clear", "n": 0, "em": 1.5, "f1": 0.5, "ps": 0.5, "po": 0.5}], good_run.table("metrics"), T.METRICS
     )
     with pytest.raises(DataQualityError) as err:
-        validate_stage("evaluate", good_run)
+        validate_tables(STAGES["evaluate"].suites, good_run)
     assert err.value.tables == ["metrics"]
     assert "2 of" in str(err.value) and "[em]" in str(err.value) and "[n]" in str(err.value)
     assert json.loads((good_run.quality / "predictions.json").read_text())["success"] is True

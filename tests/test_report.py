@@ -89,7 +89,7 @@ def build_synthetic_run(run_paths: RunPaths) -> RunPaths:
 def test_report_sections_best_layer_and_pngs(cfg, synthetic_run):
     _write_metrics(synthetic_run, {"closed_book": 0.1, "full_context": 0.4, "opinion_instruction": 0.45,
                                    "probe_marking": 0.42, "clear": 0.7}, half_width=0.05)
-    out = run_report(cfg, synthetic_run)
+    run_report(cfg, synthetic_run)
     text = synthetic_run.report.read_text()
     for heading in ("## What ran", "## Probe per layer", "## Conflict localisation on context sentences",
                     "## Method comparison"):
@@ -110,9 +110,8 @@ def test_report_sections_best_layer_and_pngs(cfg, synthetic_run):
     assert "| 0 | conflict | False | 0.900 | yes | Fact 0 is in Rome. |" in text
     for name in ("probe_layers", "methods"):
         data = (synthetic_run.figures / f"{name}.png").read_bytes()
-        assert out[name] == str(synthetic_run.figures / f"{name}.png")
         assert data[:8] == PNG_MAGIC and len(data) > 5000
-    assert out["report"] == str(synthetic_run.report)
+    assert synthetic_run.report == synthetic_run.root / "report.md"
 
 
 def test_localisation_numbers(cfg, synthetic_run):
@@ -155,11 +154,12 @@ def test_manifest_config_is_reported_and_probe_stage_optional(cfg, synthetic_run
     recorded = cfg.model_copy(update={"seed": 1234, "dataset": "confiqa-qa"}).model_dump(mode="json")
     synthetic_run.manifest.write_text(json.dumps({"config": recorded}))
     synthetic_run.table("probe_metrics").unlink()
-    out = run_report(cfg, synthetic_run)
+    run_report(cfg, synthetic_run)
     text = synthetic_run.report.read_text()
     assert "- seed: 1234" in text and "dataset: `confiqa-qa`" in text
     assert "the probes stage did not run" in text
-    assert "probe_layers" not in out and "methods" in out
+    assert not (synthetic_run.figures / "probe_layers.png").exists()
+    assert (synthetic_run.figures / "methods.png").exists()
 
 
 def test_labels_come_from_the_method_registry(monkeypatch):

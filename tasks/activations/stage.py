@@ -258,7 +258,7 @@ def open_store(cfg: RunConfig, inputs: StoreInputs) -> tuple[ActivationStore, li
     return ActivationStore(store_root(act.store), store_key(identity)), layers, dim
 
 
-def run_activations(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
+def run_activations(cfg: RunConfig, paths: RunPaths) -> None:
     """Hidden states of all statements and probed sentences, from the store (extracting what it lacks)."""
     inputs = collect_inputs(paths, cfg.activations)
     if not inputs.keys:
@@ -269,6 +269,5 @@ def run_activations(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
                  store.meta()["n_rows"], len(layers))
     else:
         build_store(cfg, store, inputs, layers, dim)
-    meta_path = store.link_into(paths.activations, model_slug(cfg.model.name))
-    return {"activations_meta": str(meta_path)}
+    store.link_into(paths.activations, model_slug(cfg.model.name))
 

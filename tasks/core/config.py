@@ -46,6 +46,7 @@ class LLMConfig(BaseModel):
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature (reference 0.9; 0 = greedy).")
     max_new_tokens: int = Field(384, ge=16, description="Token budget of one rewrite.")
+    batch_size: int = Field(16, ge=1, description="local: conversations per generate call.")
     timeout_s: float = Field(60.0, gt=0, description="openai: seconds before one request times out.")
     max_retries: int = Field(4, ge=0, description="openai: retries on timeouts, 429 and 5xx before failing.")
 
@@ -180,3 +181,49 @@ class RunConfig(BaseModel):
         if sections:
             data = {k: data.get(k) for k in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def view(self, *sections: str, stage: str | None = None) -> ConfigView:
+        """Only the named sections, so whoever gets it cannot depend on a section it did not declare."""
+        unknown = [s for s in sections if s not in type(self).model_fields]
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}; known: {list(type(self).model_fields)}")
+        return ConfigView(self, tuple(sections), stage)
+
+
+class UndeclaredConfigError(LookupError):
+    """A stage read a config section its declaration does not list (so its staleness would miss it)."""
+
+
+class ConfigView:
+    """A RunConfig restricted to declared sections: reading another section raises UndeclaredConfigError."""
+
+    __slots__ = ("_config", "_sections", "_stage")
+
+    def __init__(self, config: RunConfig, sections: tuple[str, ...], stage: str | None = None):
+        self._config, self._sections, self._stage = config, sections, stage
+
+    def __getattr__(self, name: str):
+        if name in RunConfig.model_fields:
+            if name in self._sections:
+                return getattr(self._config, name)
+            who = f"stage {self._stage!r}" if self._stage else "this config view"
+            raise UndeclaredConfigError(
+                f"{who} read config section {name!r}, which it does not declare (declared: {list(self._sections)});"
+                f" add {name!r} to its config=(...) in flows/stages.py"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return f"ConfigView(stage={self._stage!r}, sections={list(self._sections)})"
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        return self._sections
+
+    def digest(self) -> str:
+        """Hash of the declared sections ('' when none): what makes the declaring stage stale."""
+        return self._config.digest(*self._sections) if self._sections else ""
+
+    def over(self, config: RunConfig) -> ConfigView:
+        """The same declaration over another config (e.g. the one a run recorded)."""
+        return config.view(*self._sections, stage=self._stage)

@@ -16,6 +16,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas.layout import LAYOUT, artifact
 from schemas.tables import TABLES
 
 
@@ -85,48 +86,62 @@ def read_table(path: Path) -> pl.DataFrame:
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Where each table of a run lives (see ARCHITECTURE.md)."""
+    """Where each artifact of a run lives: the paths of schemas/layout.py under one run directory."""
 
     root: Path
 
+    def artifact(self, name: str) -> Path:
+        return self.root / artifact(name).path
+
     def table(self, name: str) -> Path:
-        if name == "probe_metrics":
-            return self.root / "probes" / "metrics.parquet"
-        if name not in TABLES:
+        """A table's Parquet file; refuses names that are not tables (a directory or JSON file is no table)."""
+        if name not in LAYOUT or LAYOUT[name].kind != "table":
             raise KeyError(f"unknown table {name!r}; known: {sorted(TABLES)}")
-        return self.root / f"{name}.parquet"
+        return self.artifact(name)
 
     @property
     def manifest(self) -> Path:
-        return self.root / "manifest.json"
+        return self.artifact("manifest")
+
+    @property
+    def ingest_provenance(self) -> Path:
+        return self.artifact("ingest_provenance")
 
     @property
     def activations(self) -> Path:
-        return self.root / "activations"
+        return self.artifact("activations")
 
     @property
     def probes(self) -> Path:
-        return self.root / "probes"
+        return self.artifact("probes")
+
+    @property
+    def best_probe(self) -> Path:
+        return self.artifact("best_probe")
 
     @property
     def adapter(self) -> Path:
-        return self.root / "adapter"
+        return self.artifact("adapter")
+
+    @property
+    def train_log(self) -> Path:
+        return self.artifact("train_log")
 
     @property
     def quality(self) -> Path:
-        return self.root / "quality"
+        return self.artifact("quality")
 
     @property
     def figures(self) -> Path:
-        return self.root / "figures"
+        return self.artifact("figures")
 
     @property
     def report(self) -> Path:
-        return self.root / "report.md"
+        return self.artifact("report")
 
     @property
     def catalog(self) -> Path:
-        return self.root / "catalog.duckdb"
+        return self.artifact("catalog")
 
 
 def model_slug(name: str) -> str:

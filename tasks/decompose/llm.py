@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from tasks.core.config import ModelConfig, RunConfig
+from tasks.core.config import LLMConfig, ModelConfig
 from tasks.core.storage import write_json
 
 log = logging.getLogger(__name__)
@@ -286,12 +286,11 @@ class CachedChat:
         return f"llm: {self.misses} calls, {self.hits} cached"
 
 
-def make_chat(cfg: RunConfig, cache_dir: Path | str | None = None) -> CachedChat:
-    """The configured chat backend behind the reply cache."""
-    llm = cfg.decompose.llm
+def make_chat(llm: LLMConfig, model: ModelConfig, seed: int, cache_dir: Path | str | None = None) -> CachedChat:
+    """The configured chat backend behind the reply cache; everything it depends on is an argument."""
     if llm.backend == "local":
-        backend: ChatBackend = LocalChat(cfg.model, llm.model, llm.temperature, llm.max_new_tokens,
-                                         batch_size=cfg.evaluate.batch_size, seed=cfg.seed)
+        backend: ChatBackend = LocalChat(model, llm.model, llm.temperature, llm.max_new_tokens,
+                                         batch_size=llm.batch_size, seed=seed)
         return CachedChat(backend, cache_dir)
     base_url = llm.base_url or os.environ.get(BASE_URL_ENV)
     if not base_url:

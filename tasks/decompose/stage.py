@@ -139,7 +139,7 @@ def _summary(items: pl.DataFrame, rows: list[dict], n_target: int, extra: list[s
     return "; ".join(parts + extra)
 
 
-def run_decompose(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
+def run_decompose(cfg: RunConfig, paths: RunPaths) -> None:
     """Decompose every item's context into the `sentences` table, labelled from the benchmark and statements."""
     items = read_table(paths.table("items"))
     stmt_path = paths.table("statements")
@@ -149,16 +149,15 @@ def run_decompose(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     if cfg.decompose.method == "llm":
         from tasks.decompose.llm import make_chat
 
-        chat = make_chat(cfg)
+        chat = make_chat(cfg.decompose.llm, cfg.model, cfg.seed)
         units = llm_units(chat, spans)
     else:
         units = [sentence_units(s) for s in spans]
     relevance = relevance_of(cfg, items, units, chat) if cfg.decompose.relevance else None
     rows = unit_rows(items, spans, units, _truth_by_key(statements), relevance)
-    out = write_parquet(rows, paths.table("sentences"), SENTENCES)
+    write_parquet(rows, paths.table("sentences"), SENTENCES)
     n_target = _targets_found(rows)
     log.info(_summary(items, rows, n_target, [chat.summary()] if chat else []))
     missing = int(items["target_sentence"].is_not_null().sum()) - n_target
     if missing > 0:
         log.warning("decompose: %d items' target sentence was not recovered by the splitter", missing)
-    return {"sentences": str(out)}

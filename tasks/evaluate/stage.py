@@ -133,7 +133,7 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_evaluate(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
+def run_evaluate(cfg: RunConfig, paths: RunPaths) -> None:
     """Answer the split's items with every configured method; write per-sample predictions and per-method metrics."""
     methods = resolve_methods(cfg.evaluate.methods)
     items = load_items(cfg, paths)
@@ -166,10 +166,7 @@ def run_evaluate(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
             rows.append({"method": m.name, "item_id": item["item_id"], "prompt": prompt, "prediction": pred, **scores})
     predictions = pl.from_arrow(to_arrow(rows, PREDICTIONS))
     metrics = method_metrics(predictions, ev.bootstrap, cfg.seed)
-    out = {
-        "predictions": write_parquet(predictions, paths.table("predictions"), PREDICTIONS),
-        "metrics": write_parquet(metrics, paths.table("metrics"), METRICS),
-    }
+    write_parquet(predictions, paths.table("predictions"), PREDICTIONS)
+    write_parquet(metrics, paths.table("metrics"), METRICS)
     for row in metrics.iter_rows(named=True):
         log.info("%s: EM %.3f F1 %.3f p_s %.3f p_o %.3f", row["method"], row["em"], row["f1"], row["ps"], row["po"])
-    return {k: str(v) for k, v in out.items()}

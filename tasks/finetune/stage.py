@@ -52,7 +52,7 @@ from tasks.core.storage import RunPaths, read_table, write_json
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-TRAIN_LOG = "train_log.json"
+TRAIN_LOG = RunPaths(Path()).train_log.relative_to(RunPaths(Path()).adapter)  # the log inside the adapter dir
 _SPAN = re.compile(re.escape(prompts.OPEN) + r".*?" + re.escape(prompts.CLOSE), re.DOTALL)
 
 
@@ -222,7 +222,7 @@ def save_adapter_atomically(model: nn.Module, target: Path, log_obj: dict) -> Pa
 # ---------------------------------------------------------------------------- stage
 
 
-def run_finetune(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
+def run_finetune(cfg: RunConfig, paths: RunPaths) -> None:
     """Train the LoRA adapter on marked train items with CE + attention loss; save adapter and log."""
     from peft import LoraConfig, get_peft_model
 
@@ -314,7 +314,6 @@ def run_finetune(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
     save_adapter_atomically(model, paths.adapter, train_log)
     log.info("finetune: %d steps in %.1f s; CE %.3f -> %.3f", len(ce_hist), seconds,
              train_log["ce_first"], train_log["ce_last"])
-    return {"adapter": str(paths.adapter), "train_log": str(paths.adapter / TRAIN_LOG)}
 
 
 def load_finetuned(cfg: RunConfig, paths: RunPaths) -> nn.Module:

@@ -21,7 +21,6 @@ from tasks.core.models import cache_root
 from tasks.core.storage import atomic_path, file_sha256, write_json
 from tasks.ingest.sources import Source, run_sources
 
-INGEST_TABLES = ("items", "statements", "rejects")
 PROMPT_RESERVE = 256  # tokens of the model's window left for the system line, question and answer
 
 
@@ -119,11 +118,15 @@ class IngestCache:
     def for_key(cls, key: str) -> IngestCache:
         return cls(key, ingest_cache_dir() / key)
 
+    def tables(self) -> list[str]:
+        """The tables the entry holds, as its summary (written last, so only when complete) names them."""
+        path = self.root / "summary.json"
+        return json.loads(path.read_text()).get("tables", []) if path.exists() else []
+
     def hit(self) -> bool:
-        """A complete entry: its summary is written last, so its presence means every table is there."""
-        return (self.root / "summary.json").exists() and all(
-            (self.root / f"{t}.parquet").exists() for t in INGEST_TABLES
-        )
+        """A complete entry: an entry from before tables were named in the summary is read again."""
+        tables = self.tables()
+        return bool(tables) and all((self.root / f"{t}.parquet").exists() for t in tables)
 
     def summary(self) -> dict[str, Any]:
         return json.loads((self.root / "summary.json").read_text())
@@ -139,7 +142,7 @@ class IngestCache:
         for table, source in tables.items():
             with atomic_path(self.root / f"{table}.parquet") as tmp:
                 shutil.copyfile(source, tmp)
-        write_json(summary, self.root / "summary.json")
+        write_json({**summary, "tables": sorted(tables)}, self.root / "summary.json")
 
 
 def input_files(sources: list[Source]) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from schemas.tables import ITEMS, REJECTS, STATEMENTS
@@ -20,7 +21,6 @@ from tasks.ingest.formats import Ingested, ReadOptions
 from tasks.ingest.formats.known_facts import KNOWN_FACTS_PATH, RELATION_TEMPLATES, make_question, make_sentence
 from tasks.core.models import load_tokenizer, model_window
 from tasks.ingest.provenance import (
-    INGEST_TABLES,
     PROMPT_RESERVE,
     IngestCache,
     provenance_of,
@@ -107,32 +107,29 @@ def _counts(res: Ingested) -> dict[str, Any]:
             "by_reason": dict(Counter(r["reason"] for r in res.rejects))}
 
 
-def _write_tables(result: Ingested, paths: RunPaths) -> dict[str, str]:
-    written = {
+def _write_tables(result: Ingested, paths: RunPaths) -> dict[str, Path]:
+    return {
         "items": write_parquet(result.items, paths.table("items"), ITEMS),
         "statements": write_parquet(result.statements, paths.table("statements"), STATEMENTS),
         "rejects": write_parquet(result.rejects, paths.table("rejects"), REJECTS),
     }
-    return {name: str(p) for name, p in written.items()}
 
 
-def run_ingest(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
+def run_ingest(cfg: RunConfig, paths: RunPaths) -> None:
     """Write items, statements and rejects (from the cache when the same inputs were read before)."""
     sources = run_sources(cfg)
     prov = provenance_of(cfg, sources)
     cache = IngestCache.for_key(prov["cache_key"])
-    tables = {t: paths.table(t) for t in INGEST_TABLES}
     if cache.hit():
-        cache.restore(tables)
-        summary, outputs = cache.summary(), {t: str(p) for t, p in tables.items()}
+        cache.restore({t: paths.table(t) for t in cache.tables()})
+        summary = cache.summary()
         log.info("ingest: cache hit %s, no file parsed", prov["cache_key"])
     else:
         results = read_sources(sources, read_options(cfg))
-        outputs = _write_tables(merge(results), paths)
+        tables = _write_tables(merge(results), paths)
         summary = {"lines": [r.summary() for r in results], "counts": {r.dataset: _counts(r) for r in results}}
         cache.store(tables, summary)
     prov["counts"] = summary["counts"]
-    outputs["provenance"] = str(write_json(prov, paths.root / "ingest_provenance.json"))
+    write_json(prov, paths.ingest_provenance)
     for line in summary["lines"]:
         log.info(line)
-    return outputs

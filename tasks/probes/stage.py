@@ -164,7 +164,7 @@ def score_sentences(
     return write_parquet(scores, paths.table("sentence_scores"), SENTENCE_SCORES)
 
 
-def run_probes(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
+def run_probes(cfg: RunConfig, paths: RunPaths) -> None:
     """Train probes per layer and kind, pick the best layer on dev, score every sentence with it."""
     slug = model_slug(cfg.model.name)
     store = ActivationStore.open(paths.activations, slug)
@@ -208,17 +208,11 @@ def run_probes(cfg: RunConfig, paths: RunPaths) -> dict[str, str]:
         "threshold": cfg.probe.threshold,
         "model": cfg.model.name,
     }
-    best_path = write_json(best_json, paths.probes / "best.json")
+    write_json(best_json, paths.best_probe)
     log.info("probes: best %s layer %d (dev AUROC %.3f, test AUROC %.3f)", best_json["probe"], best_json["layer"],
              best_json["dev_auroc"] or math.nan, best_json["test_auroc"] or math.nan)
-    scores_path = score_sentences(paths, slug, chosen, best["layer"], cfg.probe.select_kind, cfg.probe.threshold,
-                                  cfg.activations.sentences)
-    return {
-        "probe_metrics": str(metrics_path),
-        "best_probe": str(best_path),
-        "probes": str(paths.probes),
-        "sentence_scores": str(scores_path),
-    }
+    score_sentences(paths, slug, chosen, best["layer"], cfg.probe.select_kind, cfg.probe.threshold,
+                    cfg.activations.sentences)
 
 
 def _float(x) -> float | None:

@@ -1,0 +1,66 @@
+"""Where every artifact of a run lives inside its run directory, declared once.
+
+Stages name what they read and write by these names (flows/stages.py); `RunPaths` turns a name into a path;
+the runner hashes an artifact by its kind when it records it in the manifest (see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from schemas.tables import TABLES
+
+Kind = Literal["table", "hive", "json", "file", "dir"]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One thing a run directory holds: a name, its path relative to the run, and what it is."""
+
+    name: str
+    path: str
+    kind: Kind  # table: one Parquet file with the schema TABLES[name]; hive: partitioned Parquet directory
+    doc: str
+    identity: str | None = None  # glob of the files whose hashes identify a directory; None = every file
+
+    def __post_init__(self) -> None:
+        if self.kind == "table" and self.name not in TABLES:
+            raise ValueError(f"table artifact {self.name!r} has no schema in schemas.tables.TABLES")
+
+
+LAYOUT: dict[str, Artifact] = {
+    a.name: a
+    for a in (
+        Artifact("items", "items.parquet", "table", "QA examples with their split and answers"),
+        Artifact("statements", "statements.parquet", "table", "labelled probe-training statements"),
+        Artifact("rejects", "rejects.parquet", "table", "input records refused, with the reason"),
+        Artifact("ingest_provenance", "ingest_provenance.json", "json", "input files, sha256, loader versions"),
+        Artifact("sentences", "sentences.parquet", "table", "context units with offsets and labels"),
+        Artifact("activations", "activations", "hive", "hidden states, model=<slug>/layer=<L>/part-*.parquet,"
+                 " linked from the shared store", identity="model=*/meta.json"),  # meta names the store's content key
+        Artifact("probes", "probes", "dir", "probe weights per kind and layer, and the final probe"),
+        Artifact("probe_metrics", "probes/metrics.parquet", "table", "probe accuracy/F1/AUROC per layer and split"),
+        Artifact("best_probe", "probes/best.json", "json", "the layer and probe chosen on dev, its test scores"),
+        Artifact("sentence_scores", "sentence_scores.parquet", "table", "p_conflict and flag of every unit"),
+        Artifact("adapter", "adapter", "dir", "the LoRA adapter of the conflict-aware fine-tuning"),
+        Artifact("train_log", "adapter/train_log.json", "json", "losses and sizes of the fine-tuning"),
+        Artifact("predictions", "predictions.parquet", "table", "every method's answer to every item, scored"),
+        Artifact("metrics", "metrics.parquet", "table", "EM/F1/p_s/p_o/MR per method with bootstrap CIs"),
+        Artifact("report", "report.md", "file", "the run's report"),
+        Artifact("figures", "figures", "dir", "the report's figures"),
+        Artifact("quality", "quality", "dir", "Great Expectations results, one JSON per checked table"),
+        Artifact("manifest", "manifest.json", "json", "config, code, environment and every stage's outputs"),
+        Artifact("catalog", "catalog.duckdb", "file", "DuckDB views over the run's tables"),
+    )
+}
+
+assert set(TABLES) <= {a.name for a in LAYOUT.values() if a.kind == "table"}, "every table needs a place in the run"
+
+
+def artifact(name: str) -> Artifact:
+    """The artifact of a name, or one error listing the names there are."""
+    try:
+        return LAYOUT[name]
+    except KeyError:
+        raise KeyError(f"unknown run artifact {name!r}; known: {sorted(LAYOUT)}") from None

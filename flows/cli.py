@@ -128,6 +128,15 @@ class Datasets(BaseModel):
             print(f"{r.name}\n  {r.summary}\n  get it: {r.source}\n  run:    {usage}\n")
 
 
+class Stages(BaseModel):
+    """List the stages: what each reads, writes and is configured by (declared in flows/stages.py)."""
+
+    def cli_cmd(self) -> None:
+        from flows.stages import stage_table
+
+        print(stage_table())
+
+
 class Report(BaseModel):
     """Write the report of a run again and print its path."""
 
@@ -187,6 +196,7 @@ class Clearflow(BaseSettings):
     sql: CliSubCommand[Sql]
     report: CliSubCommand[Report]
     datasets: CliSubCommand[Datasets]
+    stages: CliSubCommand[Stages]
     serve: CliSubCommand[Serve]
 
     def cli_cmd(self) -> None:

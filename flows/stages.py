@@ -94,7 +94,8 @@ STAGES: dict[str, Stage] = {
         Stage("evaluate", "tasks.evaluate.stage:run_evaluate",
               reads=("items", "sentences", "sentence_scores", "adapter"), writes=("predictions", "metrics"),
               config=("model", "evaluate", "seed"),
-              summary="generate answers per method and score them"),
+              summary="generate answers per method and score them",
+              inputs="tasks.evaluate.methods:evaluated_methods"),
         Stage("report", "tasks.report:run_report",
               reads=("items", "sentences", "probe_metrics", "best_probe", "sentence_scores", "train_log",
                      "predictions", "metrics"),
@@ -121,3 +122,13 @@ def writers(stages: Iterable[Stage]) -> dict[str, str]:
 
 
 WRITER: dict[str, str] = writers(STAGES.values())
+
+
+def stage_table() -> str:
+    """The declarations as a Markdown table: `clearflow stages` prints it, docs/ARCHITECTURE.md shows it (tested)."""
+    rows = ["| stage | reads | writes | config sections | flow | task |", "| --- | --- | --- | --- | --- | --- |"]
+    for s in STAGES.values():
+        module, func = s.run.split(":")
+        rows.append(f"| `{s.name}` | {', '.join(s.reads) or '(dataset files)'} | {', '.join(s.writes)} |"
+                    f" {', '.join(s.config)} | `flows/{s.name}.py` | `{module.replace('.', '/')}.py:{func}` |")
+    return "\n".join(rows)

@@ -129,14 +129,15 @@ def test_reading_and_provenance_take_the_same_sources(tmp_path, monkeypatch, cap
                ingest={"max_context_tokens": 400, "probe_dataset": "mquake", "probe_data_path": str(probe)})
     calls = []
     monkeypatch.setattr(tasks.ingest.stage, "run_sources", lambda c: calls.append(c) or run_sources(c))
-    out = run_ingest(cfg, RunPaths(tmp_path / "runs" / "a"))
-    prov = json.loads(open(out["provenance"]).read())
+    paths = RunPaths(tmp_path / "runs" / "a")
+    run_ingest(cfg, paths)
+    prov = json.loads(paths.ingest_provenance.read_text())
     assert len(calls) == 1
     assert [(f["role"], f["sha256"]) for f in prov["files"]] == [("data", file_sha256(cfg.data_path)),
                                                                ("probe", file_sha256(probe))]
     assert {r: v["dataset"] for r, v in prov["loaders"].items()} == {"data": "squad", "probe": "mquake"}
     assert [line.split(":")[0] for line in _lines(caplog)] == ["squad", "mquake"]
-    assert set(pl.read_parquet(out["statements"])["stmt_id"].str.slice(0, 7)) == {"mquake-"}
+    assert set(pl.read_parquet(paths.table("statements"))["stmt_id"].str.slice(0, 7)) == {"mquake-"}
 
 
 def test_an_unknown_dataset_or_missing_probe_path_is_one_clear_error(tmp_path):

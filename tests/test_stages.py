@@ -212,3 +212,19 @@ def test_the_chat_takes_its_batch_and_seed_from_what_decompose_declares():
     assert (chat.backend.batch_size, chat.backend.seed) == (3, 5)
     assert chat.backend.identity()["seed"] == 5  # a seed change at temperature > 0 asks the model again
     assert LLMConfig().batch_size == 16  # as the evaluation batch it used to borrow
+
+
+def test_registering_a_method_makes_a_default_evaluation_stale(monkeypatch):
+    """evaluate.methods None means every registered method: a new one must re-run evaluate (and the report)."""
+    import dataclasses
+
+    from tasks.evaluate.methods import REGISTRY
+
+    cfg = RunConfig(run="t")
+    manifest = _recorded(cfg)
+    before = fingerprint(STAGES["evaluate"], cfg, manifest)
+    extra = dataclasses.replace(REGISTRY["full_context"], name="full_context_again")
+    monkeypatch.setitem(REGISTRY, extra.name, extra)
+    assert fingerprint(STAGES["evaluate"], cfg, manifest) != before
+    pinned = RunConfig(run="t", evaluate={"methods": ["full_context"]})  # an explicit list is unaffected
+    assert fingerprint(STAGES["evaluate"], pinned, manifest) == fingerprint(STAGES["evaluate"], pinned, _recorded(pinned))

@@ -9,7 +9,7 @@ Only the inner decoder runs (`model.get_decoder()`, never the LM head). Forward 
 requested blocks alone; when the last layer is not requested, the hook of the deepest requested
 block raises a private exception that ends the forward there, so no later block runs.
 
-Two position kinds (ARCHITECTURE.md, issue 4):
+Two position kinds (docs/METHOD.md, section 2 "Features"):
 - ``last``: each text fed alone (no chat template), the hidden state of its last token (the reference's);
 - ``ctx_last`` / ``ctx_mean``: one forward over a whole context, then per sentence the state of the last
   token of its character span and the mean over the span's tokens.

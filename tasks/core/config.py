@@ -31,7 +31,7 @@ class IngestConfig(BaseModel):
 
 
 class LLMConfig(BaseModel):
-    """The chat LLM that rewrites contexts into atomic facts (METHOD.md stage 1)."""
+    """The chat LLM that rewrites contexts into atomic facts (docs/METHOD.md stage 1)."""
 
     backend: Literal["local", "openai"] = Field(
         "local", description="'local': a Hugging Face causal LM on this machine; 'openai': any OpenAI-compatible"
@@ -120,7 +120,7 @@ class ProbeConfig(BaseModel):
 
 
 class FinetuneConfig(BaseModel):
-    """Conflict-aware LoRA fine-tuning (METHOD.md stage 3)."""
+    """Conflict-aware LoRA fine-tuning (docs/METHOD.md stage 3)."""
 
     max_items: int = Field(200, ge=1, description="Train-split items used (the reference uses the whole train set).")
     epochs: int = Field(1, ge=1)

@@ -1,4 +1,4 @@
-"""Answer text normal form (METHOD.md "Evaluation"), shared by the readers (duplicate and same-answer checks)
+"""Answer text normal form (docs/METHOD.md "Evaluation"), shared by the readers (duplicate and same-answer checks)
 and the scorer, so both compare answers the same way."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Atomic-fact rewriting of contexts and question steps by a chat LLM (METHOD.md stage 1)."""
+"""Atomic-fact rewriting of contexts and question steps by a chat LLM (docs/METHOD.md stage 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Question-step relevance filter (METHOD.md stage 1): which context units the question actually needs.
+"""Question-step relevance filter (docs/METHOD.md stage 1): which context units the question actually needs.
 
 The reference splits the question into short steps, embeds steps and units with the sentence encoder
 all-MiniLM-L6-v2, keeps per step the top-k units by cosine similarity and probes the union. Here:

@@ -1,7 +1,7 @@
 """Stage 2, decompose: every item's context as the units that are probed and marked.
 
 Units are the context's sentences (offline splitter, exact character offsets) or, with
-`decompose.method = "llm"`, the atomic facts an LLM rewrites each sentence into (METHOD.md stage 1); a fact
+`decompose.method = "llm"`, the atomic facts an LLM rewrites each sentence into (docs/METHOD.md stage 1); a fact
 carries the span of the sentence it came from. With `decompose.relevance`, each unit also gets its cosine
 relevance to the question's steps and whether the top-k filter keeps it.
 """

@@ -1,4 +1,4 @@
-"""Answer scoring of the reference protocol (METHOD.md, "Evaluation"): EM, F1, p_s, p_o, MR with bootstrap CIs."""
+"""Answer scoring of the reference protocol (docs/METHOD.md, "Evaluation"): EM, F1, p_s, p_o, MR with bootstrap CIs."""
 
 from __future__ import annotations
 

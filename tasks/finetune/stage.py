@@ -1,4 +1,4 @@
-"""Conflict-aware LoRA fine-tuning (METHOD.md stage 3): answer CE plus attention drawn to <conflict> spans.
+"""Conflict-aware LoRA fine-tuning (docs/METHOD.md stage 3): answer CE plus attention drawn to <conflict> spans.
 
 Loss per training example (batch 1):
 

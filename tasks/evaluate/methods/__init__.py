@@ -25,4 +25,9 @@ def resolve_methods(names: list[str] | None) -> list[Method]:
     return list(REGISTRY.values()) if names is None else resolve(REGISTRY, names, "evaluation method")
 
 
-__all__ = ["MODULES", "REGISTRY", "Method", "PromptBuilder", "resolve_methods"]
+def evaluated_methods(cfg) -> list[str]:
+    """The evaluate stage's outside input: with the default (every method), registering one makes a run stale."""
+    return [m.name for m in resolve_methods(cfg.evaluate.methods)]
+
+
+__all__ = ["MODULES", "REGISTRY", "Method", "PromptBuilder", "evaluated_methods", "resolve_methods"]

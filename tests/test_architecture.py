@@ -92,3 +92,12 @@ def test_the_worked_examples_name_real_registries():
         assert all(hasattr(mod, n.strip()) for n in names.split(",")), (module, names)
     for package in ("tasks.evaluate.methods", "tasks.probes.kinds", "tasks.ingest.formats"):
         assert hasattr(importlib.import_module(package), "MODULES") and f"`{package.replace('.', '/')}/__init__.py`" in doc
+
+
+def test_readme_method_table_is_the_registry():
+    """The README lists the registered methods, in registry order, with their descriptions."""
+    from tasks.evaluate.methods import REGISTRY
+
+    readme = (ROOT / "README.md").read_text()
+    rows = "\n".join(f"| `{m.name}` | {m.description} |" for m in REGISTRY.values())
+    assert "| method | what the model sees |\n| --- | --- |\n" + rows + "\n" in readme

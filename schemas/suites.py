@@ -18,7 +18,7 @@ from typing import Any
 import polars as pl
 
 from schemas.rejects import REASONS
-from schemas.tables import POSITIONS, SENTENCE_LABELS, TABLES, UNITS
+from schemas.tables import CONDITIONS, POSITIONS, SENTENCE_LABELS, TABLES, UNITS
 
 SPLITS = ("train", "dev", "test")
 ACTIVATION_SOURCES = ("statements", "sentences")
@@ -85,6 +85,7 @@ def _items(gxe: ModuleType) -> list[Any]:
         *_non_blank(gxe, "question", "context"),
         gxe.ExpectColumnValuesToBeBetween(column="n_answers", min_value=1),
         gxe.ExpectColumnValuesToBeBetween(column="n_blank_answers", min_value=0, max_value=0),
+        gxe.ExpectColumnValuesToBeInSet(column="condition", value_set=list(CONDITIONS)),  # nulls pass
     ]
 
 

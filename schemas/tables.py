@@ -25,8 +25,13 @@ ITEMS = pa.schema(
         pa.field("choices", STR_LIST),  # multiple-choice options, shown with the question (FaithEval)
         pa.field("instruction", STR),  # extra answer-format instruction (FaithEval: answer "unknown")
         pa.field("truncated", pa.bool_()),  # the context was cut to the token budget (ingest.truncation)
+        pa.field("condition", STR),  # counterfactual / aligned / irrelevant context (KAFT's conditions), where known
+        pa.field("question_template", STR),  # id of the question wording, where the benchmark generates questions
+        pa.field("sentence_template", STR),  # id of the answer-bearing sentence's wording, likewise
     ]
 )
+
+CONDITIONS = ("counterfactual", "aligned", "irrelevant")
 
 STATEMENTS = pa.schema(
     [

@@ -7,6 +7,10 @@ import pyarrow as pa
 STR = pa.string()
 STR_LIST = pa.list_(pa.string())
 
+SENTENCE_LABEL = pa.struct(
+    [pa.field("text", STR), pa.field("truthful", pa.bool_()), pa.field("relevant", pa.bool_())]
+)
+
 ITEMS = pa.schema(
     [
         pa.field("item_id", STR, nullable=False),
@@ -28,6 +32,8 @@ ITEMS = pa.schema(
         pa.field("condition", STR),  # counterfactual / aligned / irrelevant context (KAFT's conditions), where known
         pa.field("question_template", STR),  # id of the question wording, where the benchmark generates questions
         pa.field("sentence_template", STR),  # id of the answer-bearing sentence's wording, likewise
+        # what the generator knows of each sentence it put in the context (decompose labels units from it)
+        pa.field("sentence_labels", pa.list_(SENTENCE_LABEL)),
     ]
 )
 

@@ -121,10 +121,9 @@ def test_second_run_loads_no_model_and_the_store_is_shared(tiny_cfg, run_paths, 
     monkeypatch.setattr(acts, "load_tokenizer", no_model)
     other = RunPaths(tmp_path / "other-run")
     write_run(other, CONTEXTS, ["Paris is the capital of France."])
-    t0 = time.perf_counter()
-    run_activations(cfg.model_copy(update={"run": "other-run"}), other)
+    run_activations(cfg.model_copy(update={"run": "other-run"}), other)  # no model: load_model would raise
     second = json.loads(_meta_path(other, cfg).read_text())
-    assert time.perf_counter() - t0 < 5 and second == first
+    assert second == first
     keys = [text_key(t) for t, _, _ in split_sentences(CONTEXTS[0])]
     np.testing.assert_array_equal(ActivationStore.open(other.activations).vectors(2, keys),
                                   ActivationStore.open(run_paths.activations).vectors(2, keys))

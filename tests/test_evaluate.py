@@ -11,8 +11,9 @@ import torch
 from schemas.tables import ITEMS, METRICS, PREDICTIONS, SENTENCE_SCORES, SENTENCES
 import tasks.evaluate.stage as ev
 from tasks.core.storage import read_table, text_key, write_parquet
+from tasks.evaluate.comparison import overall
 
-ALL = ["closed_book", "full_context", "opinion_instruction", "probe_marking", "clear", "clear_unmarked"]
+ALL = ["closed_book", "lexical_copy", "full_context", "opinion_instruction", "probe_marking", "clear", "clear_unmarked"]
 FLAGGED = "The Eiffel Tower is in Rome."
 
 
@@ -163,8 +164,15 @@ def test_scores_follow_predictions(tiny_cfg, run_with_items, monkeypatch):
     monkeypatch.setattr(ev, "generate", fake_generate)
     cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": list(scripted)})})
     ev.run_evaluate(cfg, run_with_items)
-    metrics = {r["method"]: r for r in read_table(run_with_items.table("metrics")).iter_rows(named=True)}
+    table = read_table(run_with_items.table("metrics"))
+    metrics = {r["method"]: r for r in overall(table).iter_rows(named=True)}
     assert list(metrics) == list(scripted)
+    # closed book answers "Paris", the true answer of every item: all known, so each method's known rows equal
+    # its overall ones and it has no unknown row
+    assert read_table(run_with_items.table("predictions"))["known"].to_list() == [True] * 5 * len(scripted)
+    known = {r["method"]: r for r in table.filter(pl.col("knowledge") == "known").iter_rows(named=True)}
+    assert known == {m: r | {"knowledge": "known"} for m, r in metrics.items()}
+    assert set(table["knowledge"]) == {"all", "known"} and set(table["condition"]) == {"all"}
     assert (metrics["closed_book"]["po"], metrics["closed_book"]["ps"]) == (1.0, 0.0)
     assert metrics["closed_book"]["mr"] == 1.0
     assert (metrics["full_context"]["em"], metrics["full_context"]["ps"], metrics["full_context"]["mr"]) == (1.0, 1.0, 0.0)
@@ -203,6 +211,11 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
     assert f"<conflict> {FLAGGED} </conflict>" in marked[0]
     assert not any("<conflict> Berlin" in p for p in marked)
     assert by["clear"]["prompt"].to_list() == marked  # same prompt, fine-tuned weights
+    items = read_table(run_with_items.table("items")).filter(pl.col("split") == "test").sort("item_id")
+    assert by["lexical_copy"]["prompt"].to_list() == items["context"].to_list()  # no model: the context it read
+    # even items: no sentence shares a content word with "Where is landmark number 0?", so the first one (tie);
+    # odd items: "Item 1 is in Rome." shares the number
+    assert by["lexical_copy"]["prediction"].to_list() == ["Berlin in Germany", "Item in Rome"] * 2 + ["Berlin in Germany"]
     unmarked = by["clear_unmarked"]["prompt"].to_list()  # the ablation: same weights and system line, no markers
     assert not any(f"<conflict> {FLAGGED}" in p for p in unmarked) and all("Berlin is in Germany." in p for p in unmarked)
     def strip_markers(prompt: str) -> str:
@@ -211,8 +224,8 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
 
     assert [strip_markers(p) for p in marked] == unmarked
     assert all("\n" not in p for p in preds["prediction"])
-    metrics = read_table(run_with_items.table("metrics"))
-    assert metrics.columns == METRICS.names
+    metrics = overall(read_table(run_with_items.table("metrics")))
+    assert read_table(run_with_items.table("metrics")).columns == METRICS.names
     assert metrics["method"].to_list() == ALL
     assert metrics["n"].to_list() == [5] * len(ALL)
     for col in ("em", "f1", "ps", "po"):

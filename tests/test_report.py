@@ -17,8 +17,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = ["closed_book", "full_context", "opinion_instruction", "probe_marking", "clear"]
 
 
-def _metric_row(method: str, ps: float, half_width: float, n: int = 40) -> dict:
-    row = {"method": method, "n": n}
+def _metric_row(method: str, ps: float, half_width: float, n: int = 40, condition: str = "all",
+                knowledge: str = "all") -> dict:
+    row = {"method": method, "condition": condition, "knowledge": knowledge, "n": n, "n_counterfactual": n}
     for name, v in {"em": ps - 0.05, "f1": ps, "ps": ps, "po": 0.6 - ps / 2}.items():
         row |= {name: v, f"{name}_lo": max(v - half_width, 0.0), f"{name}_hi": min(v + half_width, 1.0)}
     mr = row["po"] / (row["ps"] + row["po"])

@@ -238,3 +238,42 @@ def test_missing_marking_is_refused(tiny_cfg, run_with_items):
     cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": ["probe_marking"]})})
     with pytest.raises(ValueError, match=r"1 evaluated items have no sentences to mark"):
         ev.run_evaluate(cfg, run_with_items)
+
+
+def test_metrics_per_condition_and_knowledge(tiny_cfg, run_with_items, monkeypatch):
+    """Items with conditions (two counterfactual, one aligned, one irrelevant, one without) and a closed book that
+    knows items 0, 2, 3: one metrics row per method x subset present, nothing else, known on every method's row."""
+    items = read_table(run_with_items.table("items"))
+    conditions = {"it00": "counterfactual", "it01": "counterfactual", "it02": "aligned", "it03": "irrelevant"}
+    items = items.with_columns(
+        condition=pl.col("item_id").replace_strict(conditions, default=None, return_dtype=pl.String),
+        counterfactual=pl.col("item_id").is_in(["it00", "it01", "it04"]),
+        answers=pl.when(pl.col("item_id").is_in(["it02", "it03"])).then(pl.col("orig_answers"))
+        .otherwise(pl.col("answers")),
+    )
+    write_parquet(items, run_with_items.table("items"), ITEMS)
+
+    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, desc=""):
+        if desc == "closed_book":  # knows landmarks 0, 2 and 3
+            return ["Paris" if re.search(r"number [023]\?", p) else "Lyon" for p in prompts]
+        return ["Rome"] * len(prompts)
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    methods = ["closed_book", "lexical_copy", "full_context"]
+    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": methods})})
+    ev.run_evaluate(cfg, run_with_items)
+
+    preds = read_table(run_with_items.table("predictions"))
+    assert preds.filter(pl.col("method") == "full_context")["known"].to_list() == [True, False, True, True, False]
+    assert preds.group_by("item_id").agg(pl.col("known").n_unique())["known"].to_list() == [1] * 5
+    metrics = read_table(run_with_items.table("metrics"))
+    subsets = {("all", "all"): 5, ("all", "known"): 3, ("all", "unknown"): 2, ("counterfactual", "all"): 2,
+               ("counterfactual", "known"): 1, ("counterfactual", "unknown"): 1, ("aligned", "all"): 1,
+               ("aligned", "known"): 1, ("irrelevant", "all"): 1, ("irrelevant", "known"): 1}
+    got = {(r["method"], r["condition"], r["knowledge"]): r for r in metrics.iter_rows(named=True)}
+    assert {k: r["n"] for k, r in got.items()} == {(m, *s): n for m in methods for s, n in subsets.items()}
+    fc = {k[1:]: r for k, r in got.items() if k[0] == "full_context"}  # answers "Rome": the context's answer
+    assert fc[("counterfactual", "all")]["ps"] == 1.0 and fc[("counterfactual", "all")]["n_counterfactual"] == 2
+    assert fc[("all", "all")]["n_counterfactual"] == 3  # it00, it01 and it04 (no condition) are counterfactual
+    assert fc[("aligned", "all")]["ps"] is None and fc[("aligned", "all")]["em"] == 0.0  # aligned answer: Paris
+    assert fc[("all", "known")]["em"] == pytest.approx(1 / 3)  # of it00, it02, it03 only it00 expects Rome

@@ -115,9 +115,9 @@ def paired_statement(paired: pl.DataFrame, a: str = "clear", b: str = "full_cont
     none, some = no_effect_subsets(paired)
     if not none and not some:
         return f"{capitalised(label(a))} vs {label(b)}: no intervals (bootstrap off), so no statement."
-    measurable = f"; a measurable difference on {', '.join(some)}" if some else ""
-    return (f"{capitalised(label(a))} vs {label(b)}, paired per-item difference: no measurable effect on "
-            f"{', '.join(none) or 'no subset'}{measurable}.")
+    parts = ([f"no measurable effect on {', '.join(none)}"] if none else []) + (
+        [f"a measurable difference on {'' if none else 'every subset: '}{', '.join(some)}"] if some else [])
+    return f"{capitalised(label(a))} vs {label(b)}, paired per-item difference: {'; '.join(parts)}."
 
 
 def _subset_tables(metrics: pl.DataFrame) -> list[str]:

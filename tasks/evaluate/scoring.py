@@ -152,10 +152,14 @@ def paired_bootstrap(
 def iter_subsets(frame: pl.DataFrame) -> Iterator[tuple[str, str, pl.DataFrame]]:
     """(condition, knowledge, rows) of every non-empty subset: "all" and each condition present, by "all", "known",
     "unknown". An item without a condition (older benchmarks) or without a known flag is counted in "all" only."""
+    if frame.height == 0:
+        return
     present = set(frame["condition"].drop_nulls()) if "condition" in frame.columns else set()
-    known = frame["known"] if "known" in frame.columns else pl.Series([None] * frame.height, dtype=pl.Boolean)
+    known = frame["known"] if "known" in frame.columns else pl.Series([None] * frame.height)
+    known = known.cast(pl.Boolean)
     for condition in (ALL, *(c for c in CONDITIONS if c in present)):
-        in_condition = pl.Series([True] * frame.height) if condition == ALL else (frame["condition"] == condition)
+        everything = pl.Series([True] * frame.height, dtype=pl.Boolean)
+        in_condition = everything if condition == ALL else (frame["condition"] == condition)
         masks = (in_condition, in_condition & known, in_condition & ~known)
         for knowledge, mask in zip(KNOWLEDGE, masks):
             part = frame.filter(mask.fill_null(False))

@@ -202,3 +202,36 @@ def test_paired_differences_per_subset_and_the_plain_statement():
     assert "all/all (p_s)" in no_effect_subsets(worse)[1]
     assert paired_differences(predictions, items, "clear", "m1", 10, 0).height == 0  # clear not evaluated
     assert "not compared" in paired_statement(paired_differences(None, items, "clear", "full_context", 10, 0))
+
+
+# ---------------------------------------------------------------- quality suites
+
+
+def test_suites_pass_real_subset_tables_and_refuse_broken_ones(run_paths):
+    from schemas.tables import PREDICTIONS
+    from tasks.core.quality import DataQualityError, validate
+    from tasks.core.storage import write_parquet
+
+    predictions, items = _random_run()
+    predictions = predictions.with_columns(prompt=pl.lit("p"), prediction=pl.lit("a"))
+    metrics = method_metrics(with_item_columns(predictions, items), n_boot=50, seed=0)
+    write_parquet(predictions, run_paths.table("predictions"), PREDICTIONS)
+    write_parquet(metrics, run_paths.table("metrics"), METRICS)
+    assert validate("predictions", run_paths)["success"] and validate("metrics", run_paths)["success"]
+
+    # one method's row of an item disagrees about `known`
+    flipped = predictions.with_columns(known=pl.when((pl.col("method") == "m2") & (pl.col("item_id") == "i00"))
+                                       .then(pl.col("known").is_null() | ~pl.col("known")).otherwise(pl.col("known")))
+    write_parquet(flipped, run_paths.table("predictions"), PREDICTIONS)
+    with pytest.raises(DataQualityError, match="known_values_of_item"):
+        validate("predictions", run_paths)
+
+    # a method without its overall row; p_s on a subset without counterfactual items
+    broken = metrics.filter(~((pl.col("method") == "m1") & (pl.col("condition") == "all") & (pl.col("knowledge") == "all")))
+    broken = broken.with_columns(ps=pl.when(pl.col("n_counterfactual") == 0).then(0.5).otherwise(pl.col("ps")))
+    write_parquet(broken, run_paths.table("metrics"), METRICS)
+    with pytest.raises(DataQualityError, match=r"has_overall_row[\s\S]*ps_null_ok|ps_null_ok[\s\S]*has_overall_row"):
+        validate("metrics", run_paths)
+    write_parquet(pl.concat([metrics, metrics.head(1)]), run_paths.table("metrics"), METRICS)
+    with pytest.raises(DataQualityError, match="method, condition, knowledge"):
+        validate("metrics", run_paths)

@@ -18,7 +18,7 @@ from typing import Any
 import polars as pl
 
 from schemas.rejects import REASONS
-from schemas.tables import CONDITIONS, POSITIONS, SENTENCE_LABELS, TABLES, UNITS
+from schemas.tables import CONDITIONS, KNOWLEDGE, POSITIONS, SENTENCE_LABELS, TABLES, UNITS
 
 SPLITS = ("train", "dev", "test")
 ACTIVATION_SOURCES = ("statements", "sentences")
@@ -262,25 +262,40 @@ def _sentence_scores(gxe: ModuleType) -> list[Any]:
 
 
 def _predictions(gxe: ModuleType) -> list[Any]:
-    """One scored prediction per (method, item)."""
+    """One scored prediction per (method, item); every method's row of an item says the same about `known`."""
     return [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         *_not_null(gxe, "method", "item_id", "prompt", "prediction", "em", "f1", "ps", "po"),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["method", "item_id"]),
         *_unit_interval(gxe, "em", "f1"),
+        gxe.ExpectColumnValuesToBeBetween(column="known_values_of_item", min_value=1, max_value=1),
     ]
+
+
+def _prepare_predictions(df: pl.DataFrame) -> pl.DataFrame:
+    """How many distinct `known` values (null counts as one) each item's rows hold: one source of truth, so one."""
+    if "known" not in df.columns:  # predictions written before the column existed
+        df = df.with_columns(known=pl.lit(None, pl.Boolean))
+    return df.with_columns(known_values_of_item=pl.col("known").n_unique().over("item_id"))
 
 
 # ---------------------------------------------------------------- metrics
 
 
 def _metrics(gxe: ModuleType) -> list[Any]:
-    """One row per method; every metric is a rate and every confidence interval is ordered."""
+    """One row per method and subset, each method with its overall row; every metric is a rate, every CI ordered,
+    and p_s is missing exactly where the subset holds no counterfactual item."""
     return [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        *_not_null(gxe, "method", "n", "em", "f1", "ps", "po"),
-        gxe.ExpectColumnValuesToBeUnique(column="method"),
+        *_not_null(gxe, "method", "condition", "knowledge", "n", "em", "f1"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["method", "condition", "knowledge"]),
+        gxe.ExpectColumnValuesToBeInSet(column="condition", value_set=["all", *CONDITIONS]),
+        gxe.ExpectColumnValuesToBeInSet(column="knowledge", value_set=list(KNOWLEDGE)),
         gxe.ExpectColumnValuesToBeBetween(column="n", min_value=1),
+        gxe.ExpectColumnValuesToBeBetween(column="n_counterfactual", min_value=0),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+            column_A="n", column_B="n_counterfactual", or_equal=True, ignore_row_if="either_value_is_missing"
+        ),
         *_unit_interval(gxe, "em", "f1", "ps", "po", "mr"),
         *[
             gxe.ExpectColumnPairValuesAToBeGreaterThanB(
@@ -288,7 +303,17 @@ def _metrics(gxe: ModuleType) -> list[Any]:
             )
             for m in ("em", "f1", "ps", "po", "mr")
         ],
+        *_all_true(gxe, "has_overall_row", "ps_null_ok"),
     ]
+
+
+def _prepare_metrics(df: pl.DataFrame) -> pl.DataFrame:
+    """Whether each method has its ("all", "all") row, and whether p_s is null exactly when it has no item."""
+    overall = (pl.col("condition") == "all") & (pl.col("knowledge") == "all")
+    return df.with_columns(
+        has_overall_row=overall.fill_null(False).any().over("method"),
+        ps_null_ok=(pl.col("ps").is_null() == (pl.col("n_counterfactual") == 0)).fill_null(True),
+    )
 
 
 SUITES: dict[str, Suite] = {
@@ -300,8 +325,8 @@ SUITES: dict[str, Suite] = {
                          reads=("activation_metas", "activation_positions")),
     "probe_metrics": Suite("probe_metrics", _probe_metrics, _prepare_probe_metrics, reads_if_present=("statements",)),
     "sentence_scores": Suite("sentence_scores", _sentence_scores),
-    "predictions": Suite("predictions", _predictions),
-    "metrics": Suite("metrics", _metrics),
+    "predictions": Suite("predictions", _predictions, _prepare_predictions),
+    "metrics": Suite("metrics", _metrics, _prepare_metrics),
 }
 
 assert set(SUITES) == set(TABLES) | {"activations"}, "every table needs a suite"

@@ -117,13 +117,26 @@ PREDICTIONS = pa.schema(
         pa.field("f1", pa.float64(), nullable=False),
         pa.field("ps", pa.bool_(), nullable=False),  # contains the context answer, no negation, not the original
         pa.field("po", pa.bool_(), nullable=False),  # contains the original (memorised) answer
+        # the item's closed-book answer contains its true answer (same value on every method's row of an item);
+        # null when closed_book was not evaluated or the item has no true answer (tasks/evaluate/knowledge.py)
+        pa.field("known", pa.bool_()),
     ]
 )
 
 _METRIC_NAMES = ("em", "f1", "ps", "po", "mr")
 
+KNOWLEDGE = ("all", "known", "unknown")
+
+# One row per method x subset: condition "all" or one of CONDITIONS, knowledge one of KNOWLEDGE; the ("all", "all")
+# row of a method is its overall row. EM/F1 are over the subset's n items, p_s/p_o/MR over its counterfactual ones.
 METRICS = pa.schema(
-    [pa.field("method", STR, nullable=False), pa.field("n", pa.int32(), nullable=False)]
+    [
+        pa.field("method", STR, nullable=False),
+        pa.field("condition", STR, nullable=False),
+        pa.field("knowledge", STR, nullable=False),
+        pa.field("n", pa.int32(), nullable=False),
+        pa.field("n_counterfactual", pa.int32()),  # items p_s/p_o/MR are computed over (null: metrics before it)
+    ]
     + [pa.field(f"{m}{s}", pa.float64()) for m in _METRIC_NAMES for s in ("", "_lo", "_hi")]
 )
 

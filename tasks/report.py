@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,17 @@ from pydantic import ValidationError
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
 from tasks.core.config import ConfigView, RunConfig
+from tasks.core.markdown import fmt, md_table, missing, pct_ci
 from tasks.core.storage import RunPaths, atomic_path, read_table
+from tasks.evaluate.comparison import (
+    METRIC_LABELS, capitalised, headline_mr, metric_cells, overall, paired_differences, section_subsets,
+    with_subset_columns,
+)
 from tasks.evaluate.methods import REGISTRY as METHODS
+from tasks.evaluate.methods import method_label as label
 
 log = logging.getLogger(__name__)
 
-METRIC_LABELS = {"em": "EM", "f1": "F1", "ps": "p_s", "po": "p_o", "mr": "MR"}
 N_EXAMPLES = 3
 
 
@@ -52,41 +56,7 @@ def run_config(cfg: RunConfig | ConfigView, paths: RunPaths) -> RunConfig | Conf
     return cfg
 
 
-# ---------------------------------------------------------------- formatting
-
-
-def _missing(x: Any) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """A number for a table, 'n/a' when undefined."""
-    return "n/a" if _missing(x) else f"{x:.{digits}f}"
-
-
-def pct_ci(value: Any, lo: Any, hi: Any, unit: str = "") -> str:
-    """A fraction and its CI as percentages: '45.0 [38.0, 52.0]'."""
-    if _missing(value):
-        return "n/a"
-    ci = "" if _missing(lo) or _missing(hi) else f" [{100 * lo:.1f}, {100 * hi:.1f}]"
-    return f"{100 * value:.1f}{unit}{ci}"
-
-
-def _cell(text: Any) -> str:
-    """Text safe inside a Markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def md_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def label(method: str) -> str:
-    """Human name of a method: its registered label (a name no longer registered stays as it is)."""
-    return METHODS[method].label if method in METHODS else method
+# ---------------------------------------------------------------- labels
 
 
 def method_legend(methods: list[str]) -> str:
@@ -238,11 +208,11 @@ def verdict(metrics: pl.DataFrame, method: str, baseline: str, metric: str = "ps
     """One computed sentence: does `method` beat `baseline` on `metric`, judged by disjoint 95% CIs."""
     a_name, b_name, m_name = label(method), label(baseline), METRIC_LABELS[metric]
     by = {r["method"]: r for r in metrics.iter_rows(named=True)}
-    missing = [label(m) for m in (method, baseline) if m not in by]
-    if missing:
-        return f"{a_name} vs {b_name} on {m_name}: not compared ({' and '.join(missing)} not evaluated)."
+    absent = [label(m) for m in (method, baseline) if m not in by]
+    if absent:
+        return f"{a_name} vs {b_name} on {m_name}: not compared ({' and '.join(absent)} not evaluated)."
     a, b = by[method], by[baseline]
-    if any(_missing(x) for x in (a[f"{metric}_lo"], a[f"{metric}_hi"], b[f"{metric}_lo"], b[f"{metric}_hi"])):
+    if any(missing(x) for x in (a[f"{metric}_lo"], a[f"{metric}_hi"], b[f"{metric}_lo"], b[f"{metric}_hi"])):
         return f"{a_name} vs {b_name} on {m_name}: no confidence intervals (bootstrap off), so no verdict."
     numbers = (f"{pct_ci(a[metric], a[f'{metric}_lo'], a[f'{metric}_hi'], '%')} vs "
                f"{pct_ci(b[metric], b[f'{metric}_lo'], b[f'{metric}_hi'], '%')}")
@@ -254,27 +224,24 @@ def verdict(metrics: pl.DataFrame, method: str, baseline: str, metric: str = "ps
             f"({numbers}, n = {a['n']} and {b['n']}; the 95% CIs overlap).")
 
 
-def _sentence(text: str) -> str:
-    """Capitalise the first letter (method names like 'probe marking' start lower case)."""
-    return text[:1].upper() + text[1:]
-
-
-def section_methods(metrics: pl.DataFrame) -> str:
-    """Every method's metrics with CIs, and the computed verdicts of CLEAR and probe marking vs full context."""
-    rows = [[label(r["method"]), r["n"], *(pct_ci(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for m in METRIC_LABELS)]
-            for r in metrics.iter_rows(named=True)]
+def section_methods(overall_metrics: pl.DataFrame, metrics: pl.DataFrame) -> str:
+    """Every method's overall metrics with CIs, the headline MR, and the verdicts of CLEAR and probe marking vs full
+    context."""
+    rows = [[label(r["method"]), r["n"], *metric_cells(r)] for r in overall_metrics.iter_rows(named=True)]
     return "\n\n".join([
         "## Method comparison",
         "Percent, with 95% bootstrap confidence intervals over items. p_s: the answer states the context's "
         "answer (not negated, without the memorised one); p_o: it states the memorised answer; "
-        "MR = p_o / (p_s + p_o), lower is more faithful to the context. Per-sample answers: `predictions.parquet`.",
-        method_legend(metrics["method"].to_list()),
+        "MR = p_o / (p_s + p_o), lower is more faithful to the context. p_s, p_o and MR are over counterfactual "
+        "items only. Per-sample answers: `predictions.parquet`.",
+        method_legend(overall_metrics["method"].to_list()),
         md_table(["method", "n", *METRIC_LABELS.values()], rows),
-        " ".join(_sentence(verdict(metrics, m, "full_context")) for m in ("clear", "probe_marking")),
+        headline_mr(metrics),
+        " ".join(capitalised(verdict(overall_metrics, m, "full_context")) for m in ("clear", "probe_marking")),
         "CLEAR is fine-tuned on the train split while the prompt baselines are not; the ablation "
         "*CLEAR weights, no markers* (the same adapter on the unmarked context) tells how much of its gain "
         "comes from the probe's markers at inference: "
-        + _sentence(verdict(metrics, "clear", "clear_unmarked")),
+        + capitalised(verdict(overall_metrics, "clear", "clear_unmarked")),
         "![Metrics per method with 95% CIs](figures/methods.png)",
     ])
 
@@ -322,9 +289,9 @@ def plot_methods(metrics: pl.DataFrame, path: Path) -> Path:
     width = 0.8 / n_methods
     x = np.arange(len(names))
     for i, r in enumerate(metrics.iter_rows(named=True)):
-        vals = np.array([np.nan if _missing(r[m]) else r[m] for m in names], dtype=float)
-        lo = np.array([np.nan if _missing(r[f"{m}_lo"]) else r[f"{m}_lo"] for m in names], dtype=float)
-        hi = np.array([np.nan if _missing(r[f"{m}_hi"]) else r[f"{m}_hi"] for m in names], dtype=float)
+        vals = np.array([np.nan if missing(r[m]) else r[m] for m in names], dtype=float)
+        lo = np.array([np.nan if missing(r[f"{m}_lo"]) else r[f"{m}_lo"] for m in names], dtype=float)
+        hi = np.array([np.nan if missing(r[f"{m}_hi"]) else r[f"{m}_hi"] for m in names], dtype=float)
         err = np.nan_to_num(np.vstack([vals - lo, hi - vals]), nan=0.0).clip(min=0)
         ax.bar(x + (i - (n_methods - 1) / 2) * width, np.nan_to_num(vals), width, yerr=err, capsize=2,
                label=label(r["method"]))
@@ -343,22 +310,26 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
     """Write report.md and figures/{probe_layers,methods}.png from the run's tables."""
     conf = run_config(cfg, paths)
     items = read_table(paths.table("items"))
-    metrics = read_table(paths.table("metrics"))
+    metrics = with_subset_columns(read_table(paths.table("metrics")))
+    overall_metrics = overall(metrics)
+    predictions = _optional_table(paths.table("predictions"))
     probe_metrics = _optional_table(paths.table("probe_metrics"))
     best = _optional_json(paths.best_probe)
     train_log = _optional_json(paths.train_log)
     if probe_metrics is not None:
         plot_probe_layers(probe_metrics, best, paths.figures / "probe_layers.png")
-    plot_methods(metrics, paths.figures / "methods.png")
+    plot_methods(overall_metrics, paths.figures / "methods.png")
+    paired = paired_differences(predictions, items, "clear", "full_context", conf.evaluate.bootstrap, conf.seed)
     sections = [
         f"# clearflow report: {paths.root.name}",
-        section_what_ran(conf, items, metrics, train_log),
+        section_what_ran(conf, items, overall_metrics, train_log),
         section_probes(probe_metrics, best),
         section_localisation(
             _optional_table(paths.table("sentences")), _optional_table(paths.table("sentence_scores")), items,
-            _optional_table(paths.table("predictions")), best, conf.evaluate.split,
+            predictions, best, conf.evaluate.split,
         ),
-        section_methods(metrics),
+        section_methods(overall_metrics, metrics),
+        section_subsets(metrics, paired),
     ]
     with atomic_path(paths.report) as tmp:
         tmp.write_text("\n\n".join(sections) + "\n", encoding="utf-8")

@@ -11,8 +11,9 @@ import torch
 from schemas.tables import ITEMS, METRICS, PREDICTIONS, SENTENCE_SCORES, SENTENCES
 import tasks.evaluate.stage as ev
 from tasks.core.storage import read_table, text_key, write_parquet
+from tasks.evaluate.comparison import overall
 
-ALL = ["closed_book", "full_context", "opinion_instruction", "probe_marking", "clear", "clear_unmarked"]
+ALL = ["closed_book", "lexical_copy", "full_context", "opinion_instruction", "probe_marking", "clear", "clear_unmarked"]
 FLAGGED = "The Eiffel Tower is in Rome."
 
 
@@ -163,8 +164,15 @@ def test_scores_follow_predictions(tiny_cfg, run_with_items, monkeypatch):
     monkeypatch.setattr(ev, "generate", fake_generate)
     cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": list(scripted)})})
     ev.run_evaluate(cfg, run_with_items)
-    metrics = {r["method"]: r for r in read_table(run_with_items.table("metrics")).iter_rows(named=True)}
+    table = read_table(run_with_items.table("metrics"))
+    metrics = {r["method"]: r for r in overall(table).iter_rows(named=True)}
     assert list(metrics) == list(scripted)
+    # closed book answers "Paris", the true answer of every item: all known, so each method's known rows equal
+    # its overall ones and it has no unknown row
+    assert read_table(run_with_items.table("predictions"))["known"].to_list() == [True] * 5 * len(scripted)
+    known = {r["method"]: r for r in table.filter(pl.col("knowledge") == "known").iter_rows(named=True)}
+    assert known == {m: r | {"knowledge": "known"} for m, r in metrics.items()}
+    assert set(table["knowledge"]) == {"all", "known"} and set(table["condition"]) == {"all"}
     assert (metrics["closed_book"]["po"], metrics["closed_book"]["ps"]) == (1.0, 0.0)
     assert metrics["closed_book"]["mr"] == 1.0
     assert (metrics["full_context"]["em"], metrics["full_context"]["ps"], metrics["full_context"]["mr"]) == (1.0, 1.0, 0.0)
@@ -203,6 +211,11 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
     assert f"<conflict> {FLAGGED} </conflict>" in marked[0]
     assert not any("<conflict> Berlin" in p for p in marked)
     assert by["clear"]["prompt"].to_list() == marked  # same prompt, fine-tuned weights
+    items = read_table(run_with_items.table("items")).filter(pl.col("split") == "test").sort("item_id")
+    assert by["lexical_copy"]["prompt"].to_list() == items["context"].to_list()  # no model: the context it read
+    # even items: no sentence shares a content word with "Where is landmark number 0?", so the first one (tie);
+    # odd items: "Item 1 is in Rome." shares the number
+    assert by["lexical_copy"]["prediction"].to_list() == ["Berlin in Germany", "Item in Rome"] * 2 + ["Berlin in Germany"]
     unmarked = by["clear_unmarked"]["prompt"].to_list()  # the ablation: same weights and system line, no markers
     assert not any(f"<conflict> {FLAGGED}" in p for p in unmarked) and all("Berlin is in Germany." in p for p in unmarked)
     def strip_markers(prompt: str) -> str:
@@ -211,8 +224,8 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
 
     assert [strip_markers(p) for p in marked] == unmarked
     assert all("\n" not in p for p in preds["prediction"])
-    metrics = read_table(run_with_items.table("metrics"))
-    assert metrics.columns == METRICS.names
+    metrics = overall(read_table(run_with_items.table("metrics")))
+    assert read_table(run_with_items.table("metrics")).columns == METRICS.names
     assert metrics["method"].to_list() == ALL
     assert metrics["n"].to_list() == [5] * len(ALL)
     for col in ("em", "f1", "ps", "po"):
@@ -225,3 +238,42 @@ def test_missing_marking_is_refused(tiny_cfg, run_with_items):
     cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": ["probe_marking"]})})
     with pytest.raises(ValueError, match=r"1 evaluated items have no sentences to mark"):
         ev.run_evaluate(cfg, run_with_items)
+
+
+def test_metrics_per_condition_and_knowledge(tiny_cfg, run_with_items, monkeypatch):
+    """Items with conditions (two counterfactual, one aligned, one irrelevant, one without) and a closed book that
+    knows items 0, 2, 3: one metrics row per method x subset present, nothing else, known on every method's row."""
+    items = read_table(run_with_items.table("items"))
+    conditions = {"it00": "counterfactual", "it01": "counterfactual", "it02": "aligned", "it03": "irrelevant"}
+    items = items.with_columns(
+        condition=pl.col("item_id").replace_strict(conditions, default=None, return_dtype=pl.String),
+        counterfactual=pl.col("item_id").is_in(["it00", "it01", "it04"]),
+        answers=pl.when(pl.col("item_id").is_in(["it02", "it03"])).then(pl.col("orig_answers"))
+        .otherwise(pl.col("answers")),
+    )
+    write_parquet(items, run_with_items.table("items"), ITEMS)
+
+    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, desc=""):
+        if desc == "closed_book":  # knows landmarks 0, 2 and 3
+            return ["Paris" if re.search(r"number [023]\?", p) else "Lyon" for p in prompts]
+        return ["Rome"] * len(prompts)
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    methods = ["closed_book", "lexical_copy", "full_context"]
+    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": methods})})
+    ev.run_evaluate(cfg, run_with_items)
+
+    preds = read_table(run_with_items.table("predictions"))
+    assert preds.filter(pl.col("method") == "full_context")["known"].to_list() == [True, False, True, True, False]
+    assert preds.group_by("item_id").agg(pl.col("known").n_unique())["known"].to_list() == [1] * 5
+    metrics = read_table(run_with_items.table("metrics"))
+    subsets = {("all", "all"): 5, ("all", "known"): 3, ("all", "unknown"): 2, ("counterfactual", "all"): 2,
+               ("counterfactual", "known"): 1, ("counterfactual", "unknown"): 1, ("aligned", "all"): 1,
+               ("aligned", "known"): 1, ("irrelevant", "all"): 1, ("irrelevant", "known"): 1}
+    got = {(r["method"], r["condition"], r["knowledge"]): r for r in metrics.iter_rows(named=True)}
+    assert {k: r["n"] for k, r in got.items()} == {(m, *s): n for m in methods for s, n in subsets.items()}
+    fc = {k[1:]: r for k, r in got.items() if k[0] == "full_context"}  # answers "Rome": the context's answer
+    assert fc[("counterfactual", "all")]["ps"] == 1.0 and fc[("counterfactual", "all")]["n_counterfactual"] == 2
+    assert fc[("all", "all")]["n_counterfactual"] == 3  # it00, it01 and it04 (no condition) are counterfactual
+    assert fc[("aligned", "all")]["ps"] is None and fc[("aligned", "all")]["em"] == 0.0  # aligned answer: Paris
+    assert fc[("all", "known")]["em"] == pytest.approx(1 / 3)  # of it00, it02, it03 only it00 expects Rome

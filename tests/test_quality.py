@@ -112,7 +112,7 @@ def write_good_run(paths: RunPaths) -> None:
     )
     bounds = (("", 0.5), ("_lo", 0.25), ("_hi", 0.75))
     metric = {f"{m}{s}": v for m in ("em", "f1", "ps", "po", "mr") for s, v in bounds}
-    rows = [{"method": m, "n": 3, **metric} for m in ("closed_book", "clear")]
+    rows = [{"method": m, "condition": "all", "knowledge": "all", "n": 3, **metric} for m in ("closed_book", "clear")]
     write_parquet(rows, paths.table("metrics"), T.METRICS)
 
 
@@ -186,7 +186,8 @@ def test_nan_vector_and_missing_key_fail_activations(good_run):
 def test_stage_reports_every_failing_table_and_out_of_range_scores(good_run):
     """validate_tables checks all of a stage's tables before raising one error naming each failure."""
     write_parquet(
-        [{"method": "clear", "n": 0, "em": 1.5, "f1": 0.5, "ps": 0.5, "po": 0.5}], good_run.table("metrics"), T.METRICS
+        [{"method": "clear", "condition": "all", "knowledge": "all", "n": 0, "em": 1.5, "f1": 0.5, "ps": 0.5, "po": 0.5}],
+        good_run.table("metrics"), T.METRICS
     )
     with pytest.raises(DataQualityError) as err:
         validate_tables(STAGES["evaluate"].suites, good_run)

@@ -19,6 +19,7 @@ from tasks.core.config import RunConfig
 from tasks.core.prompts import SYSTEM, chat_messages
 from tasks.core.registry import collect, resolve
 from tasks.core.storage import RunPaths, write_json
+from tasks.evaluate.comparison import overall
 from tasks.evaluate.methods import MODULES, REGISTRY, Method
 from tasks.ingest.formats import READERS
 from tasks.probes.kinds import KINDS, ProbeKind
@@ -73,6 +74,25 @@ CENTROID = ProbeKind("centroid", "nearest label centroid", fit_centroid, Centroi
 
 TINY = fixtures.TOY  # a throwaway reader: tests/format_fixtures.py declares it as its own module would
 TINY_READER = fixtures.toy_reader()
+
+
+def expected_subset_counts(predictions: pl.DataFrame, items: pl.DataFrame) -> dict[tuple[str, str, str], int]:
+    """(method, condition, knowledge) -> n, counted row by row: a condition-less or known-less item counts in "all"."""
+    condition = dict(zip(items["item_id"], items["condition"]))
+    counts: dict[tuple[str, str, str], int] = {}
+    for p in predictions.iter_rows(named=True):
+        conds = ["all"] + ([condition[p["item_id"]]] if condition[p["item_id"]] else [])
+        knows = ["all"] + ([] if p["known"] is None else ["known" if p["known"] else "unknown"])
+        for key in ((p["method"], c, k) for c in conds for k in knows):
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def subset_counts(metrics: pl.DataFrame) -> dict[tuple[str, str, str], int]:
+    """(method, condition, knowledge) -> n of the metrics table, refusing a subset listed twice."""
+    keys = list(metrics.select("method", "condition", "knowledge").iter_rows())
+    assert len(keys) == len(set(keys))
+    return dict(zip(keys, metrics["n"]))
 
 
 # ---------------------------------------------------------------- tests
@@ -147,6 +167,7 @@ def test_throwaway_entries_run_through_the_pipeline(throwaway_entries, tiny_mode
     assert n_test > 0 and ours.height == n_test
     assert all(p.index("Question:") < p.index("Context:") for p in ours["prompt"])
     metrics = pl.read_parquet(paths.table("metrics"))
-    assert metrics["method"].to_list() == [*MODULES, "question_first"]  # registry order, the new one last
+    assert overall(metrics)["method"].to_list() == [*MODULES, "question_first"]  # registry order, the new one last
+    assert subset_counts(metrics) == expected_subset_counts(predictions, items)  # every subset with n > 0, once
     report = paths.report.read_text()
     assert "| question first | " in report and "- **question first** (`question_first`): the question, then" in report

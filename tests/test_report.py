@@ -17,8 +17,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = ["closed_book", "full_context", "opinion_instruction", "probe_marking", "clear"]
 
 
-def _metric_row(method: str, ps: float, half_width: float, n: int = 40) -> dict:
-    row = {"method": method, "n": n}
+def _metric_row(method: str, ps: float, half_width: float, n: int = 40, condition: str = "all",
+                knowledge: str = "all") -> dict:
+    row = {"method": method, "condition": condition, "knowledge": knowledge, "n": n, "n_counterfactual": n}
     for name, v in {"em": ps - 0.05, "f1": ps, "ps": ps, "po": 0.6 - ps / 2}.items():
         row |= {name: v, f"{name}_lo": max(v - half_width, 0.0), f"{name}_hi": min(v + half_width, 1.0)}
     mr = row["po"] / (row["ps"] + row["po"])
@@ -179,3 +180,46 @@ def test_localisation_stats_undefined_cases():
                           "flagged": [False, False]}, schema_overrides={"label": pl.String})
     s = localisation_stats(frame)
     assert s["auroc"] is None and s["precision"] is None and s["n_truth"] == 1
+
+
+def test_report_per_condition_and_knowledge_with_paired_statement(cfg, synthetic_run):
+    """Subset rows become one table per condition (lexical copy's rows included), the headline MR is MR on known
+    items, and the paired statement names the subsets without a measurable CLEAR vs full-context difference."""
+    methods = [*METHODS, "lexical_copy"]
+    rows = [_metric_row(m, 0.5, 0.1) for m in methods]
+    rows += [_metric_row(m, 0.3, 0.1, n=3, knowledge="known") | {"mr": 0.25, "mr_lo": 0.125, "mr_hi": 0.375}
+             for m in methods]
+    rows += [_metric_row(m, 0.5, 0.1, n=1, knowledge="unknown") for m in methods]
+    rows += [_metric_row(m, 0.5, 0.1, n=2, condition="counterfactual", knowledge=k) for m in methods
+             for k in ("all", "known")]
+    write_parquet(rows, synthetic_run.table("metrics"), METRICS)
+    items = pl.read_parquet(synthetic_run.table("items")).with_columns(
+        condition=pl.when(pl.col("item_id").is_in(["q0", "q1"])).then(pl.lit("counterfactual")))
+    write_parquet(items, synthetic_run.table("items"), ITEMS)
+    # CLEAR gives the context answer on every test item, full context on none; the rest answer as before
+    preds = pl.read_parquet(synthetic_run.table("predictions")).with_columns(
+        ps=pl.when(pl.col("method") == "full_context").then(False).otherwise(pl.col("ps")),
+        known=pl.col("item_id") != "q3")
+    write_parquet(preds, synthetic_run.table("predictions"), PREDICTIONS)
+    run_report(cfg, synthetic_run)
+    text = synthetic_run.report.read_text()
+    assert "## Methods per condition and per knowledge" in text
+    assert "### Condition: all" in text and "### Condition: counterfactual" in text
+    assert "| lexical copy | 40 |" in text  # the overall table
+    assert "| lexical copy | known | 3 | 25.0 [15.0, 35.0] |" in text
+    assert "| CLEAR | all | 2 |" in text and "| CLEAR | unknown | 1 |" in text
+    assert "**Headline MR, on known items**" in text and "CLEAR 25.0 [12.5, 37.5] (n = 3)" in text
+    # 4 test items, CLEAR right on all and full context on none: the paired difference is +100 points everywhere
+    assert "| all | all | p_s | 4 | 100.0 [100.0, 100.0] |" in text
+    assert "| counterfactual | known | p_s | 2 | 100.0 [100.0, 100.0] |" in text
+    assert ("paired per-item difference: a measurable difference on every subset: all/all (p_s), all/known (p_s), "
+            "all/unknown (p_s), counterfactual/all (p_s), counterfactual/known (p_s).") in text
+
+
+def test_report_of_identical_methods_says_no_measurable_effect(cfg, synthetic_run):
+    _write_metrics(synthetic_run, dict.fromkeys(METHODS, 0.5), half_width=0.1)
+    run_report(cfg, synthetic_run)
+    text = synthetic_run.report.read_text()
+    assert "CLEAR vs full context, paired per-item difference: no measurable effect on all/all (p_s)." in text
+    assert "No subsets: the items carry no condition and none is known or unknown." in text
+    assert "Headline MR (known items): not available" in text

@@ -1,22 +1,24 @@
-"""Answer scoring of the reference protocol (docs/METHOD.md, "Evaluation"): EM, F1, p_s, p_o, MR with bootstrap CIs."""
+"""Answer scoring of the reference protocol (docs/METHOD.md, "Evaluation"): EM, F1, p_s, p_o, MR with bootstrap CIs,
+overall and per subset (context condition x whether the model knows the fact), and paired differences of methods."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from schemas.tables import METRICS
+from schemas.tables import CONDITIONS, KNOWLEDGE, METRICS
 from tasks.core.text import normalize
 
 NEGATIONS = frozenset(
     ["no", "not", "never", "none", "cannot", "nobody", "nothing", "nowhere", "neither", "nor", "without", "hardly"]
 )
 METRIC_COLUMNS = ("em", "f1", "ps", "po")
+ALL = "all"  # the condition / knowledge value of a row over every item
 
 
 def has_negation(text: str) -> bool:
@@ -92,44 +94,103 @@ def _finite_or_none(value: float) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
+def _percentiles(samples: np.ndarray, level: float) -> tuple[float | None, float | None]:
+    """Percentile interval of bootstrap samples, ignoring undefined (NaN) resamples; nulls when none is defined."""
+    if not np.isfinite(samples).any():
+        return None, None
+    alpha = (1 - level) / 2 * 100
+    lo, hi = np.nanpercentile(samples, [alpha, 100 - alpha])
+    return _finite_or_none(lo), _finite_or_none(hi)
+
+
+def _cf_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Row-wise weighted means (weights 0/1: the counterfactual items of each resample); NaN where none is."""
+    count = weights.sum(axis=-1)
+    total = (values * weights).sum(axis=-1)
+    return np.divide(total, count, out=np.full_like(total, np.nan), where=count > 0)
+
+
 def bootstrap_cis(
-    values: np.ndarray, n_boot: int, seed: int, level: float = 0.95
+    values: np.ndarray, n_boot: int, seed: int, level: float = 0.95, counterfactual: np.ndarray | None = None
 ) -> dict[str, tuple[float | None, float | None]]:
-    """Percentile CIs of the mean of each column of `values` (n x 4: em, f1, ps, po) and of MR, from one set of resamples."""
-    nulls = {m: (None, None) for m in (*METRIC_COLUMNS, "mr")}
+    """Percentile CIs of EM, F1 (mean over every item), p_s, p_o (mean over the counterfactual items) and MR.
+
+    `values` is n x 4 (em, f1, ps, po); one set of item resamples serves every metric, so with every item
+    counterfactual (the default) p_s and p_o are plain means as before. A resample without a counterfactual
+    item leaves p_s, p_o and MR undefined and is skipped for them.
+    """
     n = len(values)
     if n_boot <= 0 or n == 0:
-        return nulls
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    means = values[idx].mean(axis=1)  # (n_boot, 4)
-    alpha = (1 - level) / 2 * 100
-    out = {}
-    for j, name in enumerate(METRIC_COLUMNS):
-        lo, hi = np.percentile(means[:, j], [alpha, 100 - alpha])
-        out[name] = (float(lo), float(hi))
-    ps, po = means[:, 2], means[:, 3]
-    total = ps + po
-    mr = np.divide(po, total, out=np.full_like(po, np.nan), where=total > 0)
-    if np.isfinite(mr).any():
-        lo, hi = np.nanpercentile(mr, [alpha, 100 - alpha])
-        out["mr"] = (_finite_or_none(lo), _finite_or_none(hi))
-    else:
-        out["mr"] = (None, None)
-    return out
+        return {m: (None, None) for m in (*METRIC_COLUMNS, "mr")}
+    cf = np.ones(n) if counterfactual is None else np.asarray(counterfactual, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    sample, weights = values[idx], cf[idx]  # (n_boot, n, 4), (n_boot, n)
+    means = {"em": sample[:, :, 0].mean(axis=1), "f1": sample[:, :, 1].mean(axis=1),
+             "ps": _cf_means(sample[:, :, 2], weights), "po": _cf_means(sample[:, :, 3], weights)}
+    total = means["ps"] + means["po"]
+    means["mr"] = np.divide(means["po"], total, out=np.full_like(total, np.nan), where=total > 0)
+    return {name: _percentiles(m, level) for name, m in means.items()}
+
+
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, level: float = 0.95
+) -> tuple[float | None, float | None, float | None]:
+    """Mean per-item difference a - b of two methods scored on the same items, and its paired percentile CI.
+
+    Resampling items (not each method's scores separately) keeps what the two share: an item both get right
+    or both get wrong adds no noise to the difference.
+    """
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if diff.size == 0:
+        return None, None, None
+    if n_boot <= 0:
+        return float(diff.mean()), None, None
+    idx = np.random.default_rng(seed).integers(0, diff.size, size=(n_boot, diff.size))
+    return (float(diff.mean()), *_percentiles(diff[idx].mean(axis=1), level))
+
+
+def iter_subsets(frame: pl.DataFrame) -> Iterator[tuple[str, str, pl.DataFrame]]:
+    """(condition, knowledge, rows) of every non-empty subset: "all" and each condition present, by "all", "known",
+    "unknown". An item without a condition (older benchmarks) or without a known flag is counted in "all" only."""
+    if frame.height == 0:
+        return
+    present = set(frame["condition"].drop_nulls()) if "condition" in frame.columns else set()
+    known = frame["known"] if "known" in frame.columns else pl.Series([None] * frame.height)
+    known = known.cast(pl.Boolean)
+    for condition in (ALL, *(c for c in CONDITIONS if c in present)):
+        everything = pl.Series([True] * frame.height, dtype=pl.Boolean)
+        in_condition = everything if condition == ALL else (frame["condition"] == condition)
+        masks = (in_condition, in_condition & known, in_condition & ~known)
+        for knowledge, mask in zip(KNOWLEDGE, masks):
+            part = frame.filter(mask.fill_null(False))
+            if part.height:
+                yield condition, knowledge, part
+
+
+def metrics_row(rows: pl.DataFrame, n_boot: int, seed: int, level: float = 0.95) -> dict[str, object]:
+    """n, EM, F1 over the rows, p_s, p_o, MR over their counterfactual ones (null when none), each with its CI."""
+    values = np.column_stack([rows[c].cast(pl.Float64).to_numpy() for c in METRIC_COLUMNS])
+    cf = rows["counterfactual"].to_numpy().astype(bool) if "counterfactual" in rows.columns else np.ones(len(rows), bool)
+    point = {"em": values[:, 0].mean(), "f1": values[:, 1].mean()}
+    point |= {"ps": values[cf, 2].mean(), "po": values[cf, 3].mean()} if cf.any() else {"ps": None, "po": None}
+    point["mr"] = None if point["ps"] is None else memorisation_ratio(point["ps"], point["po"])
+    cis = bootstrap_cis(values, n_boot, seed, level, counterfactual=cf)
+    row: dict[str, object] = {"n": len(rows), "n_counterfactual": int(cf.sum())}
+    for name in (*METRIC_COLUMNS, "mr"):
+        row[name] = _finite_or_none(point[name])
+        row[f"{name}_lo"], row[f"{name}_hi"] = cis[name]
+    return row
 
 
 def method_metrics(predictions: pl.DataFrame, n_boot: int, seed: int, level: float = 0.95) -> pl.DataFrame:
-    """Per method (in order of first appearance): n, EM, F1, p_s, p_o, MR as fractions with bootstrap CIs (schema METRICS)."""
+    """Per method (in order of first appearance), per subset of `iter_subsets`: the metrics with bootstrap CIs.
+
+    `predictions` may carry the item columns `condition`, `counterfactual` and `known` (see
+    tasks/evaluate/knowledge.py); without them every item is counterfactual and only ("all", "all") rows come out.
+    """
     rows = []
     for (method,), group in predictions.group_by("method", maintain_order=True):
-        values = np.column_stack([group[c].cast(pl.Float64).to_numpy() for c in METRIC_COLUMNS])
-        point = dict(zip(METRIC_COLUMNS, values.mean(axis=0).tolist())) if len(values) else {}
-        point["mr"] = memorisation_ratio(point["ps"], point["po"]) if point else None
-        cis = bootstrap_cis(values, n_boot, seed, level)
-        row: dict[str, object] = {"method": method, "n": len(group)}
-        for name in (*METRIC_COLUMNS, "mr"):
-            row[name] = _finite_or_none(point.get(name))
-            row[f"{name}_lo"], row[f"{name}_hi"] = cis[name]
-        rows.append(row)
+        for condition, knowledge, part in iter_subsets(group):
+            rows.append({"method": method, "condition": condition, "knowledge": knowledge,
+                         **metrics_row(part, n_boot, seed, level)})
     return pl.from_arrow(pa.Table.from_pylist(rows, schema=METRICS))

@@ -1,6 +1,7 @@
-"""Evaluate stage: every method answers the same items by greedy decoding; one predictions table, one metrics table.
+"""Evaluate stage: every method answers the same items (greedy decoding, or a model-free answer function); one
+predictions table (with whether the model knows each item closed-book), one metrics table (overall and per subset).
 
-The methods themselves (prompt, context, weights) are the entries of tasks/evaluate/methods/.
+The methods themselves (prompt or answer function, context, weights) are the entries of tasks/evaluate/methods/.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tasks.core.models import load_model, load_tokenizer
 from tasks.core.chat import encode, render
 from tasks.core.prompts import item_question
 from tasks.evaluate.methods import Method, resolve_methods
+from tasks.evaluate.knowledge import CLOSED_BOOK, known_by_item, with_item_columns
 from tasks.evaluate.scoring import method_metrics, score_prediction
 from tasks.core.storage import RunPaths, read_table, to_arrow, write_parquet
 
@@ -88,18 +90,25 @@ def generate(
     return out
 
 
+def item_context(method: Method, item: dict, marked: dict[str, str] | None) -> str | None:
+    """The context a method reads for an item: none, the item's own, or it with the probe's flags marked."""
+    if method.context == "none":
+        return None
+    return item["context"] if method.context == "plain" else marked[item["item_id"]]
+
+
 def build_prompts(method: Method, items: pl.DataFrame, tokenizer, marked: dict[str, str] | None) -> list[str]:
     """Rendered prompt text of every item for one method."""
-    prompts = []
-    for item in items.iter_rows(named=True):
-        if method.context == "none":
-            context = None
-        elif method.context == "plain":
-            context = item["context"]
-        else:
-            context = marked[item["item_id"]]
-        prompts.append(render(tokenizer, method.messages(item_question(item), context)))
-    return prompts
+    return [render(tokenizer, method.messages(item_question(item), item_context(method, item, marked)))
+            for item in items.iter_rows(named=True)]
+
+
+def answer_without_model(method: Method, items: pl.DataFrame, marked: dict[str, str] | None) -> tuple[list[str], list[str]]:
+    """(prompts, answers) of a model-free method: the prompt recorded is the context it read (its only input
+    besides the item's own question)."""
+    contexts = [item_context(method, item, marked) for item in items.iter_rows(named=True)]
+    answers = [method.answer(q, c) for q, c in zip(items["question"].to_list(), contexts)]
+    return [c or "" for c in contexts], answers
 
 
 def _marked_for(items: pl.DataFrame, paths: RunPaths) -> dict[str, str]:
@@ -133,17 +142,15 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_evaluate(cfg: RunConfig, paths: RunPaths) -> None:
-    """Answer the split's items with every configured method; write per-sample predictions and per-method metrics."""
-    methods = resolve_methods(cfg.evaluate.methods)
-    items = load_items(cfg, paths)
-    marked = _marked_for(items, paths) if any(m.context == "marked" for m in methods) else None
-    tok = load_tokenizer(cfg.model)
-    ev = cfg.evaluate
-
-    answers: dict[str, list[str]] = {}
+def _answer_with_models(cfg: RunConfig, paths: RunPaths, methods: list[Method], items: pl.DataFrame,
+                        marked: dict[str, str] | None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(prompts, answers) per model-based method: base methods first, so only one model is in memory at a time."""
     prompts: dict[str, list[str]] = {}
-    for weights in ("base", "finetuned"):  # base methods first, so only one model is in memory at a time
+    answers: dict[str, list[str]] = {}
+    if not methods:
+        return prompts, answers
+    tok, ev = load_tokenizer(cfg.model), cfg.evaluate
+    for weights in ("base", "finetuned"):
         group = [m for m in methods if m.model == weights]
         if not group:
             continue
@@ -158,15 +165,32 @@ def run_evaluate(cfg: RunConfig, paths: RunPaths) -> None:
             answers[m.name] = generate(model, tok, prompts[m.name], ev.max_new_tokens, ev.batch_size, desc=m.name)
         model = None
         _release_memory()
+    return prompts, answers
 
+
+def run_evaluate(cfg: RunConfig, paths: RunPaths) -> None:
+    """Answer the split's items with every configured method; write per-sample predictions and per-method metrics
+    (overall and per condition x known/unknown subset)."""
+    methods = resolve_methods(cfg.evaluate.methods)
+    items = load_items(cfg, paths)
+    marked = _marked_for(items, paths) if any(m.context == "marked" for m in methods) else None
+    prompts, answers = _answer_with_models(cfg, paths, [m for m in methods if m.model != "none"], items, marked)
+    for m in methods:
+        if m.model == "none":
+            prompts[m.name], answers[m.name] = answer_without_model(m, items, marked)
+
+    ids = items["item_id"].to_list()
+    known = known_by_item(items, dict(zip(ids, answers[CLOSED_BOOK])) if CLOSED_BOOK in answers else None)
     rows = []
     for m in methods:  # report order
         for item, prompt, pred in zip(items.iter_rows(named=True), prompts[m.name], answers[m.name]):
             scores = score_prediction(pred, item["answers"], item["orig_answers"], item["counterfactual"])
-            rows.append({"method": m.name, "item_id": item["item_id"], "prompt": prompt, "prediction": pred, **scores})
+            rows.append({"method": m.name, "item_id": item["item_id"], "prompt": prompt, "prediction": pred, **scores,
+                         "known": known[item["item_id"]]})
     predictions = pl.from_arrow(to_arrow(rows, PREDICTIONS))
-    metrics = method_metrics(predictions, ev.bootstrap, cfg.seed)
+    metrics = method_metrics(with_item_columns(predictions, items), cfg.evaluate.bootstrap, cfg.seed)
     write_parquet(predictions, paths.table("predictions"), PREDICTIONS)
     write_parquet(metrics, paths.table("metrics"), METRICS)
-    for row in metrics.iter_rows(named=True):
-        log.info("%s: EM %.3f F1 %.3f p_s %.3f p_o %.3f", row["method"], row["em"], row["f1"], row["ps"], row["po"])
+    for row in metrics.filter((pl.col("condition") == "all") & (pl.col("knowledge") == "all")).iter_rows(named=True):
+        log.info("%s: %s", row["method"], ", ".join(f"{k} {row[k]:.3f}" for k in ("em", "f1", "ps", "po")
+                                                    if row[k] is not None))

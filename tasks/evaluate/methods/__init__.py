@@ -7,10 +7,11 @@ evaluate stage, the report's labels and the default of `evaluate.methods` all fo
 from __future__ import annotations
 
 from tasks.core.registry import collect, resolve
-from tasks.evaluate.methods.base import Method, PromptBuilder
+from tasks.evaluate.methods.base import AnswerFunction, Method, PromptBuilder
 
 MODULES = (  # one line per method, in report order
     "closed_book",
+    "lexical_copy",
     "full_context",
     "opinion_instruction",
     "probe_marking",
@@ -25,9 +26,14 @@ def resolve_methods(names: list[str] | None) -> list[Method]:
     return list(REGISTRY.values()) if names is None else resolve(REGISTRY, names, "evaluation method")
 
 
+def method_label(name: str) -> str:
+    """Human name of a method: its registered label (a name no longer registered, from an old run, stays as it is)."""
+    return REGISTRY[name].label if name in REGISTRY else name
+
+
 def evaluated_methods(cfg) -> list[str]:
     """The evaluate stage's outside input: with the default (every method), registering one makes a run stale."""
     return [m.name for m in resolve_methods(cfg.evaluate.methods)]
 
 
-__all__ = ["MODULES", "REGISTRY", "Method", "PromptBuilder", "evaluated_methods", "resolve_methods"]
+__all__ = ["MODULES", "REGISTRY", "AnswerFunction", "Method", "PromptBuilder", "evaluated_methods", "method_label", "resolve_methods"]

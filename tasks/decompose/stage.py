@@ -11,11 +11,13 @@ matched by the source sentence's exact text (a fact inherits its sentence's labe
 relevant null). Without them, the target sentence is relevant and truth comes from the statements by key, as
 before; every other label is null. `label` and today's `truthful` values are unchanged.
 
-What each published format supports: known-facts fills `sentence_labels` in its generator; the readers of
-formats with an original context (ConFiQA, NQ-Swap) label a sentence the substitution changed and that holds
-a context answer as relevant and false (so conflicting), any other changed sentence as false, relevance
-unknown, and an unchanged sentence as true (it is the dataset's original text), relevance unknown
-(tasks/ingest/formats/items.py: substitution_labels). Other formats give only the target sentence.
+What each published format supports: known-facts fills `sentence_labels` in its generator. The readers of
+formats with an original context (ConFiQA, NQ-Swap; tasks/ingest/formats/items.py: substitution_labels)
+label a sentence the substitution changed and that holds a context answer as relevant and false (so
+conflicting), a sentence found verbatim in the original context as true with relevance unknown (it is the
+dataset's original text, but the data does not say which of its sentences the question needs), and any
+other changed sentence as unknown. Other formats give only the target sentence. Never a guess: a label the
+data cannot give is null.
 """
 
 from __future__ import annotations

@@ -137,7 +137,8 @@ def _rejects(gxe: ModuleType) -> list[Any]:
 
 
 def _sentences(gxe: ModuleType) -> list[Any]:
-    """Units point back into their item's context exactly (a fact: to its source sentence's span), once each."""
+    """Units point back into their item's context exactly (a fact: to its source sentence's span), once each;
+    their conflict label agrees with their relevance and truth labels."""
     return [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         *_not_null(gxe, "item_id", "sent_idx", "key", "text", "char_start", "char_end"),
@@ -149,13 +150,22 @@ def _sentences(gxe: ModuleType) -> list[Any]:
         gxe.ExpectColumnValuesToBeInSet(column="unit", value_set=list(UNITS)),
         gxe.ExpectColumnValuesToBeBetween(column="source_idx", min_value=0),
         *_unit_interval(gxe, "relevance_01"),
-        *_all_true(gxe, "item_known", "offset_ok"),
+        *_all_true(gxe, "item_known", "offset_ok", "conflict_consistent"),
     ]
+
+
+def _conflict_consistent() -> pl.Expr:
+    """conflicting is exactly relevant AND NOT truthful: null when either is null, never true otherwise."""
+    unknown = pl.col("relevant").is_null() | pl.col("truthful").is_null()
+    expected = pl.when(unknown).then(None).otherwise(pl.col("relevant") & ~pl.col("truthful"))
+    return pl.col("conflicting").eq_missing(expected)
 
 
 def _prepare_sentences(df: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
     """Check each unit against its item: context[char_start:char_end] is its text (a fact's: a span inside it)."""
     items = items.select("item_id", pl.col("context").alias("_context"))
+    absent = [c for c in ("truthful", "relevant", "conflicting") if c not in df.columns]  # a run before the labels
+    df = df.with_columns(pl.lit(None, pl.Boolean).alias(c) for c in absent)
     joined = df.join(items, on="item_id", how="left")
     length = (pl.col("char_end").cast(pl.Int64) - pl.col("char_start")).clip(lower_bound=0)
     span = pl.col("_context").str.slice(pl.col("char_start"), length)
@@ -166,6 +176,7 @@ def _prepare_sentences(df: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
         offset_ok=pl.col("_context").is_not_null() & exact.fill_null(False),
         # cosine relevance lies in [-1, 1]: checked as (r + 1) / 2 in [0, 1]
         relevance_01=(pl.col("relevance") + 1) / 2,
+        conflict_consistent=_conflict_consistent(),
     ).drop("_context")
 
 

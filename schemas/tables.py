@@ -77,6 +77,8 @@ SENTENCES = pa.schema(
         pa.field("relevance", pa.float32()),  # question relevance, when computed
         pa.field("label", STR),  # conflict / aligned / irrelevant, where the benchmark knows it
         pa.field("truthful", pa.bool_()),  # whether the sentence states a true fact, where known
+        pa.field("relevant", pa.bool_()),  # whether it bears on this item's question, where the benchmark knows
+        pa.field("conflicting", pa.bool_()),  # relevant AND NOT truthful (null when either is): what CLEAR marks
         pa.field("unit", STR),  # "sentence" (a span of the context) or "fact" (an LLM-rewritten atomic fact)
         pa.field("source_idx", pa.int32()),  # index of the context sentence the unit comes from
         pa.field("is_relevant", pa.bool_()),  # kept by the question-step relevance filter, when computed

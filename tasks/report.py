@@ -13,7 +13,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from pydantic import ValidationError
-from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
 from tasks.core.config import ConfigView, RunConfig
 from tasks.core.markdown import fmt, md_table, missing, pct_ci
@@ -24,6 +23,7 @@ from tasks.evaluate.comparison import (
 )
 from tasks.evaluate.methods import REGISTRY as METHODS
 from tasks.evaluate.methods import method_label as label
+from tasks.probes.localisation import LABELS, localisation_by_target, localisation_units
 
 log = logging.getLogger(__name__)
 
@@ -137,25 +137,37 @@ def section_probes(probe_metrics: pl.DataFrame | None, best: dict | None) -> str
     return "\n\n".join(parts)
 
 
-def localisation_stats(frame: pl.DataFrame) -> dict[str, Any]:
-    """AUROC of p_conflict for false vs true sentences; precision/recall of the flags for 'conflict' sentences."""
-    known = frame.filter(pl.col("truthful").is_not_null())
-    y_false = (~known["truthful"]).to_numpy()
-    auroc = float(roc_auc_score(y_false, known["p_conflict"].to_numpy())) if len(set(y_false)) == 2 else None
-    labelled = frame.filter(pl.col("label").is_not_null())
-    y_conf = (labelled["label"] == "conflict").to_numpy()
-    flags = labelled["flagged"].to_numpy()
-    has = len(labelled) > 0
-    precision = float(precision_score(y_conf, flags, zero_division=np.nan)) if has else None
-    recall = float(recall_score(y_conf, flags, zero_division=np.nan)) if has else None
-    return {"n": frame.height, "n_truth": known.height, "auroc": auroc, "precision": precision, "recall": recall,
-            "flagged": int(frame["flagged"].sum())}
+LOCALISATION_SPLIT = "test"  # the flagging probe is refitted on train+dev: test is the split it never saw
+
+
+def _yes_no(value: Any) -> str:
+    """A nullable flag for a table cell: 'n/a' when the label is unknown."""
+    return "n/a" if value is None else str(value)
+
+
+def localisation_table(units: pl.DataFrame) -> str:
+    """The flags and p_conflict against each target on the test split, with counts; missing labels said plainly."""
+    test = units.filter(pl.col("split") == LOCALISATION_SPLIT)
+    stats = localisation_by_target(test)
+    rows = [[name, s["n"], s["positives"], s["flagged"], fmt(s["precision"]), fmt(s["recall"]), fmt(s["f1"]),
+             s["n_scored"], fmt(s["auroc"])] for name, s in stats.items()]
+    parts = [md_table(["against", "labelled units", "positive", "flagged", "precision", "recall", "F1", "scored",
+                       "AUROC p_conflict"], rows)]
+    for name, s in stats.items():
+        if s["n"] == 0:
+            parts.append(f"**No `{name}` labels**: none of the {test.height} {LOCALISATION_SPLIT}-split units has "
+                         f"one (the benchmark does not give it), so the `{name}` row is not computed.")
+        elif s["n"] < test.height:
+            parts.append(f"`{name}`: {s['n']} of {test.height} {LOCALISATION_SPLIT}-split units carry the label; "
+                         "the others (label unknown) are left out.")
+    return "\n\n".join(parts)
 
 
 def _examples(scored: pl.DataFrame, items: pl.DataFrame, predictions: pl.DataFrame | None, split: str) -> list[str]:
-    """Three evaluated items (those with a conflict sentence first) with every sentence's score and flag."""
+    """Three evaluated items (those with a conflicting unit first) with every unit's labels, score and flag."""
     ids = scored.filter(pl.col("split") == split).group_by("item_id").agg(
-        (pl.col("label") == "conflict").any().alias("has_conflict")
+        (pl.col("conflicting").fill_null(False) | (pl.col("label") == "conflict").fill_null(False)).any()
+        .alias("has_conflict")
     ).sort(["has_conflict", "item_id"], descending=[True, False])["item_id"].head(N_EXAMPLES).to_list()
     out = []
     for item_id in ids:
@@ -168,9 +180,10 @@ def _examples(scored: pl.DataFrame, items: pl.DataFrame, predictions: pl.DataFra
                 lines[-1] += "  "
                 lines.append("answers: " + "; ".join(f"{label(m)}: \"{p}\"" for m, p in preds.select("method", "prediction").iter_rows()))
         sents = scored.filter(pl.col("item_id") == item_id).sort("sent_idx")
-        rows = [[r["sent_idx"], r["label"] or "n/a", "n/a" if r["truthful"] is None else r["truthful"],
-                 fmt(r["p_conflict"]), "yes" if r["flagged"] else "", r["text"]] for r in sents.iter_rows(named=True)]
-        out.append("\n".join(lines) + "\n\n" + md_table(["#", "label", "true", "p_conflict", "flagged", "sentence"], rows))
+        rows = [[r["sent_idx"], r["label"] or "n/a", *(_yes_no(r[c]) for c in LABELS), fmt(r["p_conflict"]),
+                 "yes" if r["flagged"] else "", r["text"]] for r in sents.iter_rows(named=True)]
+        header = ["#", "label", "true", "relevant", "conflicting", "p_conflict", "flagged", "sentence"]
+        out.append("\n".join(lines) + "\n\n" + md_table(header, rows))
     return out
 
 
@@ -178,28 +191,23 @@ def section_localisation(
     sentences: pl.DataFrame | None, scores: pl.DataFrame | None, items: pl.DataFrame,
     predictions: pl.DataFrame | None, best: dict | None, split: str,
 ) -> str:
-    """How well the probe finds the false / conflicting sentences inside real contexts."""
+    """How well the probe finds the conflicting (and the false) units inside real contexts."""
     head = "## Conflict localisation on context sentences"
     if sentences is None or scores is None:
         return f"{head}\n\nNo `sentences` or `sentence_scores` table: the decompose or probes stage did not run."
     if best is not None:
         chosen = scores.filter((pl.col("layer") == best["layer"]) & (pl.col("probe") == best["probe"]))
         scores = chosen if chosen.height else scores
-    scored = scores.join(sentences.select("item_id", "sent_idx", "text", "label", "truthful"),
-                         on=["item_id", "sent_idx"], how="inner").join(
-        items.select("item_id", "split"), on="item_id", how="left")
-    rows = []
-    for name, part in [*sorted(scored.group_by("split"), key=lambda g: str(g[0][0])), (("all",), scored)]:
-        s = localisation_stats(part)
-        rows.append([name[0], s["n"], s["flagged"], s["n_truth"], fmt(s["auroc"]), fmt(s["precision"]), fmt(s["recall"])])
+    units = localisation_units(sentences, scores, items)
     parts = [
         head,
-        "AUROC: p_conflict separating false from true sentences (where the benchmark knows which). "
-        "Precision / recall: the `flagged` sentences against those labelled `conflict` (the one that "
-        "contradicts the model's memory).",
-        md_table(["split", "sentences", "flagged", "with truth", "AUROC false vs true", "flag precision", "flag recall"], rows),
+        f"The probe's flags (precision, recall, F1) and its p_conflict (AUROC) on the `{LOCALISATION_SPLIT}` "
+        "split's context units, against `conflicting` (relevant to the question and false: the unit CLEAR should "
+        "mark) and, separately, against `not truthful` (false, relevant or not). Only units whose label is known "
+        "count; a unit the probe did not score was not flagged and is left out of the AUROC (`scored`).",
+        localisation_table(units),
         f"Examples from the evaluated split (`{split}`):",
-        *_examples(scored, items, predictions, split),
+        *_examples(units, items, predictions, split),
     ]
     return "\n\n".join(parts)
 

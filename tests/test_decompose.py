@@ -103,6 +103,9 @@ def test_real_benchmark_offsets_and_labels(tmp_path):
     truth = dict(zip(stmts["key"], stmts["label"]))
     assert all(truthful == (truth[k] == 0) for k, truthful in zip(sents["key"], sents["truthful"]))
     assert not sents.filter(pl.col("label") == "conflict")["truthful"].any()
+    # the target sentence is conflicting; no other sentence is (null: unknown, never a guess)
+    assert sents.filter(pl.col("label") == "conflict")["conflicting"].to_list() == [True] * items.height
+    assert all(c is None or c == (lab == "conflict") for c, lab in zip(sents["conflicting"], sents["label"]))
     # sentence indexes are 0..n-1 in order of position
     for _, g in sents.group_by("item_id"):
         assert g.sort("char_start")["sent_idx"].to_list() == list(range(g.height))
@@ -178,3 +181,135 @@ def test_llm_facts_and_relevance_through_the_stage(server, tmp_path, monkeypatch
     calls = len(server.requests)
     run_decompose(cfg, paths)
     assert len(server.requests) == calls  # every reply came from the cache
+
+
+# ---------------------------------------------------------------- labels per unit (truthful, relevant, conflicting)
+
+_ITEM = {"dataset": "x", "split": "test", "group": "g", "relation_id": None, "answers": ["a"], "orig_answers": None,
+         "orig_context": None}
+
+
+def _label(text: str, truthful: bool | None, relevant: bool | None) -> dict:
+    return {"text": text, "truthful": truthful, "relevant": relevant}
+
+
+def _labels_of(paths: RunPaths) -> dict[tuple[str, str], tuple]:
+    sents = read_table(paths.table("sentences"))
+    return {(r["item_id"], r["text"]): (r["label"], r["truthful"], r["relevant"], r["conflicting"])
+            for r in sents.iter_rows(named=True)}
+
+
+def test_labels_from_sentence_labels_and_the_fallback(tmp_path):
+    """sentence_labels label units by exact text; unmatched and ambiguous texts get nulls; without them only the
+    target sentence is relevant; `label` and the statements' truth stay as they were."""
+    from flows.stages import STAGES
+    from tasks.core.quality import validate_tables
+
+    paths = RunPaths(tmp_path / "t")
+    items = [
+        {**_ITEM, "item_id": "cf", "question": "What is the capital of Italy?", "counterfactual": True,
+         "context": "Paris is the capital of Italy. Rome is the capital of France. Berlin is in Germany. Oslo is cold.",
+         "target_sentence": "Paris is the capital of Italy.",
+         "sentence_labels": [_label("Paris is the capital of Italy.", False, True),  # the conflicting one
+                             _label(" Rome is the capital of France.", False, False),  # false distractor
+                             _label("Berlin is in Germany.", True, False),
+                             _label("Madrid is in Peru.", False, True)]},  # not in the context: ignored
+        {**_ITEM, "item_id": "al", "question": "Where is Bern?", "counterfactual": False,
+         "context": "Bern is in Switzerland. Lima is in Peru. Quito is in Chile.",
+         "target_sentence": "Bern is in Switzerland.",
+         "sentence_labels": [_label("Bern is in Switzerland.", True, True), _label("Lima is in Peru.", None, False),
+                             _label("Quito is in Chile.", False, True), _label("Quito is in Chile.", False, False)]},
+        {**_ITEM, "item_id": "fb", "question": "Where is Oslo?", "counterfactual": True,
+         "context": "Oslo is in Chile. Lima is in Peru. Oslo is cold.", "target_sentence": "Oslo is in Chile."},
+    ]
+    stmts = [("Oslo is in Chile.", 1), ("Lima is in Peru.", 0), ("Oslo is cold.", 0), ("Berlin is in Germany.", 1)]
+    write_parquet(items, paths.table("items"), ITEMS)
+    write_parquet([{"stmt_id": str(n), "key": text_key(t), "text": t, "label": y, "group": "s", "relation_id": None,
+                    "split": "test"} for n, (t, y) in enumerate(stmts)], paths.table("statements"), STATEMENTS)
+    run_decompose(RunConfig(run="t"), paths)
+    assert _labels_of(paths) == {
+        ("cf", "Paris is the capital of Italy."): ("conflict", False, True, True),
+        ("cf", "Rome is the capital of France."): ("irrelevant", False, False, False),
+        ("cf", "Berlin is in Germany."): ("irrelevant", True, False, False),  # the item's label beats the statement
+        ("cf", "Oslo is cold."): ("irrelevant", True, None, None),  # no label: relevance unknown, truth as before
+        ("al", "Bern is in Switzerland."): ("aligned", True, True, False),
+        ("al", "Lima is in Peru."): ("irrelevant", True, False, False),  # label's truth unknown: the statement's
+        ("al", "Quito is in Chile."): ("irrelevant", None, None, None),  # labelled two ways: unknown
+        ("fb", "Oslo is in Chile."): ("conflict", False, True, True),  # no sentence_labels: the target is relevant
+        ("fb", "Lima is in Peru."): ("irrelevant", True, None, None),
+        ("fb", "Oslo is cold."): ("irrelevant", True, None, None),
+    }
+    assert validate_tables(STAGES["decompose"].suites, paths)["sentences"]["success"]
+
+
+def test_conflict_label_consistency_is_checked(tmp_path):
+    """The sentences suite fails a conflicting flag that relevant/truthful do not give, and a missing one."""
+    from flows.stages import STAGES
+    from tasks.core.quality import DataQualityError, validate_tables
+
+    paths = RunPaths(tmp_path / "t")
+    write_parquet([{**_ITEM, "item_id": "a", "question": "Q?", "counterfactual": True, "context": "A b. C d.",
+                    "target_sentence": None}], paths.table("items"), ITEMS)
+    good = {"item_id": "a", "sent_idx": 0, "key": text_key("A b."), "text": "A b.", "char_start": 0, "char_end": 4,
+            "unit": "sentence", "source_idx": 0}
+    cases = [((True, False, True), True), ((None, False, None), True), ((True, True, True), False),
+             ((None, False, True), False), ((True, False, None), False), ((False, False, False), True)]
+    for (relevant, truthful, conflicting), ok in cases:
+        row = {**good, "relevant": relevant, "truthful": truthful, "conflicting": conflicting}
+        write_parquet([row], paths.table("sentences"), SENTENCES)
+        if ok:
+            assert validate_tables(STAGES["decompose"].suites, paths)["sentences"]["success"]
+        else:
+            with pytest.raises(DataQualityError, match=r"conflict_consistent\] value_set=\[True\]: unexpected_count=1"):
+                validate_tables(STAGES["decompose"].suites, paths)
+
+
+def test_llm_facts_inherit_their_sentence_labels(server, tmp_path, monkeypatch):
+    """An atomic fact takes the labels of its source sentence (source_idx); an unlabelled sentence's facts: null."""
+    monkeypatch.setenv("CLEARFLOW_CACHE", str(tmp_path / "cache"))
+    paths = RunPaths(tmp_path / "t")
+    context = "Lyon is the capital of France and Lyon lies on the Thames. Hello there! Berlin is in Germany."
+    item = {**_ITEM, "item_id": "a", "question": "What is the capital of France?", "context": context,
+            "counterfactual": True, "target_sentence": "Lyon is the capital of France and Lyon lies on the Thames.",
+            "sentence_labels": [_label("Lyon is the capital of France and Lyon lies on the Thames.", False, True),
+                                _label("Hello there!", True, False)]}
+    write_parquet([item], paths.table("items"), ITEMS)
+    llm = {"backend": "openai", "base_url": server.base_url, "model": "test-model", "max_retries": 0}
+    run_decompose(RunConfig.model_validate({"run": "t", "decompose": {"method": "llm", "llm": llm}}), paths)
+    sents = read_table(paths.table("sentences"))
+    got = [(r["text"], r["unit"], r["source_idx"], r["truthful"], r["relevant"], r["conflicting"])
+           for r in sents.iter_rows(named=True)]
+    assert got == [
+        ("Lyon is the capital of France.", "fact", 0, False, True, True),
+        ("Lyon lies on the Thames.", "fact", 0, False, True, True),
+        ("Hello there!", "sentence", 1, True, False, False),
+        ("Berlin is in Germany.", "fact", 2, None, None, None),  # its sentence has no label
+    ]
+
+
+def test_confiqa_substituted_sentences_are_conflicting(tmp_path):
+    """ConFiQA: the changed answer-bearing sentence is relevant and false; unchanged ones are the original's true
+    text of unknown relevance; another changed sentence and a record without orig_context get no guess."""
+    from tasks.ingest.formats import READERS
+    from tasks.ingest.formats.items import ReadOptions
+    from tests import format_fixtures as F
+
+    fact = F.FACTS[0]
+    records = [F.confiqa_record(f) for f in F.FACTS[:3]]
+    records[1]["cf_context"] += " Canberra was renamed."  # changed, without the answer
+    del records[2]["orig_context"]
+    path = tmp_path / "ConFiQA-QA.json"
+    path.write_text(__import__("json").dumps(records))
+    out = READERS["confiqa-qa"].read(path, ReadOptions())
+    paths = RunPaths(tmp_path / "t")
+    write_parquet(out.items, paths.table("items"), ITEMS)
+    run_decompose(RunConfig(run="t"), paths)
+    got = {text: labels for (_, text), labels in _labels_of(paths).items()}
+    intro, outro = fact[4], fact[5]
+    assert got[intro] == ("irrelevant", True, None, None) and got[outro] == ("irrelevant", True, None, None)
+    assert got[F.target_of(fact)] == ("conflict", False, True, True)
+    assert got[F.target_of(F.FACTS[1])] == ("conflict", False, True, True)
+    assert got["Canberra was renamed."] == ("irrelevant", None, None, None)
+    # no orig_context: nothing says the answer sentence changed; it is the target, so relevant, truth unknown
+    assert got[F.target_of(F.FACTS[2])] == ("conflict", None, True, None)
+    assert got[F.FACTS[2][4]] == ("irrelevant", None, None, None)

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from schemas.tables import ITEMS, METRICS, PREDICTIONS, PROBE_METRICS, SENTENCE_SCORES, SENTENCES
-from tasks.report import localisation_stats, run_report, verdict
+from tasks.report import run_report, verdict
 from tasks.core.config import RunConfig
 from tasks.core.storage import RunPaths, text_key, write_json, write_parquet
 
@@ -108,7 +108,7 @@ def test_report_sections_best_layer_and_pngs(cfg, synthetic_run):
     assert "| CLEAR | 40 | 65.0 [60.0, 70.0] | 70.0 [65.0, 75.0] | 70.0 [65.0, 75.0] |" in text
     assert "- **opinion + instruction** (`opinion_instruction`): the context as a narrator's statement" in text
     assert "**q0**: Where is fact 0?" in text and "**q4**" not in text  # examples come from the evaluated split
-    assert "| 0 | conflict | False | 0.900 | yes | Fact 0 is in Rome. |" in text
+    assert "| 0 | conflict | False | n/a | n/a | 0.900 | yes | Fact 0 is in Rome. |" in text
     for name in ("probe_layers", "methods"):
         data = (synthetic_run.figures / f"{name}.png").read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
@@ -116,11 +116,14 @@ def test_report_sections_best_layer_and_pngs(cfg, synthetic_run):
 
 
 def test_localisation_numbers(cfg, synthetic_run):
+    """Truth labels only (no relevance): the `not truthful` row by hand, the `conflicting` row said missing."""
     _write_metrics(synthetic_run, dict.fromkeys(METHODS, 0.5), half_width=0.1)
     text = (run_report(cfg, synthetic_run), synthetic_run.report.read_text())[1]
-    # false sentences score 0.9 and 0.4, the true one 0.2: AUROC 1; the flag hits exactly the conflict ones
-    assert "| all | 18 | 6 | 18 | 1.000 | 1.000 | 1.000 |" in text
-    assert "| test | 12 | 4 | 12 | 1.000 | 1.000 | 1.000 |" in text
+    # 4 test items x 3 sentences; 2 false each (p 0.9 and 0.4), 1 true (p 0.2); only the first is flagged:
+    # precision 4/4, recall 4/8, F1 2*4/(8+4), AUROC 1 (every false one above every true one)
+    assert "| not truthful | 12 | 8 | 4 | 1.000 | 0.500 | 0.667 | 12 | 1.000 |" in text
+    assert "| conflicting | 0 | 0 | 0 | n/a | n/a | n/a | 0 | n/a |" in text
+    assert "**No `conflicting` labels**: none of the 12 test-split units has one" in text
 
 
 def test_verdict_beats_and_indistinguishable(cfg, synthetic_run):
@@ -173,13 +176,6 @@ def test_labels_come_from_the_method_registry(monkeypatch):
     assert label("clear") == "C" and label("retired_method") == "retired_method"  # an old run's unregistered name
     assert method_legend(["retired_method", "clear"]).splitlines() == [
         "- **retired_method** (`retired_method`)", f"- **C** (`clear`): {REGISTRY['clear'].description}"]
-
-
-def test_localisation_stats_undefined_cases():
-    frame = pl.DataFrame({"p_conflict": [0.1, 0.2], "truthful": [True, None], "label": [None, None],
-                          "flagged": [False, False]}, schema_overrides={"label": pl.String})
-    s = localisation_stats(frame)
-    assert s["auroc"] is None and s["precision"] is None and s["n_truth"] == 1
 
 
 def test_report_per_condition_and_knowledge_with_paired_statement(cfg, synthetic_run):

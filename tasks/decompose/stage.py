@@ -4,6 +4,20 @@ Units are the context's sentences (offline splitter, exact character offsets) or
 `decompose.method = "llm"`, the atomic facts an LLM rewrites each sentence into (docs/METHOD.md stage 1); a fact
 carries the span of the sentence it came from. With `decompose.relevance`, each unit also gets its cosine
 relevance to the question's steps and whether the top-k filter keeps it.
+
+Labels per unit (tasks/decompose/labels.py): `truthful`, `relevant` and `conflicting` (= relevant AND NOT
+truthful, the unit CLEAR should mark) come from the item's `sentence_labels` when its benchmark recorded them,
+matched by the source sentence's exact text (a fact inherits its sentence's labels; an unmatched sentence gets
+relevant null). Without them, the target sentence is relevant and truth comes from the statements by key, as
+before; every other label is null. `label` and today's `truthful` values are unchanged.
+
+What each published format supports: known-facts fills `sentence_labels` in its generator. The readers of
+formats with an original context (ConFiQA, NQ-Swap; tasks/ingest/formats/items.py: substitution_labels)
+label a sentence the substitution changed and that holds a context answer as relevant and false (so
+conflicting), a sentence found verbatim in the original context as true with relevance unknown (it is the
+dataset's original text, but the data does not say which of its sentences the question needs), and any
+other changed sentence as unknown. Other formats give only the target sentence. Never a guess: a label the
+data cannot give is null.
 """
 
 from __future__ import annotations
@@ -18,28 +32,12 @@ from schemas.tables import SENTENCES
 from tasks.core.config import RunConfig
 from tasks.core.splitter import split_sentences
 from tasks.core.storage import RunPaths, read_table, text_key, write_parquet
+from tasks.decompose.labels import Truth, labels_by_text, truth_by_key, unit_labels
 
 log = logging.getLogger(__name__)
 
 Span = tuple[str, int, int]  # (sentence, char_start, char_end) in the context
 Unit = tuple[int, str, str]  # (source sentence index, text, "sentence" | "fact")
-
-
-def _truth_by_key(statements: pl.DataFrame | None) -> dict[str, bool]:
-    """Map a statement key to whether it is true; keys stated with both labels are left unknown."""
-    if statements is None or statements.height == 0:
-        return {}
-    labels = statements.group_by("key").agg(pl.col("label").unique().alias("labels"))
-    return {k: (ls[0] == 0) for k, ls in zip(labels["key"], labels["labels"]) if len(ls) == 1}
-
-
-def _label(text: str, target: str | None, counterfactual: bool) -> str | None:
-    """Benchmark label of one sentence; unknown (None) when the item names no target sentence."""
-    if target is None:
-        return None
-    if text == target.strip():
-        return "conflict" if counterfactual else "aligned"
-    return "irrelevant"
 
 
 def split_contexts(items: pl.DataFrame, progress: bool = True) -> list[list[Span]]:
@@ -94,14 +92,16 @@ def unit_rows(
     items: pl.DataFrame,
     spans: list[list[Span]],
     units: list[list[Unit]],
-    truth: dict[str, bool],
+    truth: Truth,
     relevance: list[tuple[list[float], list[bool]]] | None = None,
 ) -> list[dict]:
-    """One `sentences` row per unit; a fact inherits the span and benchmark label of its source sentence."""
+    """One `sentences` row per unit; a fact inherits the span and the labels of its source sentence."""
     rows: list[dict] = []
+    labels = items["sentence_labels"] if "sentence_labels" in items.columns else [None] * items.height
     cols = items.select("item_id", "target_sentence", "counterfactual").iter_rows()
-    for n, (item_id, target, cf) in enumerate(cols):
+    for n, ((item_id, target, cf), item_labels) in enumerate(zip(cols, labels)):
         scores, keep = relevance[n] if relevance else (None, None)
+        by_text = labels_by_text(item_labels)
         for idx, (src, text, kind) in enumerate(units[n]):
             source_text, start, end = spans[n][src]
             key = text_key(text)
@@ -114,8 +114,7 @@ def unit_rows(
                     "char_start": start,
                     "char_end": end,
                     "relevance": scores[idx] if scores else None,
-                    "label": _label(source_text, target, bool(cf)),
-                    "truthful": truth.get(key),
+                    **unit_labels(source_text, key, target, bool(cf), by_text, truth),
                     "unit": kind,
                     "source_idx": src,
                     "is_relevant": keep[idx] if keep else None,
@@ -136,6 +135,9 @@ def _summary(items: pl.DataFrame, rows: list[dict], n_target: int, extra: list[s
              f" ({', '.join(f'{v} {k}s' for k, v in sorted(kinds.items()))}), {n_target} target sentences found"]
     if rows and rows[0]["is_relevant"] is not None:
         parts.append(f"{sum(bool(r['is_relevant']) for r in rows)} relevant")
+    labelled = [r["conflicting"] for r in rows if r["conflicting"] is not None]
+    parts.append(f"{sum(labelled)} of {len(labelled)} units with a conflict label conflicting"
+                 if labelled else "no conflict labels (the benchmark gives none)")
     return "; ".join(parts + extra)
 
 
@@ -154,7 +156,7 @@ def run_decompose(cfg: RunConfig, paths: RunPaths) -> None:
     else:
         units = [sentence_units(s) for s in spans]
     relevance = relevance_of(cfg, items, units, chat) if cfg.decompose.relevance else None
-    rows = unit_rows(items, spans, units, _truth_by_key(statements), relevance)
+    rows = unit_rows(items, spans, units, truth_by_key(statements), relevance)
     write_parquet(rows, paths.table("sentences"), SENTENCES)
     n_target = _targets_found(rows)
     log.info(_summary(items, rows, n_target, [chat.summary()] if chat else []))

@@ -97,20 +97,45 @@ def sample_positions(n: int, rng: random.Random, opts: ReadOptions) -> tuple[lis
     return positions, ""
 
 
+def _holds(sentence: str, answers: list[str]) -> bool:
+    """Whether a sentence contains one of the answers (case-insensitive substring)."""
+    return any(a.casefold() in sentence.casefold() for a in answers if a.strip())
+
+
 def target_sentence(context: str, answers: list[str], orig_context: str | None = None) -> str | None:
     """The context sentence that carries a context answer (case-insensitive), else None.
 
     With the original context at hand, a sentence that the substitution changed is preferred: an unchanged
     sentence that merely mentions the answer (a distractor) is not the conflicting one.
     """
-    needles = [a.casefold() for a in answers if a.strip()]
-    holding = [s for s, _, _ in split_sentences(context) if any(n in s.casefold() for n in needles)]
+    holding = [s for s, _, _ in split_sentences(context) if _holds(s, answers)]
     if orig_context:
         unchanged = {s for s, _, _ in split_sentences(orig_context)}
         changed = [s for s in holding if s not in unchanged]
         if changed:
             return changed[0]
     return holding[0] if holding else None
+
+
+def substitution_labels(context: str, answers: list[str], orig_context: str | None) -> list[dict] | None:
+    """sentence_labels a substituted context supports (ConFiQA, NQ-Swap), None without the original context.
+
+    A sentence found verbatim in the original context is the dataset's original text: true, relevance unknown.
+    A changed sentence that holds a context answer is the substituted fact: relevant and false. Any other
+    changed sentence is left unknown (the data does not say what the change made of it).
+    """
+    if not orig_context:
+        return None
+    unchanged = {s for s, _, _ in split_sentences(orig_context)}
+    labels = []
+    for sent, _, _ in split_sentences(context):
+        if sent in unchanged:
+            labels.append({"text": sent, "truthful": True, "relevant": None})
+        elif _holds(sent, answers):
+            labels.append({"text": sent, "truthful": False, "relevant": True})
+        else:
+            labels.append({"text": sent, "truthful": None, "relevant": None})
+    return labels
 
 
 def _fitting_prefix(context: str, budget: int, count: Callable[[str], int]) -> str | None:

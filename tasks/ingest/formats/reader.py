@@ -26,6 +26,7 @@ from tasks.ingest.formats.items import (
     reject_row,
     sample_positions,
     split_groups,
+    substitution_labels,
     target_sentence,
 )
 from tasks.ingest.formats.records import RawRecord, has_surrogates, load_format, require_path
@@ -122,6 +123,8 @@ def _finish_item(dataset: str, parsed: Parsed, opts: ReadOptions) -> tuple[str, 
     context, truncated = fit_context(item["context"], opts)
     target = target_sentence(context, item["answers"], item.get("orig_context")) if parsed.locate_target else None
     row = item_row(dataset, **{**item, "context": context, "truncated": truncated, "target_sentence": target})
+    if row["sentence_labels"] is None and row["counterfactual"]:
+        row["sentence_labels"] = substitution_labels(context, item["answers"], item.get("orig_context"))
     row["item_id"] = f"{dataset}-{key}"
     row["source_id"] = parsed.source_id
     return key, row

@@ -178,7 +178,7 @@ def _fit_item(item: dict, opts: ReadOptions) -> dict:
     if not truncated:
         return item
     target = item["target_sentence"]
-    return {**item, "context": context, "truncated": True, "target_sentence": target if target in context else None,
+    return {**item, "context": context, "truncated": True, "target_sentence": target if target and target in context else None,
             "sentence_labels": _kept_labels(item["sentence_labels"], context)}
 
 

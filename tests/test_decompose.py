@@ -80,7 +80,7 @@ def test_fallback_when_pysbd_loses_or_misplaces_spans(monkeypatch):
 
 def test_real_benchmark_offsets_and_labels(tmp_path):
     """Every sentence of every context of the bundled benchmark: exact offsets, known truth, right label."""
-    cfg = RunConfig(run="t", runs_dir=tmp_path)
+    cfg = RunConfig(run="t", runs_dir=tmp_path, ingest={"known_facts_version": "1"})  # v1: one conflict per item
     paths = RunPaths(tmp_path / "t")
     run_ingest(cfg, paths)
     run_decompose(cfg, paths)  # its speed is not asserted here: timings on shared machines are noise

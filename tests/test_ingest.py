@@ -1,4 +1,7 @@
-"""Ingest of the offline known-facts benchmark: splits, counterfactuals, contexts, rejects."""
+"""Ingest of the offline known-facts benchmark, v1 (kept reproducible): splits, counterfactuals, contexts, rejects.
+
+v2, the default, is tested in tests/test_known_facts_v2.py.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +20,17 @@ from tasks.core.splitter import split_sentences
 from tasks.core.storage import RunPaths, read_table, text_key
 
 
+V1 = {"known_facts_version": "1"}
+
+
 def _cfg(tmp_path: Path, **kw) -> RunConfig:
-    return RunConfig.model_validate({"run": "t", "runs_dir": str(tmp_path / "runs"), **kw})
+    return RunConfig.model_validate({"run": "t", "runs_dir": str(tmp_path / "runs"), "ingest": V1, **kw})
 
 
 @pytest.fixture(scope="module")
 def full():
     """The whole bundled benchmark with the default seed."""
-    return ingest(RunConfig(run="t"))
+    return ingest(RunConfig(run="t", ingest=V1))
 
 
 def _good(kid: int, subject: str, obj: str, rel: str = "P19") -> dict:
@@ -96,16 +102,16 @@ def test_statements_balanced_and_keyed(full):
 
 
 def test_seed_changes_output():
-    a, b = ingest(RunConfig(run="t", seed=0)), ingest(RunConfig(run="t", seed=1))
+    a, b = ingest(RunConfig(run="t", seed=0, ingest=V1)), ingest(RunConfig(run="t", seed=1, ingest=V1))
     assert [i["split"] for i in a.items] != [i["split"] for i in b.items]
     assert [i["answers"] for i in a.items] != [i["answers"] for i in b.items]
     assert [i["context"] for i in a.items] != [i["context"] for i in b.items]
-    assert ingest(RunConfig(run="t", seed=0)).items == a.items  # and the same seed reproduces it
+    assert ingest(RunConfig(run="t", seed=0, ingest=V1)).items == a.items  # and the same seed reproduces it
 
 
 @pytest.mark.parametrize("limit", [10, 60])
 def test_limit_keeps_all_splits(limit):
-    out = ingest(RunConfig(run="t", limit=limit))
+    out = ingest(RunConfig(run="t", limit=limit, ingest=V1))
     assert out.n_read == limit and out.n_kept + len(out.rejects) == limit and out.n_kept <= limit
     assert {i["split"] for i in out.items} == {"train", "dev", "test"}
     for it in out.items:  # small splits: fewer distractors, but the target is always there
@@ -161,7 +167,7 @@ def test_run_ingest_summary_line(tmp_path, caplog):
     assert all(paths.artifact(a).exists() for a in STAGES["ingest"].writes)
     prov = json.loads(paths.ingest_provenance.read_text())
     assert prov["files"][0]["path"] == str(KNOWN_FACTS_PATH) and prov["files"][0]["role"] == "data"
-    assert prov["loaders"]["data"]["dataset"] == "known-facts" and prov["loaders"]["data"]["version"]
+    assert prov["loaders"]["data"] == {"dataset": "known-facts", "version": "1"}
     assert prov["counts"]["known-facts"] == {"read": 40, "kept": 40, "rejected": 0, "by_reason": {}}
 
 

@@ -15,7 +15,33 @@ DEFAULT_MODEL = "smollm2-135m"
 class IngestConfig(BaseModel):
     """How a benchmark is read: its probe statements, the context budget, the offline benchmark's contexts."""
 
-    n_distractors: int = Field(3, ge=0, description="known-facts: irrelevant sentences (other subjects, same split) per context.")
+    n_distractors: int = Field(
+        3, ge=0, description="known-facts v1: irrelevant sentences (other subjects, same split) per context."
+    )
+    known_facts_version: Literal["1", "2"] = Field(
+        "2", description="known-facts generator: '1' (one template per relation, one counterfactual context per"
+        " fact; kept reproducible) or '2' (paraphrases split between train and test, three distractor kinds,"
+        " counterfactual / aligned / irrelevant test conditions)."
+    )
+    same_relation_distractors: int = Field(
+        2, ge=0, description="known-facts v2: sentences of the question's relation about other subjects of the"
+        " split (true and counterfactual) per context, where the split has them."
+    )
+    same_subject_distractors: int = Field(
+        1, ge=0, description="known-facts v2: sentences of another relation about the question's subject (true or"
+        " counterfactual) per context, where the data has another fact of the subject."
+    )
+    unrelated_distractors: int = Field(
+        2, ge=0, description="known-facts v2: sentences about other subjects and relations of the split per context."
+    )
+    test_conditions_per_fact: int = Field(
+        1, ge=1, le=3, description="known-facts v2: conditions (counterfactual / aligned / irrelevant) built per"
+        " test fact, rotated so each condition gets an equal share; 3 = every condition of every test fact."
+    )
+    holdout_relations: list[str] = Field(
+        [], description="known-facts v2: relation ids (e.g. P19) with no training items and no sentences in"
+        " training contexts (their probe statements stay)."
+    )
     probe_dataset: str | None = Field(
         None, description="Where the probe-training statements come from when the dataset has none: 'known-facts'"
         " (bundled) or 'mquake'; None = the dataset's own (known-facts, mquake) else the bundled known facts."

@@ -19,6 +19,7 @@ from typing import Any
 from tasks.core.config import RunConfig
 from tasks.core.models import cache_root
 from tasks.core.storage import atomic_path, file_sha256, write_json
+from tasks.ingest.formats import known_facts_options
 from tasks.ingest.sources import Source, run_sources
 
 PROMPT_RESERVE = 256  # tokens of the model's window left for the system line, question and answer
@@ -157,8 +158,9 @@ def input_fingerprint(cfg: RunConfig) -> dict[str, Any]:
 
 def provenance_of(cfg: RunConfig, sources: list[Source]) -> dict[str, Any]:
     """Input files with their sha256, loader versions and the options that shape the tables."""
-    loaders = {src.role: {"dataset": src.dataset, "version": src.reader.version} for src in sources}
-    options = {"limit": cfg.limit, "seed": cfg.seed, "n_distractors": cfg.ingest.n_distractors, **budget_options(cfg)}
+    loaders = {src.role: {"dataset": src.dataset, "version": src.reader.loader_version(cfg.ingest)} for src in sources}
+    options = {"limit": cfg.limit, "seed": cfg.seed, "n_distractors": cfg.ingest.n_distractors, **budget_options(cfg),
+               "known_facts": known_facts_options.provenance_options(cfg.ingest)}
     prov = {"dataset": cfg.dataset, "files": input_files(sources), "loaders": loaders,
             "loader_code": loader_code_digest(), "options": options}
     prov["cache_key"] = cache_key(prov)

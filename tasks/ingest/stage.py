@@ -18,6 +18,7 @@ from typing import Any
 from schemas.tables import ITEMS, REJECTS, STATEMENTS
 from tasks.core.config import ModelConfig, RunConfig
 from tasks.ingest.formats import Ingested, ReadOptions
+from tasks.ingest.formats import known_facts_options
 from tasks.ingest.formats.known_facts import KNOWN_FACTS_PATH, RELATION_TEMPLATES, make_question, make_sentence
 from tasks.core.models import load_tokenizer, model_window
 from tasks.ingest.provenance import (
@@ -73,6 +74,7 @@ def read_options(cfg: RunConfig) -> ReadOptions:
         max_context_tokens=limit,
         truncation=cfg.ingest.truncation,
         count_tokens=TokenCounter(cfg.model, limit) if limit else None,
+        known_facts=known_facts_options.from_config(cfg.ingest),
     )
 
 

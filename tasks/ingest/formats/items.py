@@ -16,6 +16,7 @@ from schemas.tables import ITEMS
 from tasks.core.splitter import split_sentences
 from tasks.core.text import normalize
 from tasks.ingest.formats.fields import RecordReject, check_same_answer
+from tasks.ingest.formats.known_facts_options import KnownFactsOptions
 
 SPLIT_FRACTIONS = (("train", 0.6), ("dev", 0.2), ("test", 0.2))
 
@@ -30,6 +31,7 @@ class ReadOptions:
     max_context_tokens: int | None = None
     truncation: str = "reject"
     count_tokens: Callable[[str], int] | None = None
+    known_facts: KnownFactsOptions = KnownFactsOptions()  # the offline generator's options
 
     def __post_init__(self) -> None:
         if self.truncation not in ("reject", "truncate"):

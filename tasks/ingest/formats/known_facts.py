@@ -1,40 +1,42 @@
 """The offline default benchmark, ``known-facts``, built from real Wikidata facts (data/known_facts.json,
-see data/NOTICE.md): each fact becomes a counterfactual QA item whose context states a different object
-of the same relation among irrelevant sentences about other subjects of the same split, and two probe
-training statements (the true sentence, label 0, and the counterfactual one, label 1).
+see data/NOTICE.md). ``--ingest.known-facts-version`` selects the generator: v2 (the default,
+tasks/ingest/formats/known_facts_v2.py: paraphrased wordings split between train and test, three distractor
+kinds, counterfactual / aligned / irrelevant test conditions) or v1 (here, kept byte for byte so old runs
+reproduce: each fact becomes a counterfactual QA item whose context states a different object of the same
+relation among irrelevant sentences about other subjects of the same split). Both give every fact two probe
+training statements (the true sentence, label 0, and the counterfactual one, label 1); the reader version
+differs per generator, so provenance and the ingest cache keep them apart.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from schemas.rejects import (
-    DUPLICATE,
-    DUPLICATE_ID,
-    EMPTY_FIELD,
-    MISSING_FIELD,
-    NO_COUNTERFACTUAL,
-    NOT_AN_OBJECT,
-    UNDECODABLE,
-    UNFORMABLE_SENTENCE,
-    UNKNOWN_RELATION,
-    WRONG_TYPE,
-)
 from tasks.core.splitter import split_sentences
-from tasks.core.storage import text_key
-from tasks.ingest.formats.fields import RecordReject
-from tasks.ingest.formats.items import ReadOptions, fit_context, item_row, reject_row, sample_positions, split_groups
+from tasks.ingest.formats import known_facts_options
+from tasks.ingest.formats.items import ReadOptions, item_row, sample_positions, split_groups
+from tasks.ingest.formats.known_facts_common import (
+    REQUIRED_STR,
+    Fact,
+    alternatives,
+    apply_budget,
+    check_record,
+    labels_of,
+    object_pool,
+    select_facts,
+    statements,
+)
+from tasks.ingest.formats.known_facts_templates import fill_sentence, sentence_start
+from tasks.ingest.formats.known_facts_v2 import build_v2
 from tasks.ingest.formats.reader import Ingested, Reader
-from tasks.ingest.formats.records import RawRecord, has_surrogates, load_format
+from tasks.ingest.formats.records import load_format
 
 log = logging.getLogger(__name__)
 
 NAME = "known-facts"
-VERSION = "1"
+VERSION = known_facts_options.VERSIONS["2"]  # the default generator's; v1 is "1"
 KNOWN_FACTS_PATH = Path(__file__).resolve().parents[3] / "data" / "known_facts.json"
 SOURCE = "bundled data/known_facts.json (ROME's https://rome.baulab.info/data/dsets/known_1000.json, MIT)"
 
@@ -76,105 +78,26 @@ RELATION_TEMPLATES: dict[str, tuple[str, str]] = {
     "P937": ("In which city did {} work?", "{s} worked in the city of {o}."),
 }
 
-_REQUIRED_STR = ("subject", "attribute", "relation_id")
-_FORBIDDEN_CHARS = set("{}\n\r\t\x00")
-
-
-@dataclass(frozen=True)
-class Fact:
-    """One validated known-facts record."""
-
-    record: int
-    known_id: str
-    subject: str
-    obj: str
-    relation_id: str
-
-
-def _article(word: str) -> str:
-    """Indefinite article for a common noun ("an actor", "a pitcher")."""
-    return "an" if word[:1].lower() in "aeiou" else "a"
-
-
-def _sentence_start(text: str) -> str:
-    """Capitalise a sentence that opens with a lower-case common noun ("samurai cinema"), not "iPhone"."""
-    first = text.split(" ", 1)[0]
-    if first[:1].islower() and not any(c.isupper() for c in first):
-        return text[0].upper() + text[1:]
-    return text
-
-
 def make_sentence(relation_id: str, subject: str, obj: str) -> str:
-    """Declarative sentence stating `subject relation obj` (no doubled period after "S.p.A.")."""
-    template = RELATION_TEMPLATES[relation_id][1]
-    text = template.format(s=subject, o=obj, a=_article(obj))
-    if text.endswith("..") and obj.endswith("."):
-        text = text[:-1]
-    return _sentence_start(text)
+    """v1's declarative sentence stating `subject relation obj` (no doubled period after "S.p.A.")."""
+    return fill_sentence(RELATION_TEMPLATES[relation_id][1], subject, obj)
 
 
 def make_question(relation_id: str, subject: str) -> str:
-    """Question asking for the object of `subject relation ?`."""
-    return _sentence_start(RELATION_TEMPLATES[relation_id][0].format(subject))
+    """v1's question asking for the object of `subject relation ?`."""
+    return sentence_start(RELATION_TEMPLATES[relation_id][0].format(subject))
 
 
-def _reject(source: str, index: int, raw: Any, reason: str, detail: str) -> dict:
-    """A rejects row whose record_id is the item id the record would have had."""
-    record_id = None
-    if isinstance(raw, dict) and raw.get("known_id") is not None:
-        record_id = f"kf-{raw['known_id']}"
-    return reject_row(source, index, raw, reason, detail, record_id)
-
-
-def _check_fields(raw: dict) -> tuple[str, str] | None:
-    """(reason, detail) when a required field is missing, mistyped or empty, else None."""
-    for name in (*_REQUIRED_STR, "known_id"):
-        if name not in raw or raw[name] is None:
-            return MISSING_FIELD, f"field {name!r} is missing"
-    for name in _REQUIRED_STR:
-        if not isinstance(raw[name], str):
-            return WRONG_TYPE, f"field {name!r} is a {type(raw[name]).__name__}, not a string"
-        if not raw[name].strip():
-            return EMPTY_FIELD, f"field {name!r} is empty"
-    kid = raw["known_id"]
-    if isinstance(kid, bool) or not isinstance(kid, (int, str)):
-        return WRONG_TYPE, f"field 'known_id' is a {type(kid).__name__}, not an integer or string"
-    if isinstance(kid, str) and not kid.strip():
-        return EMPTY_FIELD, "field 'known_id' is empty"
-    return None
-
-
-def _check_record(rec: RawRecord) -> tuple[str, str] | Fact:
-    """Validate one raw record: a Fact, or (reason, detail) explaining why it cannot be used."""
-    raw = rec.value
-    if rec.reject:
-        return rec.reject
-    if not isinstance(raw, dict):
-        return NOT_AN_OBJECT, f"record is a {type(raw).__name__}, not a JSON object"
-    if has_surrogates(raw):
-        return UNDECODABLE, "a string of the record holds bytes that are not valid UTF-8"
-    problem = _check_fields(raw)
-    if problem:
-        return problem
-    relation = raw["relation_id"].strip()
-    if relation not in RELATION_TEMPLATES:
-        return UNKNOWN_RELATION, f"no question/sentence template for relation {relation!r}"
-    subject, obj = raw["subject"].strip(), raw["attribute"].strip()
-    for name, value in (("subject", subject), ("attribute", obj)):
-        if _FORBIDDEN_CHARS & set(value):
-            return UNFORMABLE_SENTENCE, f"{name} {value!r} contains a brace or control character"
-    sentence = make_sentence(relation, subject, obj)
-    # Twice in a row: a subject or object that confuses the splitter at a sentence start or end
-    # (e.g. a trailing "S.p.A.") would merge it with its neighbour in a context and lose its label.
-    if [s for s, _, _ in split_sentences(f"{sentence} {sentence}")] != [sentence, sentence]:
-        return UNFORMABLE_SENTENCE, f"sentence {sentence!r} does not split back into itself between neighbours"
-    return Fact(record=-1, known_id=str(raw["known_id"]).strip(), subject=subject, obj=obj, relation_id=relation)
+def _v1_sentences(relation_id: str, subject: str, obj: str) -> list[str] | None:
+    """The one sentence v1 states of a fact (None: a relation without a template)."""
+    return [make_sentence(relation_id, subject, obj)] if relation_id in RELATION_TEMPLATES else None
 
 
 def _build_context(
     cf_sentence: str, others: list[Fact], sentences: dict[str, tuple[str, str]], k: int, rng: random.Random
-) -> tuple[list[str], int]:
-    """Sentences of one context (distractors about other subjects, true and false) and the target's slot."""
+) -> tuple[list[str], int, list[bool]]:
+    """Sentences of one context (distractors about other subjects, true and false), the target's slot and
+    whether each sentence is true."""
     chosen = rng.sample(others, min(k, len(others)))
     if len(chosen) >= 2:
         n_false = rng.randint(1, len(chosen) - 1)  # "some true and some false"
@@ -183,48 +106,14 @@ def _build_context(
     else:
         flags = [rng.random() < 0.5 for _ in chosen]
     body = [sentences[f.known_id][1] if false else sentences[f.known_id][0] for f, false in zip(chosen, flags)]
+    truthful = [not false for false in flags]
     slot = rng.randint(0, len(body))
-    return body[:slot] + [cf_sentence] + body[slot:], slot
+    return body[:slot] + [cf_sentence] + body[slot:], slot, truthful[:slot] + [False] + truthful[slot:]
 
 
-def _alternatives(pool: dict[str, set[str]], fact: Fact) -> list[str]:
-    """Counterfactual objects of a fact: the relation's other objects, sorted for reproducibility."""
-    return sorted(o for o in pool[fact.relation_id] if o.casefold() != fact.obj.casefold())
-
-
-def _select_facts(
-    data: list[RawRecord], checked: list, positions: list[int], pool: dict[str, set[str]], out: Ingested, source: str
-) -> list[Fact]:
-    """The usable facts among the sampled positions; every other record becomes a reject."""
-    facts: list[Fact] = []
-    seen_pair: dict[tuple[str, str], int] = {}
-    seen_id: dict[str, int] = {}
-    for i in positions:
-        raw, fact = data[i].value, checked[i]
-        if not isinstance(fact, Fact):
-            out.rejects.append(_reject(source, i, raw, *fact))
-            continue
-        pair = (fact.subject.casefold(), fact.relation_id)
-        if pair in seen_pair:
-            detail = f"same (subject, relation_id) as record {seen_pair[pair]}"
-            out.rejects.append(_reject(source, i, raw, DUPLICATE, detail))
-            continue
-        if fact.known_id in seen_id:
-            detail = f"known_id already used by record {seen_id[fact.known_id]}"
-            out.rejects.append(_reject(source, i, raw, DUPLICATE_ID, detail))
-            continue
-        if not _alternatives(pool, fact):
-            detail = f"relation {fact.relation_id} has no object other than {fact.obj!r}"
-            out.rejects.append(_reject(source, i, raw, NO_COUNTERFACTUAL, detail))
-            continue
-        seen_pair[pair] = i
-        seen_id[fact.known_id] = i
-        facts.append(replace(fact, record=i))
-    return facts
-
-
-def _item(f: Fact, split: str, context: list[str], orig: list[str], cf_obj: str, cf_sent: str) -> dict:
-    """The items row of one fact."""
+def _item(f: Fact, split: str, context: list[str], orig: list[str], cf_obj: str, truthful: list[bool]) -> dict:
+    """The items row of one fact (its counterfactual sentence is the one relevant sentence)."""
+    cf_sent = next(c for c, o in zip(context, orig) if c != o)
     return item_row(
         NAME,
         item_id=f"kf-{f.known_id}",
@@ -239,23 +128,9 @@ def _item(f: Fact, split: str, context: list[str], orig: list[str], cf_obj: str,
         target_sentence=cf_sent,
         counterfactual=True,
         source_id=f.known_id,
+        condition="counterfactual",
+        sentence_labels=labels_of(context, truthful, [c != o for c, o in zip(context, orig)]),
     )
-
-
-def _statements(f: Fact, split: str, true_sent: str, cf_sent: str) -> list[dict]:
-    """The two probe statements of one fact: true (label 0) and counterfactual (label 1)."""
-    return [
-        {
-            "stmt_id": f"kf-{f.known_id}-{label}",
-            "key": text_key(text),
-            "text": text,
-            "label": label,
-            "group": f.subject,
-            "relation_id": f.relation_id,
-            "split": split,
-        }
-        for label, text in ((0, true_sent), (1, cf_sent))
-    ]
 
 
 def _emit_rows(facts: list[Fact], pool: dict[str, set[str]], k: int, rng: random.Random, out: Ingested) -> None:
@@ -264,7 +139,7 @@ def _emit_rows(facts: list[Fact], pool: dict[str, set[str]], k: int, rng: random
     cf_object: dict[str, str] = {}
     sentences: dict[str, tuple[str, str]] = {}  # known_id -> (true sentence, counterfactual sentence)
     for f in facts:
-        cf_object[f.known_id] = rng.choice(_alternatives(pool, f))
+        cf_object[f.known_id] = rng.choice(alternatives(pool, f))
         sentences[f.known_id] = (
             make_sentence(f.relation_id, f.subject, f.obj),
             make_sentence(f.relation_id, f.subject, cf_object[f.known_id]),
@@ -277,54 +152,37 @@ def _emit_rows(facts: list[Fact], pool: dict[str, set[str]], k: int, rng: random
         split = split_of[f.subject]
         true_sent, cf_sent = sentences[f.known_id]
         others = [o for o in by_split[split] if o.subject != f.subject]
-        context, slot = _build_context(cf_sent, others, sentences, k, rng)
+        context, slot, truthful = _build_context(cf_sent, others, sentences, k, rng)
         orig = context[:slot] + [true_sent] + context[slot + 1 :]
         if [t for t, _, _ in split_sentences(" ".join(context))] != context:
             unsplittable += 1
-        out.items.append(_item(f, split, context, orig, cf_object[f.known_id], cf_sent))
-        out.statements.extend(_statements(f, split, true_sent, cf_sent))
+        out.items.append(_item(f, split, context, orig, cf_object[f.known_id], truthful))
+        out.statements.extend(statements(f, split, true_sent, cf_sent))
     if unsplittable:
         log.warning("known-facts: %d contexts do not split back into their sentences", unsplittable)
 
 
-def _apply_budget(out: Ingested, facts: list[Fact], data: list[RawRecord], opts: ReadOptions, source: str) -> None:
-    """Reject or truncate the contexts over the token budget (their probe statements stay)."""
-    kept: list[dict] = []
-    for item, fact in zip(out.items, facts):
-        try:
-            context, truncated = fit_context(item["context"], opts)
-        except RecordReject as rej:
-            out.rejects.append(_reject(source, fact.record, data[fact.record].value, rej.reason, rej.detail))
-            continue
-        if truncated:
-            target = item["target_sentence"]
-            item.update(context=context, truncated=True, target_sentence=target if target in context else None)
-        kept.append(item)
-    out.items = kept
-    out.n_kept = len(kept)
+def _build_v1(path: Path, opts: ReadOptions) -> Ingested:
+    """v1: one template per relation, one counterfactual context per fact among other subjects' sentences."""
+    data = load_format(path, NAME, REQUIRED_STR)
+    rng = random.Random(f"known-facts:{opts.seed}")
+    checked = [check_record(rec, _v1_sentences) for rec in data]
+    pool = object_pool(checked)
+    positions, note = sample_positions(len(data), rng, opts)
+    out = Ingested(dataset=NAME, n_read=len(positions), note=note)
+    facts = select_facts(data, checked, positions, pool, out, path.name)
+    out.n_kept = len(facts)
+    _emit_rows(facts, pool, opts.n_distractors, rng, out)
+    apply_budget(out, facts, data, opts, path.name)
+    return out
 
 
 def build_known_facts(path: Path | None, opts: ReadOptions) -> Ingested:
-    """Build the counterfactual known-facts benchmark from the bundled (or given) fact file."""
+    """Build the known-facts benchmark from the bundled (or given) fact file with the selected generator."""
     path = Path(path) if path else KNOWN_FACTS_PATH
-    data = load_format(path, NAME, _REQUIRED_STR)
-    rng = random.Random(f"known-facts:{opts.seed}")
-
-    # Counterfactual objects may come from any valid record of the file, sampled or not, so that a
-    # quick run (limit) still finds a counterfactual for every fact the full run would.
-    checked = [_check_record(rec) for rec in data]
-    pool: dict[str, set[str]] = {}
-    for fact in checked:
-        if isinstance(fact, Fact):
-            pool.setdefault(fact.relation_id, set()).add(fact.obj)
-
-    positions, note = sample_positions(len(data), rng, opts)
-    out = Ingested(dataset=NAME, n_read=len(positions), note=note)
-    facts = _select_facts(data, checked, positions, pool, out, path.name)
-    out.n_kept = len(facts)
-    _emit_rows(facts, pool, opts.n_distractors, rng, out)
-    _apply_budget(out, facts, data, opts, path.name)
-    return out
+    if opts.known_facts.version == "1":
+        return _build_v1(path, opts)
+    return build_v2(path, opts, NAME)
 
 
 # Not a plain file reader (it generates contexts across records), so it fills the Reader interface itself.
@@ -334,8 +192,10 @@ READERS = [
         read=build_known_facts,
         version=VERSION,
         files=lambda path: [Path(path) if path else KNOWN_FACTS_PATH],
-        summary="Offline default: real Wikidata facts (804) as counterfactual QA items and probe statements.",
+        summary="Offline default: real Wikidata facts (804) as counterfactual / aligned / irrelevant QA items with"
+        " paraphrased wordings, and probe statements (v1 with --ingest.known-facts-version 1).",
         source=SOURCE,
         needs_path=False,
+        version_of=known_facts_options.loader_version,
     )
 ]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.rejects import DUPLICATE_ID, NOT_AN_OBJECT, UNDECODABLE
+from tasks.core.config import IngestConfig
 from tasks.ingest.formats.fields import RecordReject
 from tasks.ingest.formats.items import (
     Parsed,
@@ -64,6 +65,11 @@ class Reader:
     summary: str
     source: str
     needs_path: bool = True
+    version_of: Callable[[IngestConfig], str] | None = None  # a version that depends on the options
+
+    def loader_version(self, ingest: IngestConfig) -> str:
+        """The version provenance records: the generator an option selects may differ from the default."""
+        return self.version_of(ingest) if self.version_of else self.version
 
 
 @dataclass(frozen=True)

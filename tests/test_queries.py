@@ -203,3 +203,21 @@ def test_examples_run_by_name_from_the_cli(runs_dir, capsys):
         with pytest.raises(SystemExit):
             main(["sql", *bad, "--runs-dir", str(runs_dir)])
         assert message in capsys.readouterr().err
+
+
+def test_template_overlap_finds_exactly_the_test_items_sharing_a_train_wording_pair(tmp_path):
+    """A test item with a train item's (question, sentence) wording pair is listed; other pairs are not."""
+    runs = tmp_path / "runs"
+    paths = RunPaths(runs / "r")
+    rows = [("tr-1", "train", "P36:q0", "P36:s0"), ("tr-2", "train", "P17:q1", None),
+            ("te-1", "test", "P36:q0", "P36:s0"),  # the same pair as tr-1: leaked
+            ("te-2", "test", "P36:q0", "P36:s2"),  # same question wording, another sentence wording
+            ("te-3", "test", "P17:q1", None),  # irrelevant-condition item: no sentence wording, like tr-2
+            ("te-4", "test", None, None)]  # no generated wording at all (a published dataset)
+    items = [{"item_id": i, "dataset": "toy", "split": s, "group": i, "question": "Q?", "context": "C.",
+              "answers": ["x"], "counterfactual": True, "question_template": q, "sentence_template": st}
+             for i, s, q, st in rows]
+    write_parquet(items, paths.table("items"), T.ITEMS)
+    write_json({"run": "r", "finished_at": "2026-01-03T10:00:00+00:00"}, paths.manifest)
+    _, found = query(_readme_sql("template_overlap"), runs, run="r")
+    assert [r[0] for r in found] == ["te-1", "te-3"]

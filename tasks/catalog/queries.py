@@ -49,6 +49,16 @@ WHERE c.flagged
 ORDER BY c.p_conflict DESC, c.item_id, c.sent_idx
 LIMIT 10"""
 
+TEMPLATE_OVERLAP = """\
+SELECT t.item_id, t.question_template, t.sentence_template
+FROM items t
+WHERE t.split = 'test' AND t.question_template IS NOT NULL AND EXISTS (  -- a fine-tuning item with the same wordings
+    SELECT 1 FROM items r
+    WHERE r.split = 'train' AND r.question_template = t.question_template
+      AND r.sentence_template IS NOT DISTINCT FROM t.sentence_template
+)
+ORDER BY t.item_id"""
+
 EXAMPLES: dict[str, tuple[str, str]] = {
     "layer_separation": (
         "per layer, 1 - cosine between the mean conflicting and the mean aligned statement vector",
@@ -61,6 +71,10 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "top_flagged": (
         "the run's flagged sentences the probe is surest of, with their item's question, highest p_conflict first",
         TOP_FLAGGED,
+    ),
+    "template_overlap": (
+        "test items whose (question wording, sentence wording) pair a train (fine-tuning) item also uses: none expected",
+        TEMPLATE_OVERLAP,
     ),
 }
 

@@ -15,10 +15,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_store(tmp_path_factory):
-    """Activation stores of the test session in a temp dir, not in the user's cache."""
+    """Caches of the test session (activation store, ingest and LLM caches, converted models) in a temp dir:
+    a test never reads what an earlier test session or the user's runs left, nor writes into the user's cache."""
+    saved = {k: os.environ.get(k) for k in ("CLEARFLOW_STORE", "CLEARFLOW_CACHE")}
     os.environ["CLEARFLOW_STORE"] = str(tmp_path_factory.mktemp("store"))
+    os.environ["CLEARFLOW_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield
-    os.environ.pop("CLEARFLOW_STORE", None)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

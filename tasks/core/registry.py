@@ -10,13 +10,17 @@ T = TypeVar("T")
 
 
 def collect(package: str, modules: Sequence[str], attr: str) -> dict[str, Any]:
-    """name -> entry of each listed module of `package` (its attribute `attr`), in the listed order."""
+    """name -> entry of each listed module of `package` (its attribute `attr`: one entry, or a list of entries
+    when one module declares several, as a reader of a family of files does), in the listed order."""
     entries: dict[str, Any] = {}
+    declared_by: dict[str, str] = {}
     for module in modules:
-        entry = getattr(import_module(f"{package}.{module}"), attr)
-        if entry.name in entries:
-            raise ValueError(f"{package}: two modules declare the entry {entry.name!r}")
-        entries[entry.name] = entry
+        declared = getattr(import_module(f"{package}.{module}"), attr)
+        for entry in declared if isinstance(declared, list | tuple) else [declared]:
+            if entry.name in entries:  # a second entry of one name would shadow the first
+                raise ValueError(f"{package}: two modules declare the entry {entry.name!r} ({declared_by[entry.name]}"
+                                 f" and {module}); {entry.name!r} is registered twice")
+            entries[entry.name], declared_by[entry.name] = entry, module
     return entries
 
 

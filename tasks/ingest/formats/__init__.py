@@ -7,8 +7,8 @@ A reader module of this package declares `READERS: list[Reader]` (most build the
 from __future__ import annotations
 
 from collections.abc import Iterable
-from importlib import import_module
 
+from tasks.core.registry import collect
 from tasks.ingest.formats.items import ReadOptions
 from tasks.ingest.formats.reader import Ingested, Reader, file_reader
 from tasks.ingest.formats.records import FormatError
@@ -25,14 +25,8 @@ MODULES = (
 
 
 def registry(modules: Iterable[str]) -> dict[str, Reader]:
-    """Every module's readers by name; two readers of one name would shadow each other, so that is an error."""
-    readers: dict[str, Reader] = {}
-    for name in modules:
-        for reader in import_module(f"{__name__}.{name}").READERS:
-            if reader.name in readers:
-                raise ValueError(f"dataset {reader.name!r} is registered twice ({name})")
-            readers[reader.name] = reader
-    return readers
+    """Every listed module's readers by name (two readers of one name are refused: one would shadow the other)."""
+    return collect(__name__, list(modules), "READERS")
 
 
 READERS: dict[str, Reader] = registry(MODULES)

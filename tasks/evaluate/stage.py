@@ -142,24 +142,26 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _load_adapter(cfg: RunConfig, paths: RunPaths, arm: str):
+    """The base model with a fine-tuning arm's adapter merged in (imported here: only runs with adapters need peft)."""
+    from tasks.finetune.stage import load_finetuned
+
+    if arm != "clear":
+        raise ValueError(f"no fine-tuning arm {arm!r}: this version trains the 'clear' arm only")
+    return load_finetuned(cfg, paths)
+
+
 def _answer_with_models(cfg: RunConfig, paths: RunPaths, methods: list[Method], items: pl.DataFrame,
                         marked: dict[str, str] | None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """(prompts, answers) per model-based method: base methods first, so only one model is in memory at a time."""
+    """(prompts, answers) per model-based method, grouped by the weights that answer: one model in memory at a time."""
     prompts: dict[str, list[str]] = {}
     answers: dict[str, list[str]] = {}
     if not methods:
         return prompts, answers
     tok, ev = load_tokenizer(cfg.model), cfg.evaluate
-    for weights in ("base", "finetuned"):
-        group = [m for m in methods if m.model == weights]
-        if not group:
-            continue
-        if weights == "base":
-            model = load_model(cfg.model)
-        else:
-            from tasks.finetune.stage import load_finetuned  # written by the finetune stage; imported only when needed
-
-            model = load_finetuned(cfg, paths)
+    for weights in dict.fromkeys(m.weights for m in methods):  # in method order, each weights loaded once
+        group = [m for m in methods if m.weights == weights]
+        model = load_model(cfg.model) if weights == "base" else _load_adapter(cfg, paths, group[0].arm)
         for m in group:
             prompts[m.name] = build_prompts(m, items, tok, marked)
             answers[m.name] = generate(model, tok, prompts[m.name], ev.max_new_tokens, ev.batch_size, desc=m.name)

@@ -22,8 +22,10 @@ REGISTRY: dict[str, Method] = collect(__name__, MODULES, "METHOD")
 
 
 def resolve_methods(names: list[str] | None) -> list[Method]:
-    """The configured methods (None: every registered one, in registry order), unknown names refused up front."""
-    return list(REGISTRY.values()) if names is None else resolve(REGISTRY, names, "evaluation method")
+    """The configured methods (None: the registry's default ones, in registry order), unknown names refused up front."""
+    if names is None:
+        return [m for m in REGISTRY.values() if m.default]
+    return resolve(REGISTRY, names, "evaluation method")
 
 
 def method_label(name: str) -> str:
@@ -32,7 +34,7 @@ def method_label(name: str) -> str:
 
 
 def evaluated_methods(cfg) -> list[str]:
-    """The evaluate stage's outside input: with the default (every method), registering one makes a run stale."""
+    """The evaluate stage's outside input: with the default list, registering a default method makes a run stale."""
     return [m.name for m in resolve_methods(cfg.evaluate.methods)]
 
 

@@ -27,8 +27,21 @@ class Method:
     description: str  # one line: what the model sees
     messages: PromptBuilder | None  # chat messages from (full question, context or None); None for model-free
     context: Literal["none", "plain", "marked"]  # none, the item's context, or it with probe-flagged sentences marked
-    model: Literal["base", "finetuned", "none"]  # the base model, it with the CLEAR adapter, or no model at all
+    model: Literal["base", "finetuned", "none"]  # the base model, it with a fine-tuning arm's adapter, or no model
     answer: AnswerFunction | None = None  # model="none": the answer from (question, context), deterministic
+    arm: str = "clear"  # model="finetuned": the fine-tuning arm whose adapter answers
+    decoding: Literal["greedy", "cad", "lfd"] = "greedy"  # how the next token is chosen
+    default: bool = True  # in the default method list (`make run`); otherwise evaluated when named or in a preset
+
+    @property
+    def weights(self) -> str:
+        """Which weights answer: "base", "none", or "adapter:<arm>" (methods sharing weights share one loaded model)."""
+        return f"adapter:{self.arm}" if self.model == "finetuned" else self.model
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The upstream stages whose outputs this method reads, beyond the evaluated items."""
+        return (("probes",) if self.context == "marked" else ()) + (("finetune",) if self.model == "finetuned" else ())
 
     def __post_init__(self) -> None:
         """A method answers one way: a prompt for a model, or a function without one (never both, never neither)."""

@@ -20,5 +20,5 @@ def messages(question: str, context: str | None) -> Messages:
 METHOD = Method(
     "opinion_instruction", "opinion + instruction",
     "the context as a narrator's statement, the question about his opinion (Zhou et al. 2023, O&I)", messages,
-    context="plain", model="base",
+    context="plain", model="base", default=False,
 )

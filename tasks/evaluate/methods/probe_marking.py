@@ -8,5 +8,5 @@ from tasks.evaluate.methods.base import Method
 METHOD = Method(
     "probe_marking", "probe marking",
     "the context with probe-flagged sentences wrapped in conflict markers, base model", marked_qa_messages,
-    context="marked", model="base",
+    context="marked", model="base", default=False,
 )

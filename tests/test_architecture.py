@@ -101,3 +101,5 @@ def test_readme_method_table_is_the_registry():
     readme = (ROOT / "README.md").read_text()
     rows = "\n".join(f"| `{m.name}` | {m.description} |" for m in REGISTRY.values())
     assert "| method | what the model sees |\n| --- | --- |\n" + rows + "\n" in readme
+    defaults = ", ".join(f"`{m.name}`" for m in REGISTRY.values() if m.default)
+    assert f"`make run` evaluates the default methods ({defaults});" in readme

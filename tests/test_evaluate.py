@@ -13,7 +13,8 @@ import tasks.evaluate.stage as ev
 from tasks.core.storage import read_table, text_key, write_parquet
 from tasks.evaluate.comparison import overall
 
-ALL = ["closed_book", "lexical_copy", "full_context", "opinion_instruction", "probe_marking", "clear", "clear_unmarked"]
+ALL = ["closed_book", "lexical_copy", "full_context", "instruction_only", "opin", "opinion_instruction", "kre", "probe_marking",
+       "clear", "clear_unmarked"]
 DEFAULT = ["closed_book", "lexical_copy", "full_context", "clear", "clear_unmarked"]  # `make run`'s short list
 FLAGGED = "The Eiffel Tower is in Rome."
 
@@ -206,9 +207,17 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
     assert preds["method"].unique(maintain_order=True).to_list() == ALL
     assert set(preds["item_id"]) == {f"it{i:02d}" for i in range(5)}  # train items are not evaluated
     by = {m: preds.filter(pl.col("method") == m) for m in ALL}
+
+    def strip_markers(prompt: str) -> str:
+        head, context = prompt.split("Context: ", 1)
+        return head + "Context: " + re.sub(r"<conflict> (.*?) </conflict>", r"\1", context)
+
     assert not any("Context:" in p for p in by["closed_book"]["prompt"])
     assert all("Berlin is in Germany." in p for p in by["full_context"]["prompt"])
-    assert all("Bob said" in p for p in by["opinion_instruction"]["prompt"])
+    assert all("Bob said" in p and "Instruction:" not in p for p in by["opin"]["prompt"])
+    assert all("Instruction: read the given information" in p and "Bob said" in p for p in by["opinion_instruction"]["prompt"])
+    assert all("re-answer based on context" in p and "Berlin is in Germany." in p for p in by["kre"]["prompt"])
+    assert [strip_markers(p) for p in by["probe_marking"]["prompt"]] == by["instruction_only"]["prompt"].to_list()
     marked = by["probe_marking"]["prompt"].to_list()
     assert f"<conflict> {FLAGGED} </conflict>" in marked[0]
     assert not any("<conflict> Berlin" in p for p in marked)
@@ -220,10 +229,6 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
     assert by["lexical_copy"]["prediction"].to_list() == ["Berlin in Germany", "Item in Rome"] * 2 + ["Berlin in Germany"]
     unmarked = by["clear_unmarked"]["prompt"].to_list()  # the ablation: same weights and system line, no markers
     assert not any(f"<conflict> {FLAGGED}" in p for p in unmarked) and all("Berlin is in Germany." in p for p in unmarked)
-    def strip_markers(prompt: str) -> str:
-        head, context = prompt.split("Context: ", 1)
-        return head + "Context: " + re.sub(r"<conflict> (.*?) </conflict>", r"\1", context)
-
     assert [strip_markers(p) for p in marked] == unmarked
     assert all("\n" not in p for p in preds["prediction"])
     metrics = overall(read_table(run_with_items.table("metrics")))
@@ -279,3 +284,19 @@ def test_metrics_per_condition_and_knowledge(tiny_cfg, run_with_items, monkeypat
     assert fc[("all", "all")]["n_counterfactual"] == 3  # it00, it01 and it04 (no condition) are counterfactual
     assert fc[("aligned", "all")]["ps"] is None and fc[("aligned", "all")]["em"] == 0.0  # aligned answer: Paris
     assert fc[("all", "known")]["em"] == pytest.approx(1 / 3)  # of it00, it02, it03 only it00 expects Rome
+
+
+def test_opinion_prompts_follow_zhou_et_al_templates():
+    """OPIN and O&I user turns are Zhou et al.'s zero-shot templates, character for character."""
+    from tasks.evaluate.methods import REGISTRY
+
+    context = 'The "Eiffel Tower" is in Rome.'
+    opin = REGISTRY["opin"].messages("Where is the Eiffel Tower?", context)
+    assert opin[1]["content"] == 'Bob said "The Eiffel Tower is in Rome."\nQ: Where is the Eiffel Tower in Bob\'s opinion?\nA:'
+    oi = REGISTRY["opinion_instruction"].messages("Where is the Eiffel Tower?\nOptions: Rome; Paris", context)
+    assert oi[1]["content"] == ("Instruction: read the given information and answer the corresponding question.\n\n"
+                                'Bob said "The Eiffel Tower is in Rome."\nQ: Where is the Eiffel Tower in Bob\'s opinion?'
+                                "\nOptions: Rome; Paris\nA:")
+    assert opin[0] == oi[0] == REGISTRY["full_context"].messages("q", "c")[0]  # the same short-answer system line
+    with pytest.raises(ValueError, match="needs a context"):
+        REGISTRY["kre"].messages("q", None)

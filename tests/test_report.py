@@ -106,7 +106,7 @@ def test_report_sections_best_layer_and_pngs(cfg, synthetic_run):
     assert "![Probe AUROC and accuracy per layer](figures/probe_layers.png)" in text
     assert "![Metrics per method with 95% CIs](figures/methods.png)" in text
     assert "| CLEAR | 40 | 65.0 [60.0, 70.0] | 70.0 [65.0, 75.0] | 70.0 [65.0, 75.0] |" in text
-    assert "- **opinion + instruction** (`opinion_instruction`): the context as a narrator's statement" in text
+    assert "- **O&I (opinion + instruction)** (`opinion_instruction`): Zhou et al.'s reading instruction, then" in text
     assert "**q0**: Where is fact 0?" in text and "**q4**" not in text  # examples come from the evaluated split
     assert "| 0 | conflict | False | n/a | n/a | 0.900 | yes | Fact 0 is in Rome. |" in text
     for name in ("probe_layers", "methods"):
@@ -170,7 +170,7 @@ def test_labels_come_from_the_method_registry(monkeypatch):
     from tasks.evaluate.methods import REGISTRY
     from tasks.report import label, method_legend
 
-    assert [label(m) for m in METHODS] == ["closed book", "full context", "opinion + instruction", "probe marking",
+    assert [label(m) for m in METHODS] == ["closed book", "full context", "O&I (opinion + instruction)", "probe marking",
                                            "CLEAR"]
     monkeypatch.setitem(REGISTRY, "clear", dataclasses.replace(REGISTRY["clear"], label="C"))
     assert label("clear") == "C" and label("retired_method") == "retired_method"  # an old run's unregistered name

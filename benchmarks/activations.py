@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from timing import interleaved_rates  # benchmarks/timing.py (the script's own folder is on sys.path)
 from tasks.core.activation_store import ActivationStore, StoreInputs, plan_shards
 from tasks.activations.stage import extract_shards, fed_text
 from tasks.core.config import ActivationConfig, ModelConfig, RunConfig
@@ -135,26 +136,6 @@ def reference_extract(model, tokenizer, texts: Sequence[str]) -> np.ndarray:
 
 
 # --- timing and parity -----------------------------------------------------------------------------------
-
-
-def interleaved_rates(methods: dict[str, tuple[Callable[[], object], Callable[[], object]]], n: int,
-                      repeats: int = 2) -> tuple[dict[str, float], dict[str, object]]:
-    """Sentences/s of each method's fastest run, and its last result.
-
-    Each method gets one warm-up batch; then the runs go in rounds (b, c, a, a', b, c, ...), so a burst of
-    load from other work on the machine hits every method rather than the one that happened to run then.
-    """
-    for _, warmup in methods.values():
-        warmup()
-    best = {name: float("inf") for name in methods}
-    results: dict[str, object] = {}
-    for _ in range(repeats):
-        for name, (run, _) in methods.items():
-            gc.collect()
-            start = time.perf_counter()
-            results[name] = run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: n / seconds for name, seconds in best.items()}, results
 
 
 def clearflow_method(model, tok, texts: list[str], layers: list[int], batch_size: int, scratch: Path,

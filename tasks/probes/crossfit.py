@@ -146,5 +146,6 @@ def marker_line(best: dict) -> str:
         return (f"Fine-tuning markers: from the final probe (fitted on {fitted} statements), so train-split contexts"
                 f" are flagged in-sample (cross-fitting off: --probe.crossfit-folds {folds}).")
     return (f"Fine-tuning markers: the {best.get('crossfit_units', 0)} units of train-split contexts were scored by"
-            f" {folds} cross-fitted probes (folds over statement groups, `scored_by` fold-k), none of which saw the"
-            f" unit's statements or its subject's; dev and test contexts by the final probe (fitted on {fitted}).")
+            f" {folds} cross-fitted probes (folds over statement groups; `scored_by` fold-k), each fitted without the"
+            f" unit's statement or any other of its subject's; dev and test contexts by the final probe (fitted on"
+            f" {fitted}).")

@@ -260,13 +260,28 @@ def _prepare_probe_metrics(df: pl.DataFrame, statements: pl.DataFrame | None) ->
 
 
 def _sentence_scores(gxe: ModuleType) -> list[Any]:
-    """One conflict probability per context sentence, and a flag decision for each."""
+    """One conflict probability per context sentence, and a flag decision for each; a cross-fitted fold probe
+    scores only units of train-split items (dev and test keep the final probe)."""
     return [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         *_not_null(gxe, "item_id", "sent_idx", "key", "layer", "probe", "p_conflict", "flagged"),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["item_id", "sent_idx"]),
         *_unit_interval(gxe, "p_conflict"),
+        gxe.ExpectColumnValuesToMatchRegex(column="scored_by", regex=r"^(final|fold-[0-9]+)$"),
+        *_all_true(gxe, "fold_only_on_train"),
     ]
+
+
+def _prepare_sentence_scores(df: pl.DataFrame, items: pl.DataFrame | None) -> pl.DataFrame:
+    """Whether each row scored by a fold probe belongs to a train-split item (null scored_by: a table from before
+    cross-fitting; no items table: nothing to check against)."""
+    if "scored_by" not in df.columns:
+        df = df.with_columns(scored_by=pl.lit(None, pl.String))
+    if items is None:
+        return df.with_columns(fold_only_on_train=pl.lit(True))
+    df = df.join(items.select("item_id", pl.col("split").alias("_split")), on="item_id", how="left")
+    fold = pl.col("scored_by").str.starts_with("fold-").fill_null(False)
+    return df.with_columns(fold_only_on_train=~fold | (pl.col("_split") == "train").fill_null(False)).drop("_split")
 
 
 # ---------------------------------------------------------------- predictions
@@ -335,7 +350,8 @@ SUITES: dict[str, Suite] = {
     "activations": Suite("activations", _activations, _prepare_activations,
                          reads=("activation_metas", "activation_positions")),
     "probe_metrics": Suite("probe_metrics", _probe_metrics, _prepare_probe_metrics, reads_if_present=("statements",)),
-    "sentence_scores": Suite("sentence_scores", _sentence_scores),
+    "sentence_scores": Suite("sentence_scores", _sentence_scores, _prepare_sentence_scores,
+                             reads_if_present=("items",)),
     "predictions": Suite("predictions", _predictions, _prepare_predictions),
     "metrics": Suite("metrics", _metrics, _prepare_metrics),
 }

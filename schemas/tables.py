@@ -106,6 +106,9 @@ SENTENCE_SCORES = pa.schema(
         pa.field("probe", STR, nullable=False),
         pa.field("p_conflict", pa.float64(), nullable=False),
         pa.field("flagged", pa.bool_(), nullable=False),
+        # the probe that scored the unit: "final" (probes/final.safetensors) or "fold-k" (probes/fold-k.safetensors,
+        # a cross-fitted probe for train-split items); null in tables written before cross-fitting
+        pa.field("scored_by", STR),
     ]
 )
 

@@ -23,6 +23,7 @@ from tasks.evaluate.comparison import (
 )
 from tasks.evaluate.methods import REGISTRY as METHODS
 from tasks.evaluate.methods import method_label as label
+from tasks.probes.crossfit import marker_line
 from tasks.probes.localisation import LABELS, localisation_by_target, localisation_units
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def best_summary(probe_metrics: pl.DataFrame, best: dict) -> str:
     if refit:
         line += (f" (refitted on train+dev once layer and C were fixed; fitted on train alone, as in the table, "
                  f"test AUROC {fmt(best.get('test_auroc_train_only', r.get('test_auroc')))})")
-    return line + f"; sentences flagged at p_conflict > {best.get('threshold', 'n/a')}."
+    return line + f"; sentences flagged at p_conflict > {best.get('threshold', 'n/a')}. " + marker_line(best)
 
 
 def section_probes(probe_metrics: pl.DataFrame | None, best: dict | None) -> str:

@@ -9,7 +9,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.tables import SENTENCES, STATEMENTS, activations_schema
+from schemas.tables import ITEMS, SENTENCES, STATEMENTS, activations_schema
 from tasks.activations.stage import vectors_table
 from tasks.core.activation_store import ActivationStore
 from tasks.probes.kinds.diffmean import fit_diffmean
@@ -66,6 +66,9 @@ def write_case(paths, cfg, statements: pl.DataFrame, strengths: dict[int, dict[s
                   "is_relevant": None if relevant is None else relevant[i]}
                  for i, k in enumerate(sent_keys + sent_keys[:2])]  # two sentences repeat a key
     write_parquet(sentences, paths.table("sentences"), SENTENCES)
+    items = [{"item_id": i, "dataset": "toy", "split": "test", "group": i, "question": "q", "context": "c",
+              "answers": ["a"], "counterfactual": True} for i in sorted({r["item_id"] for r in sentences})]
+    write_parquet(items, paths.table("items"), ITEMS)  # test items: the final probe scores every unit (no cross-fit)
     kept = {r["key"] for r in sentences if relevant is None or r["is_relevant"]}
     labels = statements["label"].to_numpy()
     for layer, per_split in strengths.items():

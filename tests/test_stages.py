@@ -82,9 +82,9 @@ def test_run_paths_come_from_the_layout(tmp_path):
 
 
 def test_a_stage_reading_an_undeclared_section_is_a_clear_error():
-    view = STAGES["probes"].view(RunConfig())
-    assert view.probe.threshold == 0.5 and view.model.name == RunConfig().model.name
-    with pytest.raises(UndeclaredConfigError, match=r"stage 'probes' read config section 'seed', which it does not"
+    view = STAGES["activations"].view(RunConfig())
+    assert view.activations.batch_size == 32 and view.model.name == RunConfig().model.name
+    with pytest.raises(UndeclaredConfigError, match=r"stage 'activations' read config section 'seed', which it does not"
                        r" declare .*add 'seed' to its config=\(\.\.\.\) in flows/stages.py"):
         view.seed
     for outside in ("run", "runs_dir"):  # stages get their paths, not the run's name or directory

@@ -143,6 +143,11 @@ class ProbeConfig(BaseModel):
     refit: bool = Field(True, description="Refit the chosen probe on train+dev before scoring (test stays unseen).")
     threshold: float = Field(0.5, gt=0, lt=1, description="p_conflict above which a sentence is flagged.")
     layer: int | None = Field(None, description="Force the layer used for flagging; None = best dev AUROC.")
+    crossfit_folds: int = Field(
+        5, ge=0, description="Folds over the statement groups (subjects) for the train-split items' units: each is"
+        " scored by a probe of the chosen kind, layer and C fitted without its group's statements, so fine-tuning"
+        " never reads flags of a probe trained on its sentences; 0 or 1 = off (the final probe scores every unit)."
+    )
 
 
 class FinetuneConfig(BaseModel):

@@ -2,7 +2,8 @@
 
 The kinds (how a probe is fitted, saved and reloaded) are the entries of tasks/probes/kinds/; this stage
 fits each configured kind on the train split per layer, lets dev pick its strength and the layer, reports
-test only, and scores every context sentence with the chosen probe.
+test only, and scores every context sentence with the chosen probe, except the train-split items' sentences
+(what fine-tuning reads), which cross-fitted fold probes score (tasks/probes/crossfit.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +21,19 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from schemas.tables import PROBE_METRICS, SENTENCE_SCORES
-from tasks.activations.stage import probed_sentences
+from tasks.activations.stage import fed_text, probed_sentences
 from tasks.core.activation_store import ActivationStore
 from tasks.core.config import RunConfig
 from tasks.core.storage import RunPaths, model_slug, read_table, write_json, write_parquet
+from tasks.probes.crossfit import (
+    FINAL,
+    clear_fold_probes,
+    fit_fold_probes,
+    fold_label,
+    fold_probe_path,
+    marker_line,
+    plan_folds,
+)
 from tasks.probes.kinds import KINDS, Probe, probe_kinds
 
 log = logging.getLogger(__name__)
@@ -30,7 +41,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
 BEST_KEYS = (
     "layer", "probe", "l2", "fitted_on", "dev_auroc", "test_auroc", "test_accuracy", "test_auroc_train_only",
-    "threshold", "model",
+    "threshold", "model", "crossfit_folds", "crossfit_units",
 )
 
 
@@ -147,54 +158,80 @@ def refit_train_dev(probe: Probe, X: np.ndarray, y: np.ndarray, split: np.ndarra
 
 
 def score_sentences(
-    paths: RunPaths, slug: str, probe: Probe, layer: int, kind: str, threshold: float, sentences: str = "all"
-) -> Path:
-    """p_conflict and the flag of every probed context sentence (all, or the relevant ones) under the chosen probe.
+    paths: RunPaths, cfg: RunConfig, slug: str, probe: Probe, statements: pl.DataFrame, X: np.ndarray
+) -> pl.DataFrame:
+    """p_conflict, flag and scoring probe of every probed context unit (all, or the relevant ones).
 
+    Units of train-split items are scored by cross-fitted fold probes (tasks/probes/crossfit.py) when
+    probe.crossfit_folds > 1, every other unit by `probe`; X holds the statements' vectors at the probe's layer.
     Sentences left out in 'relevant' mode get no row, so marking never flags them.
     """
-    probed = probed_sentences(paths, sentences).select("item_id", "sent_idx", "key")
-    p = probe.predict_proba(ActivationStore.open(paths.activations, slug).vectors(layer, probed["key"].to_list()))
-    scores = probed.with_columns(
+    layer = probe.meta["layer"]
+    probed = probed_sentences(paths, cfg.activations.sentences)
+    U = ActivationStore.open(paths.activations, slug).vectors(layer, probed["key"].to_list())
+    p, scored_by = probe.predict_proba(U), np.full(probed.height, FINAL, dtype=object)
+    clear_fold_probes(paths.probes)
+    if cfg.probe.crossfit_folds > 1:
+        norm = partial(fed_text, strip_final_punct=True)  # "X is Y." is the statement "X is Y" (MQuAKE contexts)
+        plan = plan_folds(statements, probed, read_table(paths.table("items")), cfg.probe.crossfit_folds, cfg.seed,
+                          norm)
+        with threadpool_limits(limits=1):  # as in train_layers
+            folds = fit_fold_probes(probe, X, statements["label"].to_numpy().astype(int), statements, plan)
+        for k, fold in folds.items():
+            fold.save(fold_probe_path(paths.probes, k))
+            sel = plan.unit_fold == k
+            p[sel], scored_by[sel] = fold.predict_proba(U[sel]), fold_label(k)
+    scores = probed.select("item_id", "sent_idx", "key").with_columns(
         pl.lit(layer).alias("layer"),
-        pl.lit(kind).alias("probe"),
+        pl.lit(probe.meta["kind"]).alias("probe"),
         pl.Series("p_conflict", p, dtype=pl.Float64),
-        pl.Series("flagged", p > threshold, dtype=pl.Boolean),
+        pl.Series("flagged", p > probe.meta["threshold"], dtype=pl.Boolean),
+        pl.Series("scored_by", scored_by.tolist(), dtype=pl.String),
     )
-    return write_parquet(scores, paths.table("sentence_scores"), SENTENCE_SCORES)
+    write_parquet(scores, paths.table("sentence_scores"), SENTENCE_SCORES)
+    return scores
 
 
-def run_probes(cfg: RunConfig, paths: RunPaths) -> None:
-    """Train probes per layer and kind, pick the best layer on dev, score every sentence with it."""
-    slug = model_slug(cfg.model.name)
-    store = ActivationStore.open(paths.activations, slug)
+def train_layers(
+    cfg: RunConfig, paths: RunPaths, store: ActivationStore, statements: pl.DataFrame
+) -> tuple[pl.DataFrame, dict[int, Probe]]:
+    """Every kind fitted per layer and saved; the metrics table, and the select kind's probe per layer."""
     meta = store.meta()
-    layers = _probe_layers(cfg, meta)
     kinds = probe_kinds(cfg.probe)
-    statements = read_table(paths.table("statements"))
-    check_splits(statements)
     keys = statements["key"].to_list()
     y = statements["label"].to_numpy().astype(int)
     split = statements["split"].to_numpy().astype(str)
-
     rows: list[dict] = []
     selected: dict[int, Probe] = {}
     # one BLAS thread: these fits are tiny, and threaded BLAS on a busy machine ran ~100x slower (measured)
     with threadpool_limits(limits=1):
-        for layer in tqdm(layers, desc="probes", unit="layer", dynamic_ncols=True):
-            X = store.vectors(layer, keys)
-            probes, layer_rows = train_layer(X, y, split, kinds, cfg, layer, meta)
+        for layer in tqdm(_probe_layers(cfg, meta), desc="probes", unit="layer", dynamic_ncols=True):
+            probes, layer_rows = train_layer(store.vectors(layer, keys), y, split, kinds, cfg, layer, meta)
             rows.extend(layer_rows)
             for kind, probe in probes.items():
                 probe.save(probe_path(paths, kind, layer))
             selected[layer] = probes[cfg.probe.select_kind]
-    metrics_path = write_parquet(rows, paths.table("probe_metrics"), PROBE_METRICS)
+    return read_table(write_parquet(rows, paths.table("probe_metrics"), PROBE_METRICS)), selected
 
-    best = select_best(read_table(metrics_path), cfg.probe.select_kind, cfg.probe.layer)
+
+def run_probes(cfg: RunConfig, paths: RunPaths) -> None:
+    """Train probes per layer and kind, pick the best layer on dev, score every sentence with it (the train items'
+    sentences with cross-fitted fold probes of the same kind, layer and C)."""
+    slug = model_slug(cfg.model.name)
+    store = ActivationStore.open(paths.activations, slug)
+    statements = read_table(paths.table("statements"))
+    check_splits(statements)
+    probe_kinds(cfg.probe)  # unknown kinds refused before any fit
+    metrics, selected = train_layers(cfg, paths, store, statements)
+
+    best = select_best(metrics, cfg.probe.select_kind, cfg.probe.layer)
     chosen = selected[best["layer"]]
+    X = store.vectors(best["layer"], statements["key"].to_list())
     if cfg.probe.refit:
-        chosen = refit_train_dev(chosen, store.vectors(best["layer"], keys), y, split)
+        y = statements["label"].to_numpy().astype(int)
+        chosen = refit_train_dev(chosen, X, y, statements["split"].to_numpy().astype(str))
     chosen.save(paths.probes / "final.safetensors")
+    scores = score_sentences(paths, cfg, slug, chosen, statements, X)
     test = chosen.meta["metrics"]["test"]
     best_json = {
         "layer": best["layer"],
@@ -207,12 +244,13 @@ def run_probes(cfg: RunConfig, paths: RunPaths) -> None:
         "test_auroc_train_only": _float(selected[best["layer"]].meta["metrics"]["test"]["auroc"]),
         "threshold": cfg.probe.threshold,
         "model": cfg.model.name,
+        "crossfit_folds": cfg.probe.crossfit_folds if cfg.probe.crossfit_folds > 1 else 0,
+        "crossfit_units": int((scores["scored_by"] != FINAL).sum()),
     }
     write_json(best_json, paths.best_probe)
-    log.info("probes: best %s layer %d (dev AUROC %.3f, test AUROC %.3f)", best_json["probe"], best_json["layer"],
-             best_json["dev_auroc"] or math.nan, best_json["test_auroc"] or math.nan)
-    score_sentences(paths, slug, chosen, best["layer"], cfg.probe.select_kind, cfg.probe.threshold,
-                    cfg.activations.sentences)
+    log.info("probes: best %s layer %d (dev AUROC %.3f, test AUROC %.3f); %s", best_json["probe"],
+             best_json["layer"], best_json["dev_auroc"] or math.nan, best_json["test_auroc"] or math.nan,
+             marker_line(best_json))
 
 
 def _float(x) -> float | None:

@@ -373,11 +373,12 @@ def _prepare_comparisons(df: pl.DataFrame, metrics: pl.DataFrame) -> pl.DataFram
     keys = ["condition", "knowledge", "metric"]
     frame = df.join(long.rename({"n_metric": "_n_a", "value": "_v_a"}), on=["method", *keys], how="left").join(
         long.rename({"method": "reference", "n_metric": "_n_b", "value": "_v_b"}), on=["reference", *keys], how="left")
-    tested = pl.all_horizontal(pl.col(c).is_not_null() for c in ("p_mcnemar", "n_better", "n_worse"))
+    filled = [pl.col(c).is_not_null() for c in ("p_mcnemar", "n_better", "n_worse")]
+    binary = pl.col("metric").is_in(BINARY_METRICS)
     expected = pl.col("_v_a") - pl.col("_v_b")
     return frame.with_columns(
         not_itself=pl.col("method") != pl.col("reference"),
-        mcnemar_iff_binary=tested == pl.col("metric").is_in(BINARY_METRICS),
+        mcnemar_iff_binary=(pl.all_horizontal(filled) == binary) & (pl.any_horizontal(filled) == binary),
         discordant_within_n=(pl.col("n_better") + pl.col("n_worse") <= pl.col("n")).fill_null(True),
         n_matches_metrics=((pl.col("n") == pl.col("_n_a")) & (pl.col("n") == pl.col("_n_b"))).fill_null(False),
         diff_matches_metrics=((pl.col("diff") - expected).abs() < 1e-9).fill_null(

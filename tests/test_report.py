@@ -165,7 +165,8 @@ def test_report_names_the_skipped_reference_and_an_old_run_without_the_table(cfg
     _write_metrics(synthetic_run, dict.fromkeys(METHODS, 0.5), half_width=0.1)
     run_report(cfg, synthetic_run)
     text = synthetic_run.report.read_text()
-    assert f"Skipped references (not evaluated in this run): {method_label('sft')} (`sft`)." in text
+    named = f"{method_label('sft')} (`sft`)" if method_label("sft") != "sft" else "`sft`"
+    assert f"Skipped references (not evaluated in this run): {named}." in text
     assert "### Against full context" in text
     synthetic_run.table("comparisons").unlink()
     run_report(cfg, synthetic_run)

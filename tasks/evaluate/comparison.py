@@ -122,7 +122,7 @@ def metric_verdict(row: dict) -> str:
     contains 0, else the direction and the size."""
     name, points = METRIC_LABELS[row["metric"]], signed_points(row["diff"], row["lo"], row["hi"])
     if missing(row["diff"]):
-        return f"{name} not defined (one of the two states neither answer)"
+        return f"{name} not defined (one of the two states neither answer on every item)"
     if missing(row["lo"]) or missing(row["hi"]):
         return f"{name} {points} (no interval: bootstrap off)"
     if row["lo"] <= 0 <= row["hi"]:
@@ -175,7 +175,7 @@ def skipped_note(evaluated: list[str], references: list[str]) -> str | None:
     skipped = missing_references(evaluated, references)
     if not skipped:
         return None
-    names = ", ".join(f"{label(r)} (`{r}`)" for r in skipped)
+    names = ", ".join(f"{label(r)} (`{r}`)" if label(r) != r else f"`{r}`" for r in skipped)
     return (f"Skipped references (not evaluated in this run): {names}. Add them to `--evaluate.methods` to compare "
             "every method with them.")
 

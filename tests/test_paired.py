@@ -187,6 +187,14 @@ def test_a_reference_not_evaluated_is_skipped_and_the_report_says_so():
     assert "No reference was evaluated (references: `sft`), so nothing is compared." in none
 
 
+def test_references_default_and_a_reference_named_twice_is_refused():
+    from tasks.core.config import RunConfig
+
+    assert RunConfig().evaluate.references == ["full_context", "sft"]
+    with pytest.raises(ValueError, match=r"evaluate.references names \['full_context'\] more than once; give each"):
+        RunConfig.model_validate({"evaluate": {"references": ["full_context", "sft", "full_context"]}})
+
+
 @pytest.mark.parametrize(
     ("lo", "hi", "contains"),
     [(-0.1, 0.2, True), (0.0, 0.1, True), (-0.2, 0.0, True), (0.0, 0.0, True), (0.01, 0.2, False),

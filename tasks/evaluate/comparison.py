@@ -243,7 +243,8 @@ def _subsets(comparisons: pl.DataFrame, reference: str) -> list[str]:
                      [[c, k, label(m), *_cells(subsets[(m, c, k)])] for m, c, k in order])
     statements = [paired_statement(rows.filter(pl.col("method") == m), m, reference)
                   for m in rows["method"].unique(maintain_order=True)]
-    return [f"### Against {label(reference)}, per condition and knowledge", table, "\n".join(f"- {s}" for s in statements)]
+    return [f"### Against {label(reference)}, per condition and knowledge", table,
+            "\n".join(f"- {s}" for s in statements)]
 
 
 def section_paired_subsets(comparisons: pl.DataFrame | None, references: list[str]) -> str | None:

@@ -18,7 +18,9 @@ from typing import Any
 import polars as pl
 
 from schemas.rejects import REASONS
-from schemas.tables import CONDITIONS, KNOWLEDGE, POSITIONS, SENTENCE_LABELS, TABLES, UNITS
+from schemas.tables import (
+    BINARY_METRICS, CONDITIONS, KNOWLEDGE, PAIRED_METRICS, POSITIONS, SENTENCE_LABELS, TABLES, UNITS,
+)
 
 SPLITS = ("train", "dev", "test")
 ACTIVATION_SOURCES = ("statements", "sentences")
@@ -342,6 +344,63 @@ def _prepare_metrics(df: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+# ---------------------------------------------------------------- comparisons
+
+_CF_METRICS = ("ps", "mr")  # over the subset's counterfactual items
+
+
+def _comparisons(gxe: ModuleType) -> list[Any]:
+    """One row per method, reference, subset and metric (none is fine: one method, or no reference evaluated);
+    differences of rates within [-1, 1], CIs ordered, McNemar's p a probability exactly on p_s and EM, and every
+    row in step with the metrics table: the same n and diff = method's value - reference's value."""
+    return [
+        *_not_null(gxe, "method", "reference", "condition", "knowledge", "metric", "n"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["method", "reference", "condition", "knowledge", "metric"]),
+        gxe.ExpectColumnValuesToBeInSet(column="metric", value_set=list(PAIRED_METRICS)),
+        gxe.ExpectColumnValuesToBeInSet(column="condition", value_set=["all", *CONDITIONS]),
+        gxe.ExpectColumnValuesToBeInSet(column="knowledge", value_set=list(KNOWLEDGE)),
+        gxe.ExpectColumnValuesToBeBetween(column="n", min_value=1),
+        *[gxe.ExpectColumnValuesToBeBetween(column=c, min_value=-1, max_value=1) for c in ("diff", "lo", "hi")],
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A="hi", column_B="lo", or_equal=True,
+                                                    ignore_row_if="either_value_is_missing"),
+        *_unit_interval(gxe, "p_mcnemar"),
+        *[gxe.ExpectColumnValuesToBeBetween(column=c, min_value=0) for c in ("n_better", "n_worse")],
+        *_all_true(gxe, "not_itself", "mcnemar_iff_binary", "discordant_within_n", "n_matches_metrics",
+                   "diff_matches_metrics"),
+    ]
+
+
+def _metrics_long(metrics: pl.DataFrame) -> pl.DataFrame:
+    """The metrics table as (method, condition, knowledge, metric) -> the items it is over and its value."""
+    n_cf = pl.col("n_counterfactual").fill_null(pl.col("n"))  # null: a table from before the column
+    return pl.concat([
+        metrics.select("method", "condition", "knowledge", pl.lit(m).alias("metric"),
+                       (n_cf if m in _CF_METRICS else pl.col("n")).cast(pl.Int64).alias("n_metric"),
+                       pl.col(m).cast(pl.Float64).alias("value"))
+        for m in PAIRED_METRICS
+    ])
+
+
+def _prepare_comparisons(df: pl.DataFrame, metrics: pl.DataFrame) -> pl.DataFrame:
+    """Check each row against the metrics rows of its method and its reference (a mean of per-item differences
+    is the difference of the means), and that the McNemar columns are filled exactly on the binary metrics."""
+    long = _metrics_long(metrics)
+    keys = ["condition", "knowledge", "metric"]
+    frame = df.join(long.rename({"n_metric": "_n_a", "value": "_v_a"}), on=["method", *keys], how="left").join(
+        long.rename({"method": "reference", "n_metric": "_n_b", "value": "_v_b"}), on=["reference", *keys], how="left")
+    filled = [pl.col(c).is_not_null() for c in ("p_mcnemar", "n_better", "n_worse")]
+    binary = pl.col("metric").is_in(BINARY_METRICS)
+    expected = pl.col("_v_a") - pl.col("_v_b")
+    return frame.with_columns(
+        not_itself=pl.col("method") != pl.col("reference"),
+        mcnemar_iff_binary=(pl.all_horizontal(filled) == binary) & (pl.any_horizontal(filled) == binary),
+        discordant_within_n=(pl.col("n_better") + pl.col("n_worse") <= pl.col("n")).fill_null(True),
+        n_matches_metrics=((pl.col("n") == pl.col("_n_a")) & (pl.col("n") == pl.col("_n_b"))).fill_null(False),
+        diff_matches_metrics=((pl.col("diff") - expected).abs() < 1e-9).fill_null(
+            pl.col("diff").is_null() & expected.is_null()),
+    ).drop("_n_a", "_v_a", "_n_b", "_v_b")
+
+
 SUITES: dict[str, Suite] = {
     "items": Suite("items", _items, _prepare_items),
     "statements": Suite("statements", _statements, _prepare_statements),
@@ -354,6 +413,7 @@ SUITES: dict[str, Suite] = {
                              reads_if_present=("items",)),
     "predictions": Suite("predictions", _predictions, _prepare_predictions),
     "metrics": Suite("metrics", _metrics, _prepare_metrics),
+    "comparisons": Suite("comparisons", _comparisons, _prepare_comparisons, reads=("metrics",)),
 }
 
 assert set(SUITES) == set(TABLES) | {"activations"}, "every table needs a suite"

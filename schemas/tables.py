@@ -146,6 +146,31 @@ METRICS = pa.schema(
 )
 
 
+PAIRED_METRICS = ("ps", "em", "f1", "mr")  # the metrics the comparisons table pairs, headline first
+BINARY_METRICS = ("ps", "em")  # per-item 0/1 outcomes: McNemar's exact test applies
+
+# One row per (method, reference, subset, metric): method - reference on the same items. n counts the items the metric
+# is over (the subset's counterfactual ones for p_s and MR); diff is the mean per-item difference (MR: the difference
+# of the two MRs), lo/hi its paired bootstrap 95% CI; for p_s and EM, the discordant items (method right and reference
+# wrong: n_better; the reverse: n_worse) and McNemar's exact two-sided p.
+COMPARISONS = pa.schema(
+    [
+        pa.field("method", STR, nullable=False),
+        pa.field("reference", STR, nullable=False),
+        pa.field("condition", STR, nullable=False),
+        pa.field("knowledge", STR, nullable=False),
+        pa.field("metric", STR, nullable=False),
+        pa.field("n", pa.int32(), nullable=False),
+        pa.field("diff", pa.float64()),  # null: MR undefined for one of the two (neither answer stated)
+        pa.field("lo", pa.float64()),
+        pa.field("hi", pa.float64()),
+        pa.field("n_better", pa.int32()),
+        pa.field("n_worse", pa.int32()),
+        pa.field("p_mcnemar", pa.float64()),
+    ]
+)
+
+
 def activations_schema(dim: int, value_type: pa.DataType = pa.float32()) -> pa.Schema:
     """Schema of one activation shard; the layer lives in the hive path, not in the file."""
     return pa.schema(
@@ -168,4 +193,5 @@ TABLES: dict[str, pa.Schema] = {
     "sentence_scores": SENTENCE_SCORES,
     "predictions": PREDICTIONS,
     "metrics": METRICS,
+    "comparisons": COMPARISONS,
 }

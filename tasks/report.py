@@ -15,10 +15,10 @@ from matplotlib.ticker import MaxNLocator
 from pydantic import ValidationError
 
 from tasks.core.config import ConfigView, RunConfig
-from tasks.core.markdown import fmt, md_table, missing, pct_ci
+from tasks.core.markdown import fmt, md_table, missing
 from tasks.core.storage import RunPaths, atomic_path, read_table
 from tasks.evaluate.comparison import (
-    METRIC_LABELS, capitalised, headline_mr, metric_cells, overall, paired_differences, section_subsets,
+    METRIC_LABELS, headline_mr, metric_cells, overall, section_paired, section_paired_subsets, section_subsets,
     with_subset_columns,
 )
 from tasks.evaluate.methods import REGISTRY as METHODS
@@ -213,29 +213,9 @@ def section_localisation(
     return "\n\n".join(parts)
 
 
-def verdict(metrics: pl.DataFrame, method: str, baseline: str, metric: str = "ps") -> str:
-    """One computed sentence: does `method` beat `baseline` on `metric`, judged by disjoint 95% CIs."""
-    a_name, b_name, m_name = label(method), label(baseline), METRIC_LABELS[metric]
-    by = {r["method"]: r for r in metrics.iter_rows(named=True)}
-    absent = [label(m) for m in (method, baseline) if m not in by]
-    if absent:
-        return f"{a_name} vs {b_name} on {m_name}: not compared ({' and '.join(absent)} not evaluated)."
-    a, b = by[method], by[baseline]
-    if any(missing(x) for x in (a[f"{metric}_lo"], a[f"{metric}_hi"], b[f"{metric}_lo"], b[f"{metric}_hi"])):
-        return f"{a_name} vs {b_name} on {m_name}: no confidence intervals (bootstrap off), so no verdict."
-    numbers = (f"{pct_ci(a[metric], a[f'{metric}_lo'], a[f'{metric}_hi'], '%')} vs "
-               f"{pct_ci(b[metric], b[f'{metric}_lo'], b[f'{metric}_hi'], '%')}")
-    if a[f"{metric}_lo"] > b[f"{metric}_hi"]:
-        return f"{a_name} beats {b_name} on {m_name} ({numbers}; the 95% CIs are disjoint)."
-    if a[f"{metric}_hi"] < b[f"{metric}_lo"]:
-        return f"{a_name} is worse than {b_name} on {m_name} ({numbers}; the 95% CIs are disjoint)."
-    return (f"{a_name} vs {b_name} on {m_name}: not distinguishable at this sample size "
-            f"({numbers}, n = {a['n']} and {b['n']}; the 95% CIs overlap).")
-
-
 def section_methods(overall_metrics: pl.DataFrame, metrics: pl.DataFrame) -> str:
-    """Every method's overall metrics with CIs, the headline MR, and the verdicts of CLEAR and probe marking vs full
-    context."""
+    """Every method's overall metrics with CIs and the headline MR; whether two methods differ is left to the paired
+    comparisons (two overlapping per-method intervals say nothing about the difference on the same items)."""
     rows = [[label(r["method"]), r["n"], *metric_cells(r)] for r in overall_metrics.iter_rows(named=True)]
     return "\n\n".join([
         "## Method comparison",
@@ -246,11 +226,11 @@ def section_methods(overall_metrics: pl.DataFrame, metrics: pl.DataFrame) -> str
         method_legend(overall_metrics["method"].to_list()),
         md_table(["method", "n", *METRIC_LABELS.values()], rows),
         headline_mr(metrics),
-        " ".join(capitalised(verdict(overall_metrics, m, "full_context")) for m in ("clear", "probe_marking")),
-        "CLEAR is fine-tuned on the train split while the prompt baselines are not; the ablation "
-        "*CLEAR weights, no markers* (the same adapter on the unmarked context) tells how much of its gain "
-        "comes from the probe's markers at inference: "
-        + capitalised(verdict(overall_metrics, "clear", "clear_unmarked")),
+        "These intervals describe each method alone; whether two methods differ is judged on the same items in "
+        "*Paired comparisons*. CLEAR is fine-tuned on the train split while the prompt baselines are not; the "
+        "ablation *CLEAR weights, no markers* (the same adapter on the unmarked context) tells how much of its gain "
+        "comes from the probe's markers at inference (`--evaluate.references clear_unmarked` pairs every method "
+        "with it).",
         "![Metrics per method with 95% CIs](figures/methods.png)",
     ])
 
@@ -328,7 +308,8 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
     if probe_metrics is not None:
         plot_probe_layers(probe_metrics, best, paths.figures / "probe_layers.png")
     plot_methods(overall_metrics, paths.figures / "methods.png")
-    paired = paired_differences(predictions, items, "clear", "full_context", conf.evaluate.bootstrap, conf.seed)
+    comparisons = _optional_table(paths.table("comparisons"))
+    evaluated, references = overall_metrics["method"].to_list(), list(conf.evaluate.references)
     sections = [
         f"# clearflow report: {paths.root.name}",
         section_what_ran(conf, items, overall_metrics, train_log),
@@ -338,7 +319,9 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
             predictions, best, conf.evaluate.split,
         ),
         section_methods(overall_metrics, metrics),
-        section_subsets(metrics, paired),
+        section_paired(comparisons, evaluated, references),
+        section_subsets(metrics),
+        section_paired_subsets(comparisons, references),
     ]
     with atomic_path(paths.report) as tmp:
-        tmp.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+        tmp.write_text("\n\n".join(filter(None, sections)) + "\n", encoding="utf-8")

@@ -285,6 +285,15 @@ def test_metrics_per_condition_and_knowledge(tiny_cfg, run_with_items, monkeypat
     assert fc[("aligned", "all")]["ps"] is None and fc[("aligned", "all")]["em"] == 0.0  # aligned answer: Paris
     assert fc[("all", "known")]["em"] == pytest.approx(1 / 3)  # of it00, it02, it03 only it00 expects Rome
 
+    # the comparisons table: each other method against full context on the same subsets (sft, not evaluated, is
+    # skipped), in step with the metrics table (its suite checks n and every difference against it)
+    from tasks.core.quality import validate
+
+    paired = read_table(run_with_items.table("comparisons"))
+    assert set(paired["reference"]) == {"full_context"} and cfg.evaluate.references == ["full_context", "sft"]
+    assert set(paired.select("method", "condition", "knowledge").iter_rows()) == {
+        (m, *s) for m in ("closed_book", "lexical_copy") for s in subsets}
+    assert validate("comparisons", run_with_items)["success"]
 
 def test_opinion_prompts_follow_zhou_et_al_templates():
     """OPIN and O&I user turns are Zhou et al.'s zero-shot templates, character for character."""

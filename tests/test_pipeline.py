@@ -36,7 +36,7 @@ def test_pipeline_writes_every_artifact(tiny_run):
     cfg, paths, report = tiny_run
     assert report == str(paths.report) and paths.report.exists()
     for table in ("items", "statements", "rejects", "sentences", "probe_metrics", "sentence_scores",
-                  "predictions", "metrics"):
+                  "predictions", "metrics", "comparisons"):
         assert paths.table(table).exists(), table
         assert (paths.quality / f"{table}.json").exists(), table
     assert list(paths.activations.glob("model=*/layer=*/*.parquet"))

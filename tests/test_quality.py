@@ -114,6 +114,11 @@ def write_good_run(paths: RunPaths) -> None:
     metric = {f"{m}{s}": v for m in ("em", "f1", "ps", "po", "mr") for s, v in bounds}
     rows = [{"method": m, "condition": "all", "knowledge": "all", "n": 3, **metric} for m in ("closed_book", "clear")]
     write_parquet(rows, paths.table("metrics"), T.METRICS)
+    paired = [{"method": "clear", "reference": "closed_book", "condition": "all", "knowledge": "all", "metric": m,
+               "n": 3, "diff": 0.0, "lo": 0.0, "hi": 0.0, **({"n_better": 0, "n_worse": 0, "p_mcnemar": 1.0}
+                                                          if m in ("ps", "em") else {})}
+              for m in ("ps", "em", "f1", "mr")]  # fmt: skip
+    write_parquet(paired, paths.table("comparisons"), T.COMPARISONS)
 
 
 @pytest.fixture()
@@ -191,7 +196,8 @@ def test_stage_reports_every_failing_table_and_out_of_range_scores(good_run):
     )
     with pytest.raises(DataQualityError) as err:
         validate_tables(STAGES["evaluate"].suites, good_run)
-    assert err.value.tables == ["metrics"]
+    assert err.value.tables == ["comparisons", "metrics"]  # comparisons no longer in step with the broken metrics
+    assert "n_matches_metrics" in str(err.value)
     assert "2 of" in str(err.value) and "[em]" in str(err.value) and "[n]" in str(err.value)
     assert json.loads((good_run.quality / "predictions.json").read_text())["success"] is True
 

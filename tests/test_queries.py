@@ -221,3 +221,35 @@ def test_template_overlap_finds_exactly_the_test_items_sharing_a_train_wording_p
     write_json({"run": "r", "finished_at": "2026-01-03T10:00:00+00:00"}, paths.manifest)
     _, found = query(_readme_sql("template_overlap"), runs, run="r")
     assert [r[0] for r in found] == ["te-1", "te-3"]
+
+
+def test_paired_verdicts_say_what_the_report_says(tmp_path):
+    """A run where CLEAR gives the context answer on all 6 items and full context on none, and probe marking answers
+    exactly like full context: CLEAR is higher by 100 points (McNemar p = 2 / 2^6), its MR lower by 100; probe
+    marking shows no measurable effect anywhere; the reference `sft` was not evaluated, so it has no rows."""
+    import polars as pl
+
+    from tasks.evaluate.paired import comparisons
+
+    runs = tmp_path / "runs"
+    paths = RunPaths(runs / "r")
+    ids = [f"q{k}" for k in range(6)]
+    items = pl.DataFrame({"item_id": ids, "counterfactual": [True] * 6})
+    predictions = pl.concat([
+        pl.DataFrame({"method": m, "item_id": ids, "em": [float(right)] * 6, "f1": [float(right)] * 6,
+                      "ps": [right] * 6, "po": [not right] * 6})
+        for m, right in (("full_context", False), ("probe_marking", False), ("clear", True))
+    ])
+    write_parquet(comparisons(predictions, items, ["full_context", "sft"], 200, 0), paths.table("comparisons"),
+                  T.COMPARISONS)
+    write_json({"run": "r", "finished_at": "2026-01-04T10:00:00+00:00"}, paths.manifest)
+    cols, rows = query(_readme_sql("paired_verdicts"), runs, run="r")
+    assert cols == ["reference", "method", "metric", "n", "diff_points", "lo", "hi", "p_mcnemar", "verdict"]
+    tested = {"em", "ps"}
+    expected = [("full_context", "clear", m, 6, sign * 100.0, sign * 100.0, sign * 100.0,
+                 "higher" if sign > 0 else "lower") for m, sign in (("em", 1), ("f1", 1), ("mr", -1), ("ps", 1))]
+    expected += [("full_context", "probe_marking", m, 6, 0.0, 0.0, 0.0, "no measurable effect")
+                 for m in ("em", "f1", "mr", "ps")]
+    assert [(*r[:7], r[8]) for r in rows] == expected
+    assert [r[7] for r in rows] == [pytest.approx(2 / 64) if r[2] in tested and r[1] == "clear"
+                                    else (1.0 if r[2] in tested else None) for r in rows]

@@ -8,10 +8,11 @@ import json
 import polars as pl
 import pytest
 
-from schemas.tables import ITEMS, METRICS, PREDICTIONS, PROBE_METRICS, SENTENCE_SCORES, SENTENCES
-from tasks.report import run_report, verdict
+from schemas.tables import COMPARISONS, ITEMS, METRICS, PREDICTIONS, PROBE_METRICS, SENTENCE_SCORES, SENTENCES
+from tasks.report import run_report
 from tasks.core.config import RunConfig
 from tasks.core.storage import RunPaths, text_key, write_json, write_parquet
+from tasks.evaluate.paired import comparisons
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = ["closed_book", "full_context", "opinion_instruction", "probe_marking", "clear"]
@@ -28,6 +29,13 @@ def _metric_row(method: str, ps: float, half_width: float, n: int = 40, conditio
 
 def _write_metrics(paths, ps: dict[str, float], half_width: float) -> None:
     write_parquet([_metric_row(m, ps[m], half_width) for m in METHODS], paths.table("metrics"), METRICS)
+
+
+def _write_comparisons(paths: RunPaths) -> None:
+    """The comparisons table of the run's predictions, as the evaluate stage writes it (default references)."""
+    table = comparisons(pl.read_parquet(paths.table("predictions")), pl.read_parquet(paths.table("items")),
+                        RunConfig().evaluate.references, 200, 0)
+    write_parquet(table, paths.table("comparisons"), COMPARISONS)
 
 
 @pytest.fixture()
@@ -78,6 +86,7 @@ def build_synthetic_run(run_paths: RunPaths) -> RunPaths:
     write_parquet(sentences, run_paths.table("sentences"), SENTENCES)
     write_parquet(scores, run_paths.table("sentence_scores"), SENTENCE_SCORES)
     write_parquet(preds, run_paths.table("predictions"), PREDICTIONS)
+    _write_comparisons(run_paths)
     write_parquet(probe_rows, run_paths.table("probe_metrics"), PROBE_METRICS)
     write_json({"layer": 2, "probe": "logistic", "l2": 0.01, "fitted_on": ["train", "dev"], "dev_auroc": 0.9,
                 "test_auroc": 0.88, "test_accuracy": 0.81, "test_auroc_train_only": 0.87, "threshold": 0.5,
@@ -126,31 +135,42 @@ def test_localisation_numbers(cfg, synthetic_run):
     assert "**No `conflicting` labels**: none of the 12 test-split units has one" in text
 
 
-def test_verdict_beats_and_indistinguishable(cfg, synthetic_run):
+def test_verdicts_come_from_the_paired_table_never_from_the_per_method_intervals(cfg, synthetic_run):
+    """The metrics table claims disjoint per-method intervals (CLEAR 70% vs full context 40%), but every method
+    answers every item alike: the paired verdict is "no measurable effect". Then CLEAR alone gives the context
+    answer: p_s higher by 100 points, with McNemar's p over the 4 discordant items (2 / 2^4)."""
     _write_metrics(synthetic_run, {"closed_book": 0.1, "full_context": 0.4, "opinion_instruction": 0.45,
                                    "probe_marking": 0.42, "clear": 0.7}, half_width=0.05)
     run_report(cfg, synthetic_run)
     text = synthetic_run.report.read_text()
-    assert "CLEAR beats full context on p_s (70.0% [65.0, 75.0] vs 40.0% [35.0, 45.0]; the 95% CIs are disjoint)." in text
-    assert "Probe marking vs full context on p_s: not distinguishable at this sample size" in text
+    assert "- **CLEAR vs full context** (n = 4): no measurable effect on p_s (+0.0 [+0.0, +0.0]);" in text
+    assert "beats" not in text and "disjoint" not in text and "not distinguishable" not in text
 
-    _write_metrics(synthetic_run, {"closed_book": 0.1, "full_context": 0.4, "opinion_instruction": 0.45,
-                                   "probe_marking": 0.1, "clear": 0.5}, half_width=0.1)
+    preds = pl.read_parquet(synthetic_run.table("predictions")).with_columns(
+        ps=pl.col("method") == "clear", po=pl.col("method") != "clear")
+    write_parquet(preds, synthetic_run.table("predictions"), PREDICTIONS)
+    _write_comparisons(synthetic_run)
     run_report(cfg, synthetic_run)
     text = synthetic_run.report.read_text()
-    assert "CLEAR vs full context on p_s: not distinguishable at this sample size (50.0% [40.0, 60.0] vs 40.0%" in text
-    assert "CLEAR beats" not in text
-    assert "Probe marking is worse than full context on p_s" in text
+    assert ("- **CLEAR vs full context** (n = 4): p_s higher by 100.0 points [+100.0, +100.0], McNemar p = 0.125; "
+            "no measurable effect on EM (+0.0 [+0.0, +0.0]); no measurable effect on F1 (+0.0 [+0.0, +0.0]); "
+            "MR lower by 100.0 points [-100.0, -100.0].") in text
+    assert "| CLEAR | 4 | 4 | +100.0 [+100.0, +100.0], p = 0.125 | +0.0 [+0.0, +0.0], p = 1.000 |" in text
+    assert "- **Probe marking vs full context** (n = 4): no measurable effect on p_s (+0.0 [+0.0, +0.0])" in text
 
 
-def test_verdict_edge_cases():
-    m = pl.DataFrame([_metric_row("full_context", 0.4, 0.05)])
-    assert "CLEAR not evaluated" in verdict(m, "clear", "full_context")
-    no_ci = pl.DataFrame([_metric_row("full_context", 0.4, 0.05), _metric_row("clear", 0.7, 0.05)]).with_columns(
-        ps_lo=None, ps_hi=None)
-    assert "no confidence intervals" in verdict(no_ci, "clear", "full_context")
-    touching = pl.DataFrame([_metric_row("full_context", 0.4, 0.1), _metric_row("clear", 0.6, 0.1)])
-    assert "not distinguishable" in verdict(touching, "clear", "full_context")  # CIs meet at 0.5: not disjoint
+def test_report_names_the_skipped_reference_and_an_old_run_without_the_table(cfg, synthetic_run):
+    from tasks.evaluate.methods import method_label
+
+    _write_metrics(synthetic_run, dict.fromkeys(METHODS, 0.5), half_width=0.1)
+    run_report(cfg, synthetic_run)
+    text = synthetic_run.report.read_text()
+    named = f"{method_label('sft')} (`sft`)" if method_label("sft") != "sft" else "`sft`"
+    assert f"Skipped references (not evaluated in this run): {named}." in text
+    assert "### Against full context" in text
+    synthetic_run.table("comparisons").unlink()
+    run_report(cfg, synthetic_run)
+    assert "No `comparisons` table: the run's evaluate stage predates it" in synthetic_run.report.read_text()
 
 
 def test_manifest_config_is_reported_and_probe_stage_optional(cfg, synthetic_run):
@@ -197,6 +217,7 @@ def test_report_per_condition_and_knowledge_with_paired_statement(cfg, synthetic
         ps=pl.when(pl.col("method") == "full_context").then(False).otherwise(pl.col("ps")),
         known=pl.col("item_id") != "q3")
     write_parquet(preds, synthetic_run.table("predictions"), PREDICTIONS)
+    _write_comparisons(synthetic_run)
     run_report(cfg, synthetic_run)
     text = synthetic_run.report.read_text()
     assert "## Methods per condition and per knowledge" in text
@@ -205,9 +226,13 @@ def test_report_per_condition_and_knowledge_with_paired_statement(cfg, synthetic
     assert "| lexical copy | known | 3 | 25.0 [15.0, 35.0] |" in text
     assert "| CLEAR | all | 2 |" in text and "| CLEAR | unknown | 1 |" in text
     assert "**Headline MR, on known items**" in text and "CLEAR 25.0 [12.5, 37.5] (n = 3)" in text
-    # 4 test items, CLEAR right on all and full context on none: the paired difference is +100 points everywhere
-    assert "| all | all | p_s | 4 | 100.0 [100.0, 100.0] |" in text
-    assert "| counterfactual | known | p_s | 2 | 100.0 [100.0, 100.0] |" in text
+    # 4 test items, CLEAR right on all and full context on none: the paired difference is +100 points everywhere;
+    # McNemar's p is 2 / 2^k over the k discordant items
+    assert "| CLEAR | 4 | 4 | +100.0 [+100.0, +100.0], p = 0.125 |" in text
+    assert ("| counterfactual | known | CLEAR | 2 | 2 | +100.0 [+100.0, +100.0], p = 0.500 | +0.0 [+0.0, +0.0], "
+            "p = 1.000 | +0.0 [+0.0, +0.0] | n/a |") in text  # full context states neither answer: MR undefined
+    assert text.index("## Paired comparisons\n") < text.index("## Methods per condition and per knowledge") < \
+        text.index("## Paired comparisons per condition and knowledge")  # overall first, subsets after
     assert ("paired per-item difference: a measurable difference on every subset: all/all (p_s), all/known (p_s), "
             "all/unknown (p_s), counterfactual/all (p_s), counterfactual/known (p_s).") in text
 
@@ -216,6 +241,7 @@ def test_report_of_identical_methods_says_no_measurable_effect(cfg, synthetic_ru
     _write_metrics(synthetic_run, dict.fromkeys(METHODS, 0.5), half_width=0.1)
     run_report(cfg, synthetic_run)
     text = synthetic_run.report.read_text()
-    assert "CLEAR vs full context, paired per-item difference: no measurable effect on all/all (p_s)." in text
+    assert "- **CLEAR vs full context** (n = 4): no measurable effect on p_s (+0.0 [+0.0, +0.0])" in text
+    assert "## Paired comparisons per condition and knowledge" not in text  # no subsets to pair on
     assert "No subsets: the items carry no condition and none is known or unknown." in text
     assert "Headline MR (known items): not available" in text

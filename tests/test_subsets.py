@@ -10,10 +10,11 @@ import polars as pl
 import pytest
 
 from schemas.tables import METRICS
-from tasks.evaluate.comparison import no_effect_subsets, paired_differences, paired_statement
+from tasks.evaluate.comparison import no_effect_subsets, paired_statement
 from tasks.evaluate.knowledge import known_by_item, true_answers, with_item_columns
 from tasks.evaluate.methods import REGISTRY, Method
 from tasks.evaluate.methods.lexical_copy import lexical_copy
+from tasks.evaluate.paired import paired_differences
 from tasks.evaluate.scoring import method_metrics, paired_bootstrap
 
 # ---------------------------------------------------------------- lexical_copy
@@ -188,17 +189,24 @@ def test_paired_differences_per_subset_and_the_plain_statement():
     better = same.with_columns(method=pl.lit("full_context"), ps=pl.lit(True), em=pl.lit(1.0))
     identical = paired_differences(pl.concat([same.with_columns(method=pl.lit("full_context")), twin]), items,
                                    "clear", "full_context", 300, 0)
-    assert identical["diff"].to_list() == [0.0] * identical.height
+    defined = identical.filter(pl.col("diff").is_not_null())  # MR is undefined where m1 states neither answer
+    assert defined["diff"].to_list() == [0.0] * defined.height
+    assert identical.filter(pl.col("metric") != "mr")["diff"].null_count() == 0
+    binary = identical.filter(pl.col("metric").is_in(["ps", "em"]))
+    assert set(binary["p_mcnemar"]) == {1.0} and set(binary["n_better"]) == set(binary["n_worse"]) == {0}
     none, some = no_effect_subsets(identical)
-    assert some == [] and len(none) == identical.height and "all/all (p_s)" in none and "aligned/all (EM)" in none
+    n_subsets = identical.select("condition", "knowledge").unique().height
+    assert some == [] and len(none) == n_subsets and "all/all (p_s)" in none and "aligned/all (EM)" in none
     assert paired_statement(identical).startswith("CLEAR vs full context, paired per-item difference: no measurable")
 
     worse = paired_differences(pl.concat([twin, better]), items, "clear", "full_context", 300, 0)
-    overall = worse.filter((pl.col("condition") == "all") & (pl.col("knowledge") == "all")).row(0, named=True)
+    overall = worse.filter((pl.col("condition") == "all") & (pl.col("knowledge") == "all"))
+    ps_row = overall.filter(pl.col("metric") == "ps").row(0, named=True)
     cf = items["counterfactual"].to_numpy()
-    assert overall["metric"] == "ps" and overall["n"] == cf.sum()
-    assert overall["diff"] == pytest.approx(same["ps"].to_numpy()[cf].mean() - 1.0)
-    assert overall["hi"] < 0  # full context right on every item: clear measurably behind
+    assert ps_row["n"] == cf.sum() and overall.filter(pl.col("metric") == "em")["n"].item() == items.height
+    assert ps_row["diff"] == pytest.approx(same["ps"].to_numpy()[cf].mean() - 1.0)
+    assert ps_row["hi"] < 0  # full context right on every item: clear measurably behind
+    assert ps_row["n_better"] == 0 and ps_row["n_worse"] == (~same["ps"].to_numpy()[cf]).sum()
     assert "all/all (p_s)" in no_effect_subsets(worse)[1]
     assert paired_differences(predictions, items, "clear", "m1", 10, 0).height == 0  # clear not evaluated
     assert "not compared" in paired_statement(paired_differences(None, items, "clear", "full_context", 10, 0))

@@ -59,6 +59,16 @@ WHERE t.split = 'test' AND t.question_template IS NOT NULL AND EXISTS (  -- a fi
 )
 ORDER BY t.item_id"""
 
+PAIRED_VERDICTS = """\
+SELECT c.reference, c.method, c.metric, c.n,
+       round(100 * c.diff, 1) AS diff_points, round(100 * c.lo, 1) AS lo, round(100 * c.hi, 1) AS hi, c.p_mcnemar,
+       CASE WHEN c.lo IS NULL OR c.hi IS NULL THEN 'no interval'
+            WHEN c.lo <= 0 AND c.hi >= 0 THEN 'no measurable effect'
+            WHEN c.lo > 0 THEN 'higher' ELSE 'lower' END AS verdict
+FROM comparisons c
+WHERE c.condition = 'all' AND c.knowledge = 'all'  -- over every item; drop this for the per-subset rows
+ORDER BY c.reference, c.method, c.metric"""
+
 EXAMPLES: dict[str, tuple[str, str]] = {
     "layer_separation": (
         "per layer, 1 - cosine between the mean conflicting and the mean aligned statement vector",
@@ -75,6 +85,11 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "template_overlap": (
         "test items whose (question wording, sentence wording) pair a train (fine-tuning) item also uses: none expected",
         TEMPLATE_OVERLAP,
+    ),
+    "paired_verdicts": (
+        "every method against each reference over all items: paired difference in points, its 95% CI, McNemar's p"
+        " and the report's verdict",
+        PAIRED_VERDICTS,
     ),
 }
 

@@ -178,6 +178,19 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(24, ge=1, description="Greedy decoding budget (answers are short).")
     batch_size: int = Field(32, ge=1, description="Prompts per generate call (length-sorted, left-padded).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals.")
+    references: list[str] = Field(
+        ["full_context", "sft"], description="Methods every evaluated method is paired with (the comparisons"
+        " table: paired differences, bootstrap CIs, McNemar p); one not evaluated in the run is skipped, and the"
+        " report says so."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_references(self) -> EvalConfig:
+        """A reference named twice would pair every method with it twice."""
+        repeated = sorted({r for r in self.references if self.references.count(r) > 1})
+        if repeated:
+            raise ValueError(f"evaluate.references names {repeated} more than once; give each reference once")
+        return self
 
 
 class RunConfig(BaseModel):

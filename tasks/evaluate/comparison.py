@@ -1,24 +1,23 @@
-"""The method comparison the report shows: overall rows, the headline MR, per-subset tables, paired differences.
+"""The method comparison the report shows: overall rows, the headline MR, per-subset tables, and the paired
+comparisons with their verdicts.
 
-Two methods answer the same items, so their difference is judged on per-item differences (a paired
-bootstrap), which is tighter than comparing two separate intervals and is what "no measurable effect" means
-in the report: the 95% interval of the mean per-item difference contains 0.
+Two methods answer the same items, so their difference is judged on the items jointly (the comparisons table of
+tasks/evaluate/paired.py: paired bootstrap, McNemar's exact test), which is tighter than comparing two separate
+intervals. Every verdict here reads that table: "no measurable effect" means that the paired 95% interval of the
+difference contains 0, and nothing is ever concluded from whether two per-method intervals overlap.
 """
 
 from __future__ import annotations
 
 import polars as pl
 
-from schemas.tables import KNOWLEDGE
-from tasks.core.markdown import md_table, pct_ci
-from tasks.evaluate.knowledge import with_item_columns
+from schemas.tables import CONDITIONS, KNOWLEDGE, PAIRED_METRICS
+from tasks.core.markdown import md_table, missing, pct_ci
 from tasks.evaluate.methods import method_label as label
-from tasks.evaluate.scoring import ALL, iter_subsets, paired_bootstrap
+from tasks.evaluate.paired import missing_references
+from tasks.evaluate.scoring import ALL
 
 METRIC_LABELS = {"em": "EM", "f1": "F1", "ps": "p_s", "po": "p_o", "mr": "MR"}
-
-PAIRED_SCHEMA = {"condition": pl.String, "knowledge": pl.String, "metric": pl.String, "n": pl.Int64,
-                 "diff": pl.Float64, "lo": pl.Float64, "hi": pl.Float64}
 
 
 def with_subset_columns(metrics: pl.DataFrame) -> pl.DataFrame:
@@ -33,54 +32,6 @@ def overall(metrics: pl.DataFrame) -> pl.DataFrame:
     """One row per method over every evaluated item: the ("all", "all") rows."""
     metrics = with_subset_columns(metrics)
     return metrics.filter((pl.col("condition") == ALL) & (pl.col("knowledge") == ALL))
-
-
-def _scores(scored: pl.DataFrame, method: str, suffix: str) -> pl.DataFrame:
-    """A method's p_s and EM per item, as columns ps_<suffix>, em_<suffix>."""
-    return scored.filter(pl.col("method") == method).select(
-        "item_id", pl.col("ps").cast(pl.Float64).alias(f"ps_{suffix}"), pl.col("em").alias(f"em_{suffix}"))
-
-
-def _paired_frame(predictions: pl.DataFrame, items: pl.DataFrame, a: str, b: str) -> pl.DataFrame:
-    """One row per item both methods answered: their p_s and EM side by side, with the item's subset columns."""
-    scored = with_item_columns(predictions, items)
-    keep = [c for c in ("item_id", "condition", "counterfactual", "known") if c in scored.columns]
-    first = scored.filter(pl.col("method") == a).select(keep)
-    return first.join(_scores(scored, a, "a"), on="item_id").join(_scores(scored, b, "b"), on="item_id").sort("item_id")
-
-
-def paired_differences(
-    predictions: pl.DataFrame | None, items: pl.DataFrame, a: str, b: str, n_boot: int, seed: int
-) -> pl.DataFrame:
-    """Per subset (as in the metrics table): the mean per-item difference a - b and its paired 95% CI.
-
-    The metric is p_s on the subset's counterfactual items (where p_s is defined), else EM on all of them.
-    Empty when either method was not evaluated (or no predictions table exists).
-    """
-    if predictions is None:
-        return pl.DataFrame(schema=PAIRED_SCHEMA)
-    wide = _paired_frame(predictions, items, a, b)
-    rows = []
-    for condition, knowledge, part in iter_subsets(wide):
-        cf = part.filter(pl.col("counterfactual")) if "counterfactual" in part.columns else part
-        metric, rows_used = ("ps", cf) if cf.height else ("em", part)
-        diff, lo, hi = paired_bootstrap(rows_used[f"{metric}_a"].to_numpy(), rows_used[f"{metric}_b"].to_numpy(),
-                                        n_boot, seed)
-        rows.append({"condition": condition, "knowledge": knowledge, "metric": metric, "n": rows_used.height,
-                     "diff": diff, "lo": lo, "hi": hi})
-    return pl.DataFrame(rows, schema=PAIRED_SCHEMA)
-
-
-def no_effect_subsets(paired: pl.DataFrame) -> tuple[list[str], list[str]]:
-    """(subsets whose paired CI contains 0, subsets whose CI excludes it), as "condition/knowledge (metric)";
-    subsets without an interval (bootstrap off) are in neither."""
-    none, some = [], []
-    for r in paired.iter_rows(named=True):
-        if r["lo"] is None or r["hi"] is None:
-            continue
-        name = f"{r['condition']}/{r['knowledge']} ({'p_s' if r['metric'] == 'ps' else 'EM'})"
-        (none if r["lo"] <= 0 <= r["hi"] else some).append(name)
-    return none, some
 
 
 # ---------------------------------------------------------------- text
@@ -108,18 +59,6 @@ def headline_mr(metrics: pl.DataFrame) -> str:
             f"memorised answer is a guess, not memory): {per_method}.")
 
 
-def paired_statement(paired: pl.DataFrame, a: str = "clear", b: str = "full_context") -> str:
-    """One plain line: the subsets where a and b differ by no measurable amount (paired CI of the difference holds 0)."""
-    if paired.height == 0:
-        return f"{capitalised(label(a))} vs {label(b)}: not compared (not both evaluated)."
-    none, some = no_effect_subsets(paired)
-    if not none and not some:
-        return f"{capitalised(label(a))} vs {label(b)}: no intervals (bootstrap off), so no statement."
-    parts = ([f"no measurable effect on {', '.join(none)}"] if none else []) + (
-        [f"a measurable difference on {'' if none else 'every subset: '}{', '.join(some)}"] if some else [])
-    return f"{capitalised(label(a))} vs {label(b)}, paired per-item difference: {'; '.join(parts)}."
-
-
 def _subset_tables(metrics: pl.DataFrame) -> list[str]:
     """One heading and table per condition: every method's rows, known/unknown (and all, except under "all",
     whose overall rows the method table shows)."""
@@ -132,21 +71,189 @@ def _subset_tables(metrics: pl.DataFrame) -> list[str]:
     return parts
 
 
-def section_subsets(metrics: pl.DataFrame, paired: pl.DataFrame) -> str:
-    """Every method per context condition and per known/unknown item, with counts and CIs, and where CLEAR and
-    full context differ, judged per item."""
+def section_subsets(metrics: pl.DataFrame) -> str:
+    """Every method per context condition and per known/unknown item, with counts and CIs."""
     tables = _subset_tables(metrics) or ["No subsets: the items carry no condition and none is known or unknown."]
-    diffs = [[r["condition"], r["knowledge"], METRIC_LABELS[r["metric"]], r["n"], pct_ci(r["diff"], r["lo"], r["hi"])]
-             for r in paired.iter_rows(named=True)]
-    paired_parts = [
-        "CLEAR minus full context: mean per-item difference (percentage points) with its paired 95% bootstrap CI; "
-        "p_s on the subset's counterfactual items, EM where it has none.",
-        md_table(["condition", "knowledge", "metric", "n", "difference"], diffs),
-    ] if diffs else []
     return "\n\n".join([
         "## Methods per condition and per knowledge",
         "*known*: the closed-book answer states the item's true answer; *unknown*: it does not. Each row is over "
         "its n items, p_s / p_o / MR over the counterfactual ones among them (n/a where there are none); items "
-        "without a condition count under *all* only.",
-        *tables, *paired_parts, paired_statement(paired),
+        "without a condition count under *all* only. Whether two methods differ: *Paired comparisons*.",
+        *tables,
     ])
+
+
+# ---------------------------------------------------------------- paired comparisons (the comparisons table)
+
+PAIRED_INTRO = (
+    "Each method minus the reference on the same items, in percentage points: the mean per-item difference (for MR "
+    "the difference of the two MRs over the counterfactual items), its paired bootstrap 95% CI (items resampled "
+    "for both methods at once) and, for p_s and EM, McNemar's exact two-sided p (the items only one of the two gets "
+    "right). p_s, EM, F1: higher is better; MR: lower is more faithful to the context. A verdict says *no measurable "
+    "effect* exactly where the paired CI contains 0. Table: `comparisons.parquet`."
+)
+
+
+def signed_points(diff: float | None, lo: float | None, hi: float | None) -> str:
+    """A difference of two rates and its CI in percentage points: '+12.5 [+4.0, +21.0]'; 'n/a' when undefined."""
+    if missing(diff):
+        return "n/a"
+    ci = "" if missing(lo) or missing(hi) else f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return f"{100 * diff:+.1f}{ci}"
+
+
+def p_value(p: float | None) -> str:
+    """McNemar's p for a cell or a sentence ('' when the metric has none)."""
+    if missing(p):
+        return ""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def comparison_cell(row: dict | None) -> str:
+    """One comparisons row as a table cell: the signed difference, its CI and McNemar's p where there is one."""
+    if row is None:
+        return "n/a"
+    test = p_value(row["p_mcnemar"])
+    return signed_points(row["diff"], row["lo"], row["hi"]) + (f", {test}" if test else "")
+
+
+def metric_verdict(row: dict) -> str:
+    """The words for one metric of one pair, from its paired CI only: 'no measurable effect' exactly when it
+    contains 0, else the direction and the size."""
+    name, points = METRIC_LABELS[row["metric"]], signed_points(row["diff"], row["lo"], row["hi"])
+    if missing(row["diff"]):
+        return f"{name} not defined (one of the two states neither answer on every item)"
+    if missing(row["lo"]) or missing(row["hi"]):
+        return f"{name} {points} (no interval: bootstrap off)"
+    if row["lo"] <= 0 <= row["hi"]:
+        return f"no measurable effect on {name} ({points})"
+    test = p_value(row["p_mcnemar"])
+    direction = "higher" if row["lo"] > 0 else "lower"
+    return (f"{name} {direction} by {abs(100 * row['diff']):.1f} points "
+            f"[{100 * row['lo']:+.1f}, {100 * row['hi']:+.1f}]" + (f", McNemar {test}" if test else ""))
+
+
+def _by_metric(rows: pl.DataFrame) -> dict[tuple, dict[str, dict]]:
+    """(method, condition, knowledge) -> metric -> comparisons row, in table order."""
+    out: dict[tuple, dict[str, dict]] = {}
+    for r in rows.iter_rows(named=True):
+        out.setdefault((r["method"], r["condition"], r["knowledge"]), {})[r["metric"]] = r
+    return out
+
+
+def verdict_line(method: str, reference: str, metrics: dict[str, dict]) -> str:
+    """One bullet: method vs reference over every item, each metric's verdict in PAIRED_METRICS order."""
+    n = metrics.get("em", next(iter(metrics.values())))["n"]  # EM is over every item of the subset
+    words = "; ".join(metric_verdict(metrics[m]) for m in PAIRED_METRICS if m in metrics)
+    return f"- **{capitalised(label(method))} vs {label(reference)}** (n = {n}): {words}."
+
+
+def _cells(metrics: dict[str, dict]) -> list[str]:
+    """The n, counterfactual n and per-metric cells of one (method, subset) of the comparisons table."""
+    n_cf = metrics["ps"]["n"] if "ps" in metrics else 0
+    n = metrics["em"]["n"] if "em" in metrics else n_cf
+    return [n, n_cf, *(comparison_cell(metrics.get(m)) for m in PAIRED_METRICS)]
+
+
+HEADER = ["n", "n cf", *(METRIC_LABELS[m] for m in PAIRED_METRICS)]
+
+
+def _overall(comparisons: pl.DataFrame, reference: str) -> list[str]:
+    """Heading, table and verdict lines of every method against one reference, over every item."""
+    rows = comparisons.filter((pl.col("reference") == reference) & (pl.col("condition") == ALL)
+                              & (pl.col("knowledge") == ALL))
+    pairs = _by_metric(rows)
+    if not pairs:
+        return [f"### Against {label(reference)}", "No other method was evaluated: nothing to compare with."]
+    table = md_table(["method", *HEADER], [[label(m), *_cells(v)] for (m, _, _), v in pairs.items()])
+    return [f"### Against {label(reference)}", table,
+            "\n".join(verdict_line(m, reference, v) for (m, _, _), v in pairs.items())]
+
+
+def skipped_note(evaluated: list[str], references: list[str]) -> str | None:
+    """Which references were skipped because the run did not evaluate them, and how to include them."""
+    skipped = missing_references(evaluated, references)
+    if not skipped:
+        return None
+    names = ", ".join(f"{label(r)} (`{r}`)" if label(r) != r else f"`{r}`" for r in skipped)
+    return (f"Skipped references (not evaluated in this run): {names}. Add them to `--evaluate.methods` to compare "
+            "every method with them.")
+
+
+def section_paired(comparisons: pl.DataFrame | None, evaluated: list[str], references: list[str]) -> str:
+    """The verdicts: per reference, every method's paired differences over every item, with one line per method."""
+    head = "## Paired comparisons"
+    if comparisons is None:
+        return (f"{head}\n\nNo `comparisons` table: the run's evaluate stage predates it; run "
+                "`clearflow stage evaluate --run <run>` to write it.")
+    present = [r for r in references if r in evaluated]
+    parts = [head, PAIRED_INTRO, *filter(None, [skipped_note(evaluated, references)])]
+    if not present:
+        parts.append(f"No reference was evaluated (references: {', '.join(f'`{r}`' for r in references) or 'none'}),"
+                     " so nothing is compared.")
+    for reference in present:
+        parts += _overall(comparisons, reference)
+    return "\n\n".join(parts)
+
+
+def headline_rows(paired: pl.DataFrame) -> list[dict]:
+    """One row per subset of one pair: p_s where the subset has counterfactual items, else EM."""
+    chosen: dict[tuple, dict] = {}
+    for r in paired.filter(pl.col("metric").is_in(["ps", "em"])).iter_rows(named=True):
+        key = (r["condition"], r["knowledge"])
+        if key not in chosen or r["metric"] == "ps":
+            chosen[key] = r
+    return list(chosen.values())
+
+
+def no_effect_subsets(paired: pl.DataFrame) -> tuple[list[str], list[str]]:
+    """(subsets whose paired CI contains 0, subsets whose CI excludes it), as "condition/knowledge (metric)", over the
+    headline metric of each subset; subsets without an interval (bootstrap off) are in neither."""
+    none, some = [], []
+    for r in headline_rows(paired):
+        if missing(r["lo"]) or missing(r["hi"]):
+            continue
+        name = f"{r['condition']}/{r['knowledge']} ({METRIC_LABELS[r['metric']]})"
+        (none if r["lo"] <= 0 <= r["hi"] else some).append(name)
+    return none, some
+
+
+def paired_statement(paired: pl.DataFrame, a: str = "clear", b: str = "full_context") -> str:
+    """One plain line for one pair's rows: the subsets where a and b differ by no measurable amount (the paired CI
+    of the difference holds 0) and those where they do."""
+    if paired.height == 0:
+        return f"{capitalised(label(a))} vs {label(b)}: not compared (not both evaluated)."
+    none, some = no_effect_subsets(paired)
+    if not none and not some:
+        return f"{capitalised(label(a))} vs {label(b)}: no intervals (bootstrap off), so no statement."
+    parts = ([f"no measurable effect on {', '.join(none)}"] if none else []) + (
+        [f"a measurable difference on {'' if none else 'every subset: '}{', '.join(some)}"] if some else [])
+    return f"{capitalised(label(a))} vs {label(b)}, paired per-item difference: {'; '.join(parts)}."
+
+
+def _subsets(comparisons: pl.DataFrame, reference: str) -> list[str]:
+    """Heading, per-subset table and per-method subset statements of every method against one reference."""
+    rows = comparisons.filter(pl.col("reference") == reference)
+    subsets = {k: v for k, v in _by_metric(rows).items() if (k[1], k[2]) != (ALL, ALL)}
+    if not subsets:
+        return []
+    conditions = [ALL, *CONDITIONS]
+    order = sorted(subsets, key=lambda k: (conditions.index(k[1]), KNOWLEDGE.index(k[2])))  # stable: methods in order
+    table = md_table(["condition", "knowledge", "method", *HEADER],
+                     [[c, k, label(m), *_cells(subsets[(m, c, k)])] for m, c, k in order])
+    statements = [paired_statement(rows.filter(pl.col("method") == m), m, reference)
+                  for m in rows["method"].unique(maintain_order=True)]
+    return [f"### Against {label(reference)}, per condition and knowledge", table,
+            "\n".join(f"- {s}" for s in statements)]
+
+
+def section_paired_subsets(comparisons: pl.DataFrame | None, references: list[str]) -> str | None:
+    """The same paired differences per condition x knowledge subset (None when there are no subsets)."""
+    if comparisons is None:
+        return None
+    parts = [p for r in references for p in _subsets(comparisons, r)]
+    if not parts:
+        return None
+    return "\n\n".join(["## Paired comparisons per condition and knowledge",
+                        "As in *Paired comparisons*, on each subset's items; the statements name, per subset, the "
+                        "headline metric (p_s where the subset has counterfactual items, else EM).", *parts])

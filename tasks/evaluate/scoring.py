@@ -1,15 +1,17 @@
 """Answer scoring of the reference protocol (docs/METHOD.md, "Evaluation"): EM, F1, p_s, p_o, MR with bootstrap CIs,
-overall and per subset (context condition x whether the model knows the fact), and paired differences of methods."""
+overall and per subset (context condition x whether the model knows the fact), and the paired statistics of two
+methods on the same items (paired bootstrap, McNemar's exact test)."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+from scipy.stats import binomtest
 
 from schemas.tables import CONDITIONS, KNOWLEDGE, METRICS
 from tasks.core.text import normalize
@@ -103,6 +105,17 @@ def _percentiles(samples: np.ndarray, level: float) -> tuple[float | None, float
     return _finite_or_none(lo), _finite_or_none(hi)
 
 
+def resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """n_boot x n item indices drawn with replacement: the one resampling behind every interval of the evaluation."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _mr_of_means(ps: np.ndarray, po: np.ndarray) -> np.ndarray:
+    """MR = p_o / (p_s + p_o) elementwise from the means; NaN where both are 0 (undefined)."""
+    total = ps + po
+    return np.divide(po, total, out=np.full_like(total, np.nan, dtype=float), where=total > 0)
+
+
 def _cf_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Row-wise weighted means (weights 0/1: the counterfactual items of each resample); NaN where none is."""
     count = weights.sum(axis=-1)
@@ -123,30 +136,59 @@ def bootstrap_cis(
     if n_boot <= 0 or n == 0:
         return {m: (None, None) for m in (*METRIC_COLUMNS, "mr")}
     cf = np.ones(n) if counterfactual is None else np.asarray(counterfactual, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    idx = resample_indices(n, n_boot, seed)
     sample, weights = values[idx], cf[idx]  # (n_boot, n, 4), (n_boot, n)
     means = {"em": sample[:, :, 0].mean(axis=1), "f1": sample[:, :, 1].mean(axis=1),
              "ps": _cf_means(sample[:, :, 2], weights), "po": _cf_means(sample[:, :, 3], weights)}
-    total = means["ps"] + means["po"]
-    means["mr"] = np.divide(means["po"], total, out=np.full_like(total, np.nan), where=total > 0)
+    means["mr"] = _mr_of_means(means["ps"], means["po"])
     return {name: _percentiles(m, level) for name, m in means.items()}
 
 
-def paired_bootstrap(
-    a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, level: float = 0.95
-) -> tuple[float | None, float | None, float | None]:
-    """Mean per-item difference a - b of two methods scored on the same items, and its paired percentile CI.
+def mean_statistic(scores: np.ndarray) -> np.ndarray:
+    """The mean of the one score column over the items: EM, F1 or p_s of the scored items."""
+    return scores[..., 0].mean(axis=-1)
 
-    Resampling items (not each method's scores separately) keeps what the two share: an item both get right
-    or both get wrong adds no noise to the difference.
+
+def mr_statistic(scores: np.ndarray) -> np.ndarray:
+    """MR from the (p_s, p_o) columns' means over the items, as the metrics table computes it; NaN where undefined."""
+    return _mr_of_means(scores[..., 0].mean(axis=-1), scores[..., 1].mean(axis=-1))
+
+
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, level: float = 0.95,
+    statistic: Callable[[np.ndarray], np.ndarray] = mean_statistic,
+) -> tuple[float | None, float | None, float | None]:
+    """statistic(a) - statistic(b) of two methods scored on the same items, and its paired percentile CI.
+
+    `a`, `b`: per-item scores, n or n x k (row i is item i for both); `statistic` reduces the item axis of an
+    (..., n, k) array (default: the mean, so the difference is the mean per-item difference). Resampling items
+    for both methods at once (not each method's scores separately) keeps what the two share: an item both get
+    right or both get wrong adds no noise to the difference. Resamples where the statistic is undefined (NaN) are
+    skipped; an undefined point difference is None.
     """
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if diff.size == 0:
+    a, b = (x[:, None] if x.ndim == 1 else x for x in (np.asarray(a, dtype=float), np.asarray(b, dtype=float)))
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores must cover the same items: shapes {a.shape} and {b.shape}")
+    if len(a) == 0:
         return None, None, None
+    point = _finite_or_none(statistic(a) - statistic(b))
     if n_boot <= 0:
-        return float(diff.mean()), None, None
-    idx = np.random.default_rng(seed).integers(0, diff.size, size=(n_boot, diff.size))
-    return (float(diff.mean()), *_percentiles(diff[idx].mean(axis=1), level))
+        return point, None, None
+    idx = resample_indices(len(a), n_boot, seed)
+    return (point, *_percentiles(statistic(a[idx]) - statistic(b[idx]), level))
+
+
+def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> tuple[float, int, int]:
+    """McNemar's exact test of two methods' 0/1 outcomes on the same items: (two-sided p, items only a gets right,
+    items only b gets right). Only discordant items tell the methods apart; with no difference each falls either
+    way with probability 1/2, so the split is tested against Binomial(discordant, 1/2). No discordant item: p = 1."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or not np.isin(a, (0, 1)).all() or not np.isin(b, (0, 1)).all():
+        raise ValueError("McNemar's test needs two 0/1 outcome vectors over the same items")
+    better, worse = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    if better + worse == 0:
+        return 1.0, better, worse
+    return float(binomtest(better, better + worse, 0.5, alternative="two-sided").pvalue), better, worse
 
 
 def iter_subsets(frame: pl.DataFrame) -> Iterator[tuple[str, str, pl.DataFrame]]:

@@ -1,5 +1,6 @@
 """Evaluate stage: every method answers the same items (greedy decoding, or a model-free answer function); one
-predictions table (with whether the model knows each item closed-book), one metrics table (overall and per subset).
+predictions table (with whether the model knows each item closed-book), one metrics table (overall and per subset)
+and one comparisons table (each method paired with each reference method on the same items).
 
 The methods themselves (prompt or answer function, context, weights) are the entries of tasks/evaluate/methods/.
 """
@@ -15,13 +16,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from schemas.tables import METRICS, PREDICTIONS
+from schemas.tables import COMPARISONS, METRICS, PREDICTIONS
 from tasks.core.config import RunConfig
 from tasks.core.models import load_model, load_tokenizer
 from tasks.core.chat import encode, render
 from tasks.core.prompts import item_question
 from tasks.evaluate.methods import Method, resolve_methods
 from tasks.evaluate.knowledge import CLOSED_BOOK, known_by_item, with_item_columns
+from tasks.evaluate.paired import comparisons, missing_references
 from tasks.evaluate.scoring import method_metrics, score_prediction
 from tasks.core.storage import RunPaths, read_table, to_arrow, write_parquet
 
@@ -191,8 +193,13 @@ def run_evaluate(cfg: RunConfig, paths: RunPaths) -> None:
                          "known": known[item["item_id"]]})
     predictions = pl.from_arrow(to_arrow(rows, PREDICTIONS))
     metrics = method_metrics(with_item_columns(predictions, items), cfg.evaluate.bootstrap, cfg.seed)
+    skipped = missing_references([m.name for m in methods], cfg.evaluate.references)
+    if skipped:
+        log.warning("references %s not evaluated in this run: not compared (add them to --evaluate.methods)", skipped)
+    paired = comparisons(predictions, items, cfg.evaluate.references, cfg.evaluate.bootstrap, cfg.seed)
     write_parquet(predictions, paths.table("predictions"), PREDICTIONS)
     write_parquet(metrics, paths.table("metrics"), METRICS)
+    write_parquet(paired, paths.table("comparisons"), COMPARISONS)
     for row in metrics.filter((pl.col("condition") == "all") & (pl.col("knowledge") == "all")).iter_rows(named=True):
         log.info("%s: %s", row["method"], ", ".join(f"{k} {row[k]:.3f}" for k in ("em", "f1", "ps", "po")
                                                     if row[k] is not None))

@@ -295,6 +295,7 @@ def test_metrics_per_condition_and_knowledge(tiny_cfg, run_with_items, monkeypat
         (m, *s) for m in ("closed_book", "lexical_copy") for s in subsets}
     assert validate("comparisons", run_with_items)["success"]
 
+
 def test_opinion_prompts_follow_zhou_et_al_templates():
     """OPIN and O&I user turns are Zhou et al.'s zero-shot templates, character for character."""
     from tasks.evaluate.methods import REGISTRY

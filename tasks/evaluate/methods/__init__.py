@@ -15,8 +15,7 @@ MODULES = (  # one line per method, in report order
     "full_context",
     "opinion_instruction",
     "probe_marking",
-    "clear",
-    "clear_unmarked",
+    "arms",  # clear, clear_unmarked and every other fine-tuning arm (tasks/finetune/arms/)
 )
 REGISTRY: dict[str, Method] = collect(__name__, MODULES, "METHOD")
 

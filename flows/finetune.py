@@ -1,4 +1,4 @@
-"""Prefect flow of the finetune stage: LoRA fine-tuning with <conflict> markers and the attention loss."""
+"""Prefect flow of the finetune stage: one LoRA adapter per fine-tuning arm (CLEAR: markers and the attention loss)."""
 
 from flows.orchestrate import make_stage_flow
 

@@ -43,8 +43,9 @@ LAYOUT: dict[str, Artifact] = {
         Artifact("probe_metrics", "probes/metrics.parquet", "table", "probe accuracy/F1/AUROC per layer and split"),
         Artifact("best_probe", "probes/best.json", "json", "the layer and probe chosen on dev, its test scores"),
         Artifact("sentence_scores", "sentence_scores.parquet", "table", "p_conflict and flag of every unit"),
-        Artifact("adapter", "adapter", "dir", "the LoRA adapter of the conflict-aware fine-tuning"),
-        Artifact("train_log", "adapter/train_log.json", "json", "losses and sizes of the fine-tuning"),
+        Artifact("adapters", "adapters", "dir", "one LoRA adapter per fine-tuning arm, adapters/<arm>/ (with its"
+                 " train_log.json)", identity="*/adapter_*"),  # the weights and their config identify it
+        Artifact("train_log", "adapters/train_log.json", "json", "losses and sizes of every arm's fine-tuning"),
         Artifact("predictions", "predictions.parquet", "table", "every method's answer to every item, scored"),
         Artifact("metrics", "metrics.parquet", "table", "EM/F1/p_s/p_o/MR per method with bootstrap CIs"),
         Artifact("comparisons", "comparisons.parquet", "table", "paired differences of each method against each"

@@ -69,6 +69,11 @@ def method_legend(methods: list[str]) -> str:
 # ---------------------------------------------------------------- sections
 
 
+def _log_cell(value: Any) -> Any:
+    """A train-log value as the report shows it (floats to 4 decimals)."""
+    return fmt(value, 4) if isinstance(value, float) else value
+
+
 def section_what_ran(conf: RunConfig, items: pl.DataFrame, metrics: pl.DataFrame, train_log: Any) -> str:
     """Model, data, seed and sizes, so a reader knows what the numbers are about."""
     counts = items.group_by("split").len().sort("split")
@@ -83,10 +88,11 @@ def section_what_ran(conf: RunConfig, items: pl.DataFrame, metrics: pl.DataFrame
         "",
         md_table(["split", "items"], [[s, n] for s, n in counts.iter_rows()]),
     ]
-    if isinstance(train_log, dict):
-        scalars = [[k, fmt(v, 4) if isinstance(v, float) else v] for k, v in train_log.items()
-                   if isinstance(v, (int, float, str, bool)) or v is None]
-        lines += ["", "Conflict-aware fine-tuning (`adapter/train_log.json`):", "", md_table(["", "value"], scalars)]
+    arms = [a for a, v in train_log.items() if isinstance(v, dict)] if isinstance(train_log, dict) else []
+    if arms:  # one column per fine-tuning arm, one row per scalar of its log
+        keys = [k for k, v in train_log[arms[0]].items() if isinstance(v, (int, float, str, bool)) or v is None]
+        rows = [[k, *(_log_cell(train_log[a].get(k)) for a in arms)] for k in keys]
+        lines += ["", "Fine-tuning arms (`adapters/train_log.json`):", "", md_table(["", *arms], rows)]
     return "\n".join(lines)
 
 

@@ -13,8 +13,11 @@ import tasks.evaluate.stage as ev
 from tasks.core.storage import read_table, text_key, write_parquet
 from tasks.evaluate.comparison import overall
 
-ALL = ["closed_book", "lexical_copy", "full_context", "instruction_only", "opin", "opinion_instruction", "kre", "probe_marking",
-       "clear", "clear_unmarked"]
+EVALUATED = ["closed_book", "lexical_copy", "full_context", "instruction_only", "opin", "opinion_instruction", "kre",
+             "probe_marking", "clear", "clear_unmarked"]
+ARM_METHODS = ["sft", "kaft", "clear_markers_only", "clear_markers_only_unmarked", "clear_random_markers",
+               "clear_random_markers_unmarked", "clear_oracle_markers", "clear_oracle_markers_unmarked"]
+ALL = EVALUATED + ARM_METHODS  # the registry, in report order
 DEFAULT = ["closed_book", "lexical_copy", "full_context", "clear", "clear_unmarked"]  # `make run`'s short list
 FLAGGED = "The Eiffel Tower is in Rome."
 
@@ -72,7 +75,7 @@ def run_with_items(run_paths):
 
 
 def _save_random_adapter(cfg, paths) -> None:
-    """A real (non-zero) LoRA adapter in paths.adapter, as the finetune stage would leave it."""
+    """A real (non-zero) LoRA adapter in the clear arm's directory, as the finetune stage would leave it."""
     from peft import LoraConfig, get_peft_model
 
     from tasks.core.models import load_model
@@ -81,12 +84,12 @@ def _save_random_adapter(cfg, paths) -> None:
     peft_model = get_peft_model(
         load_model(cfg.model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
-    peft_model.save_pretrained(str(paths.adapter))
+    peft_model.save_pretrained(str(paths.arm_adapter("clear")))
 
 
 def test_unknown_method_is_refused_with_known_list(tiny_cfg, run_paths):
     cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": ["full_context", "cad"]})})
-    with pytest.raises(ValueError, match=r"unknown evaluation method.*'cad'.*known: \['clear', 'clear_unmarked', 'closed_book'"):
+    with pytest.raises(ValueError, match=r"unknown evaluation method.*'cad'.*known: \['clear', .*'closed_book'"):
         ev.run_evaluate(cfg, run_paths)
 
 
@@ -192,21 +195,22 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
     calls = []
     real = tasks.finetune.stage.load_finetuned
 
-    def spy(cfg, paths):
-        calls.append(paths)
-        return real(cfg, paths)
+    def spy(cfg, paths, arm):
+        calls.append(arm)
+        return real(cfg, paths, arm)
 
     monkeypatch.setattr(tasks.finetune.stage, "load_finetuned", spy)
-    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"batch_size": 4, "methods": ALL})})
+    evaluate = tiny_cfg.evaluate.model_copy(update={"batch_size": 4, "methods": EVALUATED})
+    cfg = tiny_cfg.model_copy(update={"evaluate": evaluate})
     ev.run_evaluate(cfg, run_with_items)
 
-    assert len(calls) == 1
+    assert calls == ["clear"]  # one adapter load serves clear and clear_unmarked
     preds = read_table(run_with_items.table("predictions"))
     assert preds.columns == PREDICTIONS.names
-    assert preds.height == 5 * len(ALL)
-    assert preds["method"].unique(maintain_order=True).to_list() == ALL
+    assert preds.height == 5 * len(EVALUATED)
+    assert preds["method"].unique(maintain_order=True).to_list() == EVALUATED
     assert set(preds["item_id"]) == {f"it{i:02d}" for i in range(5)}  # train items are not evaluated
-    by = {m: preds.filter(pl.col("method") == m) for m in ALL}
+    by = {m: preds.filter(pl.col("method") == m) for m in EVALUATED}
 
     def strip_markers(prompt: str) -> str:
         head, context = prompt.split("Context: ", 1)
@@ -233,8 +237,8 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
     assert all("\n" not in p for p in preds["prediction"])
     metrics = overall(read_table(run_with_items.table("metrics")))
     assert read_table(run_with_items.table("metrics")).columns == METRICS.names
-    assert metrics["method"].to_list() == ALL
-    assert metrics["n"].to_list() == [5] * len(ALL)
+    assert metrics["method"].to_list() == EVALUATED
+    assert metrics["n"].to_list() == [5] * len(EVALUATED)
     for col in ("em", "f1", "ps", "po"):
         assert metrics[col].is_between(0, 1).all()
 

@@ -11,17 +11,9 @@ import torch
 from schemas.tables import ITEMS, SENTENCE_SCORES, SENTENCES
 from tasks.core import chat, prompts
 from tasks.evaluate.methods import REGISTRY
-from tasks.finetune.stage import (
-    IGNORE,
-    AttentionGrabber,
-    attention_loss,
-    build_example,
-    last_attention_module,
-    load_finetuned,
-    marked_char_spans,
-    run_finetune,
-    select_train_items,
-)
+from tasks.finetune.attention import AttentionGrabber, attention_loss, last_attention_module
+from tasks.finetune.examples import IGNORE, build_example, marked_char_spans, select_train_items
+from tasks.finetune.stage import load_finetuned, run_finetune
 from tasks.core.models import load_model, load_tokenizer
 from tasks.core.storage import read_table, text_key, write_parquet
 
@@ -156,16 +148,17 @@ def test_run_finetune_end_to_end(tiny_cfg, run_paths):
     cfg = tiny_cfg.model_copy(update={"finetune": tiny_cfg.finetune.model_copy(update={"lr": 5e-3, "epochs": 2})})
     _write_run(run_paths)
     run_finetune(cfg, run_paths)
-    adapter = run_paths.adapter
-    assert adapter == run_paths.root / "adapter" and run_paths.train_log == adapter / "train_log.json"
+    adapter = run_paths.arm_adapter("clear")
+    assert adapter == run_paths.root / "adapters" / "clear" and run_paths.train_log == adapter.parent / "train_log.json"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
     log = json.loads((adapter / "train_log.json").read_text())
+    assert json.loads(run_paths.train_log.read_text()) == {"clear": log}  # every arm's log, here one
     assert log["n_items"] == 4 and log["steps"] == 8 and log["n_truncated"] == 0 and log["n_marked"] == 4
     for key in ("ce_first", "ce_last", "attn_first", "attn_last", "seconds"):
         assert math.isfinite(log[key]), key
     assert 0.0 < log["attn_first"] < 1.0
     assert log["lr"] == 5e-3 and log["config"]["attn_lambda"] == cfg.finetune.attn_lambda
-    assert not list(adapter.parent.glob(".adapter.*"))  # no temp dir left behind
+    assert not list(adapter.parent.glob(".clear.*"))  # no temp dir left behind
 
     # The merged model differs from the base model.
     merged = load_finetuned(cfg, run_paths)
@@ -200,13 +193,14 @@ def test_unflagged_item_has_zero_attention_loss(tiny_cfg, tok):
 
 def test_items_without_flags_train_on_ce_only(tiny_cfg, run_paths):
     _write_run(run_paths, n_items=3, flag_first=False)  # item0 unflagged, item1 flagged, item2 test
-    run_paths.adapter.mkdir()
-    (run_paths.adapter / "stale.txt").write_text("from an earlier run")
+    adapter = run_paths.arm_adapter("clear")
+    adapter.mkdir(parents=True)
+    (adapter / "stale.txt").write_text("from an earlier run")
     run_finetune(tiny_cfg, run_paths)
     # The earlier adapter directory is replaced whole, with no temp dir left behind.
-    assert not (run_paths.adapter / "stale.txt").exists()
-    assert (run_paths.adapter / "adapter_model.safetensors").exists()
-    assert not list(run_paths.adapter.parent.glob(".adapter.*"))
-    log = json.loads((run_paths.adapter / "train_log.json").read_text())
+    assert not (adapter / "stale.txt").exists()
+    assert (adapter / "adapter_model.safetensors").exists()
+    assert not list(adapter.parent.glob(".clear.*"))
+    log = json.loads((adapter / "train_log.json").read_text())
     assert log["n_items"] == 2 and log["n_marked"] == 1
     assert read_table(run_paths.table("items")).height == 3

@@ -40,7 +40,7 @@ def test_pipeline_writes_every_artifact(tiny_run):
         assert paths.table(table).exists(), table
         assert (paths.quality / f"{table}.json").exists(), table
     assert list(paths.activations.glob("model=*/layer=*/*.parquet"))
-    assert (paths.adapter / "adapter_model.safetensors").exists()
+    assert (paths.arm_adapter("clear") / "adapter_model.safetensors").exists()
     assert list(paths.figures.glob("*.png"))
     assert paths.catalog.exists()
     manifest = json.loads(paths.manifest.read_text())

@@ -21,6 +21,7 @@ from tasks.core.registry import collect, resolve
 from tasks.core.storage import RunPaths, write_json
 from tasks.evaluate.comparison import overall
 from tasks.evaluate.methods import MODULES, REGISTRY, Method
+from tasks.evaluate.methods.arms import METHOD as ARM_METHODS
 from tasks.ingest.formats import READERS
 from tasks.probes.kinds import KINDS, ProbeKind
 from tasks.probes.kinds.base import check_labels
@@ -99,17 +100,21 @@ def subset_counts(metrics: pl.DataFrame) -> dict[tuple[str, str, str], int]:
 
 
 def test_every_declared_entry_is_registered_under_its_module_name():
-    """A method or kind module left out of MODULES would silently never run: each one is listed, by its own name."""
+    """A method or kind module left out of MODULES would silently never run: each one is listed, by its own name
+    (a module declaring a list, as the fine-tuned methods generated from the arms, by the names it declares)."""
     registries = (("tasks.evaluate.methods", "METHOD", REGISTRY), ("tasks.probes.kinds", "KIND", KINDS))
     for package, attr, registry in registries:
         declared = {}
         for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
             entry = getattr(importlib.import_module(f"{package}.{info.name}"), attr, None)
             if entry is not None:
-                declared[info.name] = entry.name
-        assert declared and all(module == name for module, name in declared.items()), declared
-        assert set(declared) == set(registry), package
-    assert list(REGISTRY) == list(MODULES)  # report order
+                declared[info.name] = entry
+        singles = {module: entry.name for module, entry in declared.items() if not isinstance(entry, list)}
+        assert singles and all(module == name for module, name in singles.items()), singles
+        names = {e.name for entry in declared.values() for e in (entry if isinstance(entry, list) else [entry])}
+        assert names == set(registry), package
+    in_order = [n for module in MODULES for n in ([m.name for m in ARM_METHODS] if module == "arms" else [module])]
+    assert list(REGISTRY) == in_order  # report order
 
 
 def test_registry_helpers_refuse_bad_names():
@@ -167,7 +172,7 @@ def test_throwaway_entries_run_through_the_pipeline(throwaway_entries, tiny_mode
     assert n_test > 0 and ours.height == n_test
     assert all(p.index("Question:") < p.index("Context:") for p in ours["prompt"])
     metrics = pl.read_parquet(paths.table("metrics"))
-    defaults = [n for n in MODULES if REGISTRY[n].default]
+    defaults = [n for n, m in REGISTRY.items() if m.default and n != QUESTION_FIRST.name]
     assert overall(metrics)["method"].to_list() == [*defaults, "question_first"]  # registry order, the new one last
     assert subset_counts(metrics) == expected_subset_counts(predictions, items)  # every subset with n > 0, once
     report = paths.report.read_text()

@@ -91,8 +91,9 @@ def build_synthetic_run(run_paths: RunPaths) -> RunPaths:
     write_json({"layer": 2, "probe": "logistic", "l2": 0.01, "fitted_on": ["train", "dev"], "dev_auroc": 0.9,
                 "test_auroc": 0.88, "test_accuracy": 0.81, "test_auroc_train_only": 0.87, "threshold": 0.5,
                 "model": "tiny"}, run_paths.probes / "best.json")
-    write_json({"steps": 12, "ce_first": 3.5, "ce_last": 1.25, "target_modules": ["q_proj"]},
-               run_paths.adapter / "train_log.json")
+    write_json({"clear": {"steps": 12, "ce_first": 3.5, "ce_last": 1.25, "target_modules": ["q_proj"]},
+                "sft": {"steps": 12, "ce_first": 3.0, "ce_last": 1.5, "target_modules": ["q_proj"]}},
+               run_paths.train_log)
     return run_paths
 
 
@@ -111,7 +112,7 @@ def test_report_sections_best_layer_and_pngs(cfg, synthetic_run):
     assert "fitted on train alone, as in the table, test AUROC 0.870" in text
     assert "| logistic | **2** (best) |" in text
     assert text.count("(best)") == 1
-    assert "| ce_last | 1.2500 |" in text
+    assert "|  | clear | sft |" in text and "| ce_last | 1.2500 | 1.5000 |" in text  # one column per arm
     assert "![Probe AUROC and accuracy per layer](figures/probe_layers.png)" in text
     assert "![Metrics per method with 95% CIs](figures/methods.png)" in text
     assert "| CLEAR | 40 | 65.0 [60.0, 70.0] | 70.0 [65.0, 75.0] | 70.0 [65.0, 75.0] |" in text

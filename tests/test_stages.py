@@ -75,8 +75,8 @@ def test_run_paths_come_from_the_layout(tmp_path):
     for name, art in LAYOUT.items():
         assert paths.artifact(name) == tmp_path / art.path
     assert paths.table("probe_metrics") == tmp_path / "probes" / "metrics.parquet"
-    assert (paths.manifest, paths.adapter, paths.train_log) == (
-        tmp_path / "manifest.json", tmp_path / "adapter", tmp_path / "adapter" / "train_log.json")
+    assert (paths.manifest, paths.arm_adapter("sft"), paths.train_log) == (
+        tmp_path / "manifest.json", tmp_path / "adapters" / "sft", tmp_path / "adapters" / "train_log.json")
     with pytest.raises(KeyError, match="unknown table 'activations'"):
         paths.table("activations")  # an artifact, but a directory, not a table
 
@@ -185,12 +185,12 @@ def test_probes_change_leaves_upstream_current():
 
 def test_a_declared_output_the_stage_did_not_write_is_an_error(tmp_path):
     paths = RunPaths(tmp_path)
-    with pytest.raises(RuntimeError, match=r"stage 'finetune' finished without writing adapter \(adapter\),"
-                       r" train_log \(adapter/train_log.json\)"):
+    with pytest.raises(RuntimeError, match=r"stage 'finetune' finished without writing adapters \(adapters\),"
+                       r" train_log \(adapters/train_log.json\)"):
         produced(STAGES["finetune"], paths)
     paths.train_log.parent.mkdir()
     paths.train_log.write_text("{}")
-    assert produced(STAGES["finetune"], paths) == {"adapter": paths.adapter, "train_log": paths.train_log}
+    assert produced(STAGES["finetune"], paths) == {"adapters": paths.adapters, "train_log": paths.train_log}
 
 
 def test_report_config_from_the_manifest_stays_a_view(tmp_path):

@@ -38,6 +38,10 @@ class IngestConfig(BaseModel):
         1, ge=1, le=3, description="known-facts v2: conditions (counterfactual / aligned / irrelevant) built per"
         " test fact, rotated so each condition gets an equal share; 3 = every condition of every test fact."
     )
+    all_train_conditions: bool = Field(
+        False, description="known-facts v2: also build every train fact in the aligned and irrelevant conditions"
+        " (the kaft fine-tuning arm trains on them; the other arms train on counterfactual train items only)."
+    )
     holdout_relations: list[str] = Field(
         [], description="known-facts v2: relation ids (e.g. P19) with no training items and no sentences in"
         " training contexts (their probe statements stay)."
@@ -165,6 +169,10 @@ class FinetuneConfig(BaseModel):
     )
     attn_lambda: float = Field(0.1, ge=0, le=1, description="Weight of the attention loss.")
     max_length: int = Field(512, ge=16, description="Token budget per training example.")
+    arms: list[str] = Field(
+        ["clear"], min_length=1, description="Fine-tuning arms trained, each its own adapter at adapters/<arm>/ on"
+        " the same items, budget and seed (names registered in tasks/finetune/arms/, checked when the stage starts)."
+    )
 
 
 class EvalConfig(BaseModel):

@@ -120,8 +120,12 @@ class RunPaths:
         return self.artifact("best_probe")
 
     @property
-    def adapter(self) -> Path:
-        return self.artifact("adapter")
+    def adapters(self) -> Path:
+        return self.artifact("adapters")
+
+    def arm_adapter(self, arm: str) -> Path:
+        """The adapter directory of one fine-tuning arm."""
+        return self.adapters / arm
 
     @property
     def train_log(self) -> Path:

@@ -148,9 +148,16 @@ def _load_adapter(cfg: RunConfig, paths: RunPaths, arm: str):
     """The base model with a fine-tuning arm's adapter merged in (imported here: only runs with adapters need peft)."""
     from tasks.finetune.stage import load_finetuned
 
-    if arm != "clear":
-        raise ValueError(f"no fine-tuning arm {arm!r}: this version trains the 'clear' arm only")
-    return load_finetuned(cfg, paths)
+    return load_finetuned(cfg, paths, arm)  # refuses an arm the run has no adapter for, naming the command
+
+
+def _require_adapters(paths: RunPaths, methods: list[Method]) -> None:
+    """Refuse up front (before any generation) a method whose arm the run has no adapter for."""
+    arms = [m.arm for m in methods if m.model == "finetuned"]
+    if arms:
+        from tasks.finetune.stage import require_adapters
+
+        require_adapters(paths, arms)
 
 
 def _answer_with_models(cfg: RunConfig, paths: RunPaths, methods: list[Method], items: pl.DataFrame,
@@ -177,6 +184,7 @@ def run_evaluate(cfg: RunConfig, paths: RunPaths) -> None:
     (overall and per condition x known/unknown subset)."""
     methods = resolve_methods(cfg.evaluate.methods)
     items = load_items(cfg, paths)
+    _require_adapters(paths, methods)
     marked = _marked_for(items, paths) if any(m.context == "marked" for m in methods) else None
     prompts, answers = _answer_with_models(cfg, paths, [m for m in methods if m.model != "none"], items, marked)
     for m in methods:

@@ -18,8 +18,7 @@ MODULES = (  # one line per method, in report order
     "opinion_instruction",
     "kre",
     "probe_marking",
-    "clear",
-    "clear_unmarked",
+    "arms",  # clear, clear_unmarked and every other fine-tuning arm (tasks/finetune/arms/)
 )
 REGISTRY: dict[str, Method] = collect(__name__, MODULES, "METHOD")
 

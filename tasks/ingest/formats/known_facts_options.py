@@ -16,7 +16,7 @@ VERSIONS = {"1": "1", "2": "2"}
 # The IngestConfig fields that shape the known-facts tables (besides n_distractors, seed, limit and the budget).
 CONFIG_FIELDS = (
     "known_facts_version", "same_relation_distractors", "same_subject_distractors", "unrelated_distractors",
-    "test_conditions_per_fact", "holdout_relations",
+    "test_conditions_per_fact", "holdout_relations", "all_train_conditions",
 )
 
 
@@ -30,6 +30,7 @@ class KnownFactsOptions:
     unrelated: int = 2
     conditions_per_test_fact: int = 1
     holdout_relations: tuple[str, ...] = ()
+    all_train_conditions: bool = False  # train facts in the aligned and irrelevant conditions too (KAFT)
 
     def __post_init__(self) -> None:
         if self.version not in VERSIONS:
@@ -41,6 +42,9 @@ class KnownFactsOptions:
                 raise ValueError(f"ingest.{name}={value}: a count of sentences cannot be negative")
         if not 1 <= self.conditions_per_test_fact <= 3:
             raise ValueError(f"ingest.test_conditions_per_fact={self.conditions_per_test_fact}: use 1, 2 or 3")
+        if self.all_train_conditions and self.version != "2":
+            raise ValueError("ingest.all_train_conditions needs ingest.known_facts_version 2 (v1 builds counterfactual"
+                             " contexts only)")
 
 
 def from_config(ingest: IngestConfig) -> KnownFactsOptions:
@@ -52,6 +56,7 @@ def from_config(ingest: IngestConfig) -> KnownFactsOptions:
         unrelated=ingest.unrelated_distractors,
         conditions_per_test_fact=ingest.test_conditions_per_fact,
         holdout_relations=tuple(ingest.holdout_relations),
+        all_train_conditions=ingest.all_train_conditions,
     )
 
 

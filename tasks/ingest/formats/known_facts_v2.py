@@ -17,7 +17,9 @@ question's subject AND relation together pick the answer sentence.
 - Conditions (KAFT's): ``counterfactual`` (the relevant sentence states a substituted object; answers = it),
   ``aligned`` (it states the true object) and ``irrelevant`` (no sentence about subject + relation, one more
   unrelated sentence instead so the length does not give it away; answers = the true object, memory). Train
-  and dev items are counterfactual only (what CLEAR fine-tunes on, as in v1). Item ids: kf-<id>-<condition>.
+  and dev items are counterfactual only (what CLEAR fine-tunes on, as in v1); ``all_train_conditions`` also builds
+  every train fact aligned and irrelevant (what the kaft arm trains on), drawn after every other item so those
+  stay the same. Item ids: kf-<id>-<condition>.
 - Budget: ``make run`` evaluates every test item with every method (~1.5 s per item and generated method on
   two cores), so ``test_conditions_per_fact`` (default 1) builds each test fact in one condition, rotated over
   the seeded order of the test facts: the three conditions get equal thirds and the test set keeps v1's size
@@ -242,19 +244,24 @@ def _state(facts: list[Fact], split_of: dict[str, str], pool: dict[str, set[str]
     return stated
 
 
+def _append_item(out: Ingested, name: str, s: Stated, condition: str, contexts: Contexts) -> bool:
+    """Append the item of one fact in one condition; True when its context does not split back into its sentences."""
+    item = _item(name, s, condition, contexts.build(s, condition))
+    out.items.append(item)
+    return [t for t, _, _ in split_sentences(item["context"])] != [lab["text"] for lab in item["sentence_labels"]]
+
+
 def _emit(stated: list[Stated], kf: KnownFactsOptions, rng: random.Random, out: Ingested, name: str) -> None:
     """Items (per fact and condition) and the two probe statements of every fact."""
     contexts = Contexts(stated, kf, rng)
     conditions = conditions_of(stated, kf.conditions_per_test_fact, rng)
     held = set(kf.holdout_relations)
-    unsplittable = 0
+    itemised = [s for s in stated if not (s.split == "train" and s.fact.relation_id in held)]
+    unsplittable = sum(_append_item(out, name, s, c, contexts) for s in itemised for c in conditions[s.fact.known_id])
+    if kf.all_train_conditions:  # drawn after every other item, so those are the same with the option or without
+        unsplittable += sum(_append_item(out, name, s, c, contexts)
+                            for s in itemised if s.split == "train" for c in (ALIGNED, IRRELEVANT))
     for s in stated:
-        if not (s.split == "train" and s.fact.relation_id in held):
-            for condition in conditions[s.fact.known_id]:
-                item = _item(name, s, condition, contexts.build(s, condition))
-                texts = [lab["text"] for lab in item["sentence_labels"]]
-                unsplittable += [t for t, _, _ in split_sentences(item["context"])] != texts
-                out.items.append(item)
         out.statements.extend(statements(s.fact, s.split, s.true_sentence, s.cf_sentence))
     if unsplittable:
         log.warning("known-facts v2: %d contexts do not split back into their sentences", unsplittable)

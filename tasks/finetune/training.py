@@ -1,0 +1,147 @@
+"""The training loop every arm shares: LoRA on the base model, AdamW at a constant rate, batch 1, items shuffled
+with the seed, loss ``(1 - lambda) * CE + lambda * L_attn`` (lambda 0 for an arm without the attention loss).
+
+Each arm starts from the same state: the torch seed is set before the model loads (LoRA's initialisation) and
+the shuffle has its own seeded generator, so an arm's adapter does not depend on which arms train before it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tasks.core.config import FinetuneConfig, ModelConfig
+from tasks.core.models import load_model
+from tasks.core.storage import write_json
+from tasks.finetune.attention import AttentionGrabber, attention_loss, last_attention_module
+from tasks.finetune.examples import Example
+
+TRAIN_LOG = "train_log.json"  # inside each arm's adapter directory
+
+
+def present_target_modules(model: nn.Module, wanted: Sequence[str]) -> list[str]:
+    """The configured LoRA target names that exist as Linear leaves of this model (others skipped)."""
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    present = [w for w in wanted if w in names]
+    if not present:
+        raise ValueError(f"none of the LoRA target modules {list(wanted)} exist in the model")
+    return present
+
+
+def lora_model(model_cfg: ModelConfig, fcfg: FinetuneConfig, seed: int) -> tuple[nn.Module, list[str]]:
+    """The base model (eager attention, for the hook) with fresh LoRA weights drawn under `seed`, in train mode."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = load_model(model_cfg, attn_implementation="eager")
+    targets = present_target_modules(model, fcfg.target_modules)
+    lora = LoraConfig(
+        r=fcfg.lora_r, lora_alpha=fcfg.lora_alpha, lora_dropout=fcfg.lora_dropout,
+        target_modules=targets, task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+    return model, targets
+
+
+@dataclass
+class History:
+    """Per-step losses of one training run (L_attn is None on a step without a marked token)."""
+
+    ce: list[float] = field(default_factory=list)
+    attn: list[float | None] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _step(model: nn.Module, grabber: AttentionGrabber, optimizer, ex: Example, lam: float,
+          device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimiser step on one example; (loss, CE, L_attn), detached."""
+    ids = torch.tensor([ex.input_ids], device=device)
+    labels = torch.tensor([ex.labels], device=device)
+    marked = torch.tensor(ex.marked, device=device)
+    out = model(input_ids=ids, labels=labels, use_cache=False)
+    attn = attention_loss(grabber.pop()[0], marked)
+    loss = (1.0 - lam) * out.loss + lam * attn
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), out.loss.detach(), attn.detach()
+
+
+def train(model: nn.Module, examples: Sequence[Example], fcfg: FinetuneConfig, lam: float, seed: int,
+          desc: str = "finetune") -> History:
+    """`fcfg.epochs` passes over the examples in a seeded order, one AdamW step each at `fcfg.lr`."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=fcfg.lr)
+    grabber = AttentionGrabber(last_attention_module(model))
+    rng = random.Random(seed)
+    hist = History()
+    start = time.perf_counter()
+    bar = tqdm(total=len(examples) * fcfg.epochs, desc=desc, unit="step")
+    try:
+        for _ in range(fcfg.epochs):
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            for i in order:
+                loss, ce, attn = _step(model, grabber, optimizer, examples[i], lam, device)
+                hist.ce.append(float(ce))
+                hist.attn.append(float(attn) if any(examples[i].marked) else None)
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}", ce=f"{hist.ce[-1]:.3f}")
+    finally:
+        bar.close()
+        grabber.remove()
+    hist.seconds = time.perf_counter() - start
+    if not all(math.isfinite(v) for v in hist.ce):
+        raise FloatingPointError("non-finite cross-entropy during fine-tuning")
+    return hist
+
+
+def window_mean(values: Sequence[float | None], first: bool) -> float | None:
+    """Mean over the first or last 20% of steps (at least one), ignoring steps without a value."""
+    k = max(1, math.ceil(0.2 * len(values)))
+    window = values[:k] if first else values[-k:]
+    kept = [v for v in window if v is not None]
+    return float(sum(kept) / len(kept)) if kept else None
+
+
+def history_summary(hist: History) -> dict:
+    """Steps, time and the loss windows that a train log records."""
+    return {
+        "steps": len(hist.ce),
+        "seconds": round(hist.seconds, 2),
+        "seconds_per_step": round(hist.seconds / max(len(hist.ce), 1), 4),
+        "ce_first": window_mean(hist.ce, first=True),
+        "ce_last": window_mean(hist.ce, first=False),
+        "attn_first": window_mean(hist.attn, first=True),
+        "attn_last": window_mean(hist.attn, first=False),
+    }
+
+
+def save_adapter_atomically(model: nn.Module, target: Path, log_obj: dict) -> Path:
+    """Write the adapter and its log into a temp dir beside `target`, then swap it in whole."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        write_json(log_obj, tmp / TRAIN_LOG)
+        if target.exists():
+            os.replace(target, old)  # os.replace cannot overwrite a non-empty directory
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return target

@@ -47,6 +47,8 @@ LAYOUT: dict[str, Artifact] = {
         Artifact("train_log", "adapter/train_log.json", "json", "losses and sizes of the fine-tuning"),
         Artifact("predictions", "predictions.parquet", "table", "every method's answer to every item, scored"),
         Artifact("metrics", "metrics.parquet", "table", "EM/F1/p_s/p_o/MR per method with bootstrap CIs"),
+        Artifact("lfd_layers", "lfd_layers.parquet", "table", "LFD: internal knowledge score per layer on dev and the"
+                 " fused layer (no rows when LFD is not evaluated)"),
         Artifact("report", "report.md", "file", "the run's report"),
         Artifact("figures", "figures", "dir", "the report's figures"),
         Artifact("quality", "quality", "dir", "Great Expectations results, one JSON per checked table"),

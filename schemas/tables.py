@@ -142,6 +142,19 @@ METRICS = pa.schema(
     + [pa.field(f"{m}{s}", pa.float64()) for m in _METRIC_NAMES for s in ("", "_lo", "_hi")]
 )
 
+# LFD's layer choice (tasks/evaluate/decoding_lfd.py): one row per decoder layer, its internal knowledge score on the
+# dev split and whether it is a candidate (latter half, final layer excluded) or the chosen one; no rows when LFD
+# was not evaluated.
+LFD_LAYERS = pa.schema(
+    [
+        pa.field("layer", pa.int32(), nullable=False),  # 0-based decoder block
+        pa.field("iks", pa.float64(), nullable=False),  # mean JSD (nats) of the logit lens before vs after the FFN
+        pa.field("n_items", pa.int32(), nullable=False),  # dev items the mean is over
+        pa.field("candidate", pa.bool_(), nullable=False),
+        pa.field("chosen", pa.bool_(), nullable=False),
+    ]
+)
+
 
 def activations_schema(dim: int, value_type: pa.DataType = pa.float32()) -> pa.Schema:
     """Schema of one activation shard; the layer lives in the hive path, not in the file."""
@@ -165,4 +178,5 @@ TABLES: dict[str, pa.Schema] = {
     "sentence_scores": SENTENCE_SCORES,
     "predictions": PREDICTIONS,
     "metrics": METRICS,
+    "lfd_layers": LFD_LAYERS,
 }

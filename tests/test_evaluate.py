@@ -13,7 +13,8 @@ import tasks.evaluate.stage as ev
 from tasks.core.storage import read_table, text_key, write_parquet
 from tasks.evaluate.comparison import overall
 
-ALL = ["closed_book", "lexical_copy", "full_context", "opinion_instruction", "probe_marking", "clear", "clear_unmarked"]
+ALL = ["closed_book", "lexical_copy", "full_context", "cad", "lfd", "opinion_instruction", "probe_marking", "clear",
+       "clear_unmarked"]
 DEFAULT = ["closed_book", "lexical_copy", "full_context", "clear", "clear_unmarked"]  # `make run`'s short list
 FLAGGED = "The Eiffel Tower is in Rome."
 
@@ -84,8 +85,8 @@ def _save_random_adapter(cfg, paths) -> None:
 
 
 def test_unknown_method_is_refused_with_known_list(tiny_cfg, run_paths):
-    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": ["full_context", "cad"]})})
-    with pytest.raises(ValueError, match=r"unknown evaluation method.*'cad'.*known: \['clear', 'clear_unmarked', 'closed_book'"):
+    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": ["full_context", "cat"]})})
+    with pytest.raises(ValueError, match=r"unknown evaluation method.*'cat'.*known: \['cad', 'clear', 'clear_unmarked'"):
         ev.run_evaluate(cfg, run_paths)
 
 
@@ -187,6 +188,8 @@ def test_scores_follow_predictions(tiny_cfg, run_with_items, monkeypatch):
 def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkeypatch):
     import tasks.finetune.stage
 
+    methods = [m for m in ALL if m != "lfd"]  # LFD needs dev items: tests/test_decoding.py runs it
+
     _save_random_adapter(tiny_cfg, run_with_items)
     calls = []
     real = tasks.finetune.stage.load_finetuned
@@ -196,16 +199,16 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
         return real(cfg, paths)
 
     monkeypatch.setattr(tasks.finetune.stage, "load_finetuned", spy)
-    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"batch_size": 4, "methods": ALL})})
+    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"batch_size": 4, "methods": methods})})
     ev.run_evaluate(cfg, run_with_items)
 
     assert len(calls) == 1
     preds = read_table(run_with_items.table("predictions"))
     assert preds.columns == PREDICTIONS.names
-    assert preds.height == 5 * len(ALL)
-    assert preds["method"].unique(maintain_order=True).to_list() == ALL
+    assert preds.height == 5 * len(methods)
+    assert preds["method"].unique(maintain_order=True).to_list() == methods
     assert set(preds["item_id"]) == {f"it{i:02d}" for i in range(5)}  # train items are not evaluated
-    by = {m: preds.filter(pl.col("method") == m) for m in ALL}
+    by = {m: preds.filter(pl.col("method") == m) for m in methods}
     assert not any("Context:" in p for p in by["closed_book"]["prompt"])
     assert all("Berlin is in Germany." in p for p in by["full_context"]["prompt"])
     assert all("Bob said" in p for p in by["opinion_instruction"]["prompt"])
@@ -228,8 +231,8 @@ def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkey
     assert all("\n" not in p for p in preds["prediction"])
     metrics = overall(read_table(run_with_items.table("metrics")))
     assert read_table(run_with_items.table("metrics")).columns == METRICS.names
-    assert metrics["method"].to_list() == ALL
-    assert metrics["n"].to_list() == [5] * len(ALL)
+    assert metrics["method"].to_list() == methods
+    assert metrics["n"].to_list() == [5] * len(methods)
     for col in ("em", "f1", "ps", "po"):
         assert metrics[col].is_between(0, 1).all()
 

@@ -173,6 +173,8 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(24, ge=1, description="Greedy decoding budget (answers are short).")
     batch_size: int = Field(32, ge=1, description="Prompts per generate call (length-sorted, left-padded).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals.")
+    cad_alpha: float = Field(0.5, ge=0, description="CAD: next-token logits are (1 + alpha) x with context minus"
+                             " alpha x without (0 = plain full-context greedy decoding).")
 
 
 class RunConfig(BaseModel):

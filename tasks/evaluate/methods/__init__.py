@@ -13,6 +13,8 @@ MODULES = (  # one line per method, in report order
     "closed_book",
     "lexical_copy",
     "full_context",
+    "cad",
+    "lfd",
     "opinion_instruction",
     "probe_marking",
     "clear",

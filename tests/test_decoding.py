@@ -208,6 +208,9 @@ def test_evaluate_stage_runs_cad_and_lfd(tiny_cfg, run_paths):
     checked = SUITES["lfd_layers"].frame(layers)
     assert checked["one_chosen"].all() and checked["chosen_is_lowest_candidate"].all()
     assert "fuses layer 2 with the final layer" in lfd_lines(layers)[0]
+    for bad in (pl.col("layer") == 3, pl.col("layer") >= 2):  # a non-candidate chosen; two chosen
+        wrong = SUITES["lfd_layers"].frame(layers.with_columns(chosen=bad))
+        assert not (wrong["one_chosen"].all() and wrong["chosen_is_lowest_candidate"].all())
 
     ev.run_evaluate(_with_methods(tiny_cfg, ["full_context"]), run_paths)  # no LFD: the table empties
     assert read_table(run_paths.table("lfd_layers")).height == 0

@@ -114,6 +114,8 @@ def write_good_run(paths: RunPaths) -> None:
     metric = {f"{m}{s}": v for m in ("em", "f1", "ps", "po", "mr") for s, v in bounds}
     rows = [{"method": m, "condition": "all", "knowledge": "all", "n": 3, **metric} for m in ("closed_book", "clear")]
     write_parquet(rows, paths.table("metrics"), T.METRICS)
+    lfd = [{"layer": la, "iks": 0.01 * (4 - la), "n_items": 3, "candidate": la == 2, "chosen": la == 2} for la in range(4)]
+    write_parquet(lfd, paths.table("lfd_layers"), T.LFD_LAYERS)
 
 
 @pytest.fixture()

@@ -50,6 +50,8 @@ LAYOUT: dict[str, Artifact] = {
         Artifact("metrics", "metrics.parquet", "table", "EM/F1/p_s/p_o/MR per method with bootstrap CIs"),
         Artifact("comparisons", "comparisons.parquet", "table", "paired differences of each method against each"
                  " reference: bootstrap CIs, McNemar p"),
+        Artifact("lfd_layers", "lfd_layers.parquet", "table", "LFD: internal knowledge score per layer on dev and the"
+                 " fused layer (no rows when LFD is not evaluated)"),
         Artifact("report", "report.md", "file", "the run's report"),
         Artifact("figures", "figures", "dir", "the report's figures"),
         Artifact("quality", "quality", "dir", "Great Expectations results, one JSON per checked table"),

@@ -399,6 +399,27 @@ def _prepare_comparisons(df: pl.DataFrame, metrics: pl.DataFrame) -> pl.DataFram
         diff_matches_metrics=((pl.col("diff") - expected).abs() < 1e-9).fill_null(
             pl.col("diff").is_null() & expected.is_null()),
     ).drop("_n_a", "_v_a", "_n_b", "_v_b")
+# ---------------------------------------------------------------- LFD layers
+
+
+def _lfd_layers(gxe: ModuleType) -> list[Any]:
+    """One row per layer (zero rows when LFD was not evaluated); IKS is a JSD in nats, so within [0, ln 2]; exactly
+    one chosen layer, a candidate with the lowest IKS of the candidates."""
+    return [
+        *_not_null(gxe, "layer", "iks", "n_items", "candidate", "chosen"),
+        gxe.ExpectColumnValuesToBeUnique(column="layer"),
+        gxe.ExpectColumnValuesToBeBetween(column="layer", min_value=0),
+        gxe.ExpectColumnValuesToBeBetween(column="iks", min_value=0, max_value=0.6932),
+        gxe.ExpectColumnValuesToBeBetween(column="n_items", min_value=1),
+        *_all_true(gxe, "one_chosen", "chosen_is_lowest_candidate"),
+    ]
+
+
+def _prepare_lfd_layers(df: pl.DataFrame) -> pl.DataFrame:
+    """Whether the table names exactly one chosen layer and whether that layer is a candidate of lowest IKS."""
+    lowest = df.filter(pl.col("candidate"))["iks"].min()
+    chosen_ok = (~pl.col("chosen") | (pl.col("candidate") & (pl.col("iks") == lowest))).fill_null(False)
+    return df.with_columns(one_chosen=pl.lit(int(df["chosen"].sum()) == 1), chosen_is_lowest_candidate=chosen_ok)
 
 
 SUITES: dict[str, Suite] = {
@@ -414,6 +435,7 @@ SUITES: dict[str, Suite] = {
     "predictions": Suite("predictions", _predictions, _prepare_predictions),
     "metrics": Suite("metrics", _metrics, _prepare_metrics),
     "comparisons": Suite("comparisons", _comparisons, _prepare_comparisons, reads=("metrics",)),
+    "lfd_layers": Suite("lfd_layers", _lfd_layers, _prepare_lfd_layers),
 }
 
 assert set(SUITES) == set(TABLES) | {"activations"}, "every table needs a suite"

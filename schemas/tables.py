@@ -145,6 +145,19 @@ METRICS = pa.schema(
     + [pa.field(f"{m}{s}", pa.float64()) for m in _METRIC_NAMES for s in ("", "_lo", "_hi")]
 )
 
+# LFD's layer choice (tasks/evaluate/decoding_lfd.py): one row per decoder layer, its internal knowledge score on the
+# dev split and whether it is a candidate (latter half, final layer excluded) or the chosen one; no rows when LFD
+# was not evaluated.
+LFD_LAYERS = pa.schema(
+    [
+        pa.field("layer", pa.int32(), nullable=False),  # 0-based decoder block
+        pa.field("iks", pa.float64(), nullable=False),  # mean JSD (nats) of the logit lens before vs after the FFN
+        pa.field("n_items", pa.int32(), nullable=False),  # dev items the mean is over
+        pa.field("candidate", pa.bool_(), nullable=False),
+        pa.field("chosen", pa.bool_(), nullable=False),
+    ]
+)
+
 
 PAIRED_METRICS = ("ps", "em", "f1", "mr")  # the metrics the comparisons table pairs, headline first
 BINARY_METRICS = ("ps", "em")  # per-item 0/1 outcomes: McNemar's exact test applies
@@ -194,4 +207,5 @@ TABLES: dict[str, pa.Schema] = {
     "predictions": PREDICTIONS,
     "metrics": METRICS,
     "comparisons": COMPARISONS,
+    "lfd_layers": LFD_LAYERS,
 }

@@ -241,6 +241,18 @@ def section_methods(overall_metrics: pl.DataFrame, metrics: pl.DataFrame) -> str
     ])
 
 
+def lfd_lines(lfd_layers: pl.DataFrame | None) -> list[str]:
+    """LFD's layer choice in one line (none when LFD was not evaluated): the fused layer and the candidates' IKS."""
+    if lfd_layers is None or not lfd_layers["chosen"].any():
+        return []
+    chosen = lfd_layers.filter(pl.col("chosen")).row(0, named=True)
+    candidates = lfd_layers.filter(pl.col("candidate")).sort("layer")
+    values = ", ".join(f"{r['layer']}: {fmt(r['iks'], 4)}" for r in candidates.iter_rows(named=True))
+    return [f"**LFD** fuses layer {chosen['layer']} with the final layer: the lowest internal knowledge score (IKS, the"
+            f" JSD of the logit lens before vs after the layer's FFN, mean over {chosen['n_items']} dev items) of"
+            f" layers {candidates['layer'][0]}-{candidates['layer'][-1]} ({values}; every layer: `lfd_layers.parquet`)."]
+
+
 # ---------------------------------------------------------------- figures
 
 
@@ -326,6 +338,7 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
         ),
         section_methods(overall_metrics, metrics),
         section_paired(comparisons, evaluated, references),
+        *lfd_lines(_optional_table(paths.table("lfd_layers"))),
         section_subsets(metrics),
         section_paired_subsets(comparisons, references),
     ]

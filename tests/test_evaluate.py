@@ -14,10 +14,10 @@ from tasks.core.storage import read_table, text_key, write_parquet
 from tasks.evaluate.comparison import overall
 
 EVALUATED = ["closed_book", "lexical_copy", "full_context", "instruction_only", "opin", "opinion_instruction", "kre",
-             "probe_marking", "clear", "clear_unmarked"]
+             "cad", "probe_marking", "clear", "clear_unmarked"]  # every method but LFD (it needs dev items) and the arms
 ARM_METHODS = ["sft", "kaft", "clear_markers_only", "clear_markers_only_unmarked", "clear_random_markers",
                "clear_random_markers_unmarked", "clear_oracle_markers", "clear_oracle_markers_unmarked"]
-ALL = EVALUATED + ARM_METHODS  # the registry, in report order
+ALL = [*EVALUATED[:8], "lfd", *EVALUATED[8:], *ARM_METHODS]  # the registry, in report order
 DEFAULT = ["closed_book", "lexical_copy", "full_context", "clear", "clear_unmarked"]  # `make run`'s short list
 FLAGGED = "The Eiffel Tower is in Rome."
 
@@ -88,8 +88,8 @@ def _save_random_adapter(cfg, paths) -> None:
 
 
 def test_unknown_method_is_refused_with_known_list(tiny_cfg, run_paths):
-    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": ["full_context", "cad"]})})
-    with pytest.raises(ValueError, match=r"unknown evaluation method.*'cad'.*known: \['clear', .*'closed_book'"):
+    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": ["full_context", "cat"]})})
+    with pytest.raises(ValueError, match=r"unknown evaluation method.*'cat'.*known: \['cad', 'clear', 'clear_unmarked'"):
         ev.run_evaluate(cfg, run_paths)
 
 
@@ -190,6 +190,7 @@ def test_scores_follow_predictions(tiny_cfg, run_with_items, monkeypatch):
 
 def test_run_evaluate_all_methods_on_tiny_model(tiny_cfg, run_with_items, monkeypatch):
     import tasks.finetune.stage
+
 
     _save_random_adapter(tiny_cfg, run_with_items)
     calls = []

@@ -119,6 +119,8 @@ def write_good_run(paths: RunPaths) -> None:
                                                           if m in ("ps", "em") else {})}
               for m in ("ps", "em", "f1", "mr")]  # fmt: skip
     write_parquet(paired, paths.table("comparisons"), T.COMPARISONS)
+    lfd = [{"layer": la, "iks": 0.01 * (4 - la), "n_items": 3, "candidate": la == 2, "chosen": la == 2} for la in range(4)]
+    write_parquet(lfd, paths.table("lfd_layers"), T.LFD_LAYERS)
 
 
 @pytest.fixture()

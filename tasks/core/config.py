@@ -199,6 +199,8 @@ class EvalConfig(BaseModel):
         if repeated:
             raise ValueError(f"evaluate.references names {repeated} more than once; give each reference once")
         return self
+    cad_alpha: float = Field(0.5, ge=0, description="CAD: next-token logits are (1 + alpha) x with context minus"
+                             " alpha x without (0 = plain full-context greedy decoding).")
 
 
 class RunConfig(BaseModel):

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from schemas.tables import COMPARISONS, METRICS, PREDICTIONS
+from schemas.tables import COMPARISONS, LFD_LAYERS, METRICS, PREDICTIONS
 from tasks.core.config import RunConfig
 from tasks.core.models import load_model, load_tokenizer
 from tasks.core.chat import encode, render
@@ -160,6 +160,17 @@ def _require_adapters(paths: RunPaths, methods: list[Method]) -> None:
         require_adapters(paths, arms)
 
 
+def _answer(m: Method, model, tok, prompts: list[str], items: pl.DataFrame, cfg: RunConfig, paths: RunPaths
+            ) -> list[str]:
+    """Greedy answers, or those of the method's own decoding (CAD, LFD: tasks/evaluate/decoding.py)."""
+    ev = cfg.evaluate
+    if m.decoding == "greedy":
+        return generate(model, tok, prompts, ev.max_new_tokens, ev.batch_size, desc=m.name)
+    from tasks.evaluate.decoding import decode_method  # imported here: it builds on this module's helpers
+
+    return decode_method(m, model, tok, prompts, items, cfg, paths)
+
+
 def _answer_with_models(cfg: RunConfig, paths: RunPaths, methods: list[Method], items: pl.DataFrame,
                         marked: dict[str, str] | None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(prompts, answers) per model-based method, grouped by the weights that answer: one model in memory at a time."""
@@ -167,13 +178,13 @@ def _answer_with_models(cfg: RunConfig, paths: RunPaths, methods: list[Method], 
     answers: dict[str, list[str]] = {}
     if not methods:
         return prompts, answers
-    tok, ev = load_tokenizer(cfg.model), cfg.evaluate
+    tok = load_tokenizer(cfg.model)
     for weights in dict.fromkeys(m.weights for m in methods):  # in method order, each weights loaded once
         group = [m for m in methods if m.weights == weights]
         model = load_model(cfg.model) if weights == "base" else _load_adapter(cfg, paths, group[0].arm)
         for m in group:
             prompts[m.name] = build_prompts(m, items, tok, marked)
-            answers[m.name] = generate(model, tok, prompts[m.name], ev.max_new_tokens, ev.batch_size, desc=m.name)
+            answers[m.name] = _answer(m, model, tok, prompts[m.name], items, cfg, paths)
         model = None
         _release_memory()
     return prompts, answers
@@ -208,6 +219,8 @@ def run_evaluate(cfg: RunConfig, paths: RunPaths) -> None:
     write_parquet(predictions, paths.table("predictions"), PREDICTIONS)
     write_parquet(metrics, paths.table("metrics"), METRICS)
     write_parquet(paired, paths.table("comparisons"), COMPARISONS)
+    if not any(m.decoding == "lfd" for m in methods):  # LFD wrote its layer choice; otherwise the table is empty
+        write_parquet([], paths.table("lfd_layers"), LFD_LAYERS)
     for row in metrics.filter((pl.col("condition") == "all") & (pl.col("knowledge") == "all")).iter_rows(named=True):
         log.info("%s: %s", row["method"], ", ".join(f"{k} {row[k]:.3f}" for k in ("em", "f1", "ps", "po")
                                                     if row[k] is not None))

@@ -17,6 +17,8 @@ MODULES = (  # one line per method, in report order
     "opin",
     "opinion_instruction",
     "kre",
+    "cad",
+    "lfd",
     "probe_marking",
     "arms",  # clear, clear_unmarked and every other fine-tuning arm (tasks/finetune/arms/)
 )

@@ -12,7 +12,12 @@ in one process, it times three ways of answering and prints prompts/s and ratios
 Each gets a warm-up call, then runs in interleaved rounds and keeps its fastest (the machine is noisy). It
 then checks that (a)'s answers are (b)'s first lines: clearflow's speed must not change an answer.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py [--n 96] [--batch-size 32] [--repeats 2]
+Fine-tuning (`--part finetune` or `both`): on the same N train examples (the CLEAR prompt, the conflicting
+sentence marked), tokens/s of (d) the arms' shared loop `tasks.finetune.training.train` (lambda 0.1, its
+attention hook and loss) against (e) a plain peft loop with the same LoRA settings, learning rate, order and
+batch 1 (`model(input_ids, labels=labels).loss.backward()`, default attention), each from fresh LoRA weights.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py [--part both] [--n 96] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import polars as pl
 import torch
 
 from tasks.core.chat import encode
-from tasks.core.config import RunConfig
+from tasks.core.config import FinetuneConfig, RunConfig
+from tasks.core.prompts import mark_context
 from tasks.core.models import load_model, load_tokenizer
 from tasks.evaluate.methods import REGISTRY
 from tasks.evaluate.stage import build_prompts, first_line, generate
@@ -34,6 +40,7 @@ from tasks.ingest.stage import ingest
 from timing import interleaved_rates, machine_note  # benchmarks/timing.py (the script's own folder is on sys.path)
 
 TARGETS = [("(a)/(b) batch-1 loop", "a", "b", 4.0), ("(a)/(c) same-batch loop", "a", "c", 1.5)]
+FINETUNE_TARGET = 1.0  # (d)/(e) tokens/s
 
 
 def benchmark_prompts(n: int, tok) -> list[str]:
@@ -58,9 +65,69 @@ def plain_loop(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_si
     return out
 
 
+def train_examples(n: int, tok) -> list:
+    """N counterfactual train items as CLEAR trains on them: the conflicting (relevant, false) sentence marked."""
+    from tasks.finetune.examples import build_example
+
+    items = [r for r in ingest(RunConfig()).items if r["split"] == "train"][:n]
+    out = []
+    for r in items:
+        units = r["sentence_labels"]
+        flags = [bool(u["relevant"]) and not u["truthful"] for u in units]
+        context = mark_context([u["text"] for u in units], flags)
+        out.append(build_example(tok, r["question"], context, r["answers"], FinetuneConfig().max_length))
+    return out
+
+
+def plain_peft_loop(model_cfg, fcfg: FinetuneConfig, examples: Sequence, seed: int) -> None:
+    """The loop a peft tutorial writes: same LoRA, AdamW, seeded order, batch 1, the model's own labelled loss."""
+    import random
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_model(model_cfg), LoraConfig(
+        r=fcfg.lora_r, lora_alpha=fcfg.lora_alpha, lora_dropout=fcfg.lora_dropout,
+        target_modules=list(fcfg.target_modules), task_type="CAUSAL_LM"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=fcfg.lr)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    for i in order:
+        loss = model(input_ids=torch.tensor([examples[i].input_ids]), labels=torch.tensor([examples[i].labels])).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def clearflow_train(model_cfg, fcfg: FinetuneConfig, examples: Sequence, seed: int) -> None:
+    """The arms' shared loop on fresh LoRA weights, with CLEAR's attention loss."""
+    from tasks.finetune.training import lora_model, train
+
+    model, _ = lora_model(model_cfg, fcfg, seed)
+    train(model, examples, fcfg, fcfg.attn_lambda, seed, desc="(d)")
+
+
+def finetune_part(args: argparse.Namespace) -> dict:
+    """Tokens/s of (d) and (e) on the same examples; model loading is inside each run for both."""
+    cfg, fcfg = RunConfig(), FinetuneConfig()
+    examples = train_examples(args.n, load_tokenizer(cfg.model))
+    tokens = sum(len(e.input_ids) for e in examples)
+    few = examples[:2]
+    methods = {"d": (lambda: clearflow_train(cfg.model, fcfg, examples, 0), lambda: clearflow_train(cfg.model, fcfg, few, 0)),
+               "e": (lambda: plain_peft_loop(cfg.model, fcfg, examples, 0), lambda: plain_peft_loop(cfg.model, fcfg, few, 0))}
+    rates, _ = interleaved_rates(methods, tokens, repeats=args.repeats)
+    ratio = rates["d"] / rates["e"]
+    print(f"\n| fine-tuning, {len(examples)} examples, {tokens} tokens | tokens/s |\n| --- | --- |")
+    print(f"| (d) clearflow loop (attention loss on) | {rates['d']:.1f} |\n| (e) plain peft loop | {rates['e']:.1f} |")
+    print(f"{'PASS' if ratio >= FINETUNE_TARGET else 'FAIL'} (d)/(e): {ratio:.2f}x (target >= {FINETUNE_TARGET}x)")
+    return {"tokens_per_s": rates, "ratio": ratio, "pass": ratio >= FINETUNE_TARGET, "tokens": tokens}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=96, help="prompts (default 96)")
+    p.add_argument("--part", choices=("generation", "finetune", "both"), default="both")
+    p.add_argument("--n", type=int, default=96, help="prompts, and fine-tuning examples (default 96)")
     p.add_argument("--batch-size", type=int, default=RunConfig().evaluate.batch_size)
     p.add_argument("--max-new-tokens", type=int, default=RunConfig().evaluate.max_new_tokens)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per method; the fastest counts")
@@ -69,14 +136,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Time (a), (b), (c) on the same prompts and print rates, the issue's ratios and answer parity."""
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start_note = machine_note()
-    print(f"n={args.n} batch={args.batch_size} max_new_tokens={args.max_new_tokens} "
-          f"torch threads={torch.get_num_threads()}; {start_note}")
+def generation_part(args: argparse.Namespace) -> dict:
+    """Prompts/s of (a), (b), (c) on the same prompts, the issue's ratios and answer parity."""
     cfg = RunConfig()
     tok, model = load_tokenizer(cfg.model), load_model(cfg.model)
     prompts = benchmark_prompts(args.n, tok)
@@ -98,12 +159,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{'PASS' if c['pass'] else 'FAIL'} {c['check']}: {c['ratio']:.2f}x (target >= {c['target']}x)")
     same = sum(x == y for x, y in zip(answers["a"], answers["b"]))
     print(f"answers of (a) equal to (b)'s first lines: {same}/{len(prompts)}")
-    end_note = machine_note()
-    print(f"at start: {start_note}\nat end:   {end_note}")
+    return {"prompts_per_s": rates, "checks": checks, "same_answers": same}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the chosen parts and print what else the machine was doing at start and end."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start_note = machine_note()
+    print(f"n={args.n} batch={args.batch_size} max_new_tokens={args.max_new_tokens} "
+          f"torch threads={torch.get_num_threads()}; {start_note}")
+    report: dict = {"n": args.n, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+    if args.part in ("generation", "both"):
+        report["generation"] = generation_part(args)
+    if args.part in ("finetune", "both"):
+        report["finetune"] = finetune_part(args)
+    report["machine_start"], report["machine_end"] = start_note, machine_note()
+    print(f"at start: {start_note}\nat end:   {report['machine_end']}")
     if args.json:
-        args.json.write_text(json.dumps({"n": args.n, "batch_size": bs, "max_new_tokens": k, "prompts_per_s": rates,
-                                         "checks": checks, "same_answers": same, "machine_start": start_note,
-                                         "machine_end": end_note}, indent=2))
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -204,3 +204,35 @@ def test_items_without_flags_train_on_ce_only(tiny_cfg, run_paths):
     log = json.loads((adapter / "train_log.json").read_text())
     assert log["n_items"] == 2 and log["n_marked"] == 1
     assert read_table(run_paths.table("items")).height == 3
+
+
+def test_answer_ce_on_the_last_positions_equals_the_full_forward_loss(tiny_cfg, tok):
+    """Logits at the answer's positions only give the loss (and LoRA gradients) of HF's own labelled forward."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.finetune.training import answer_ce, keeps_logits
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_cfg.model, attn_implementation="eager"),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for p in model.parameters():  # LoRA B starts at 0: perturb it so gradients reach every LoRA matrix
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)
+    ex = build_example(tok, "Where is Paris?", "Paris is in Rome. Cats purr.", ["Rome and Lazio"], max_length=256)
+    ids, labels = torch.tensor([ex.input_ids]), torch.tensor([ex.labels])
+    assert keeps_logits(model)
+    grads = []
+    for last_only in (False, True):
+        model.zero_grad()
+        loss = answer_ce(model, ids, labels, last_only)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        if not last_only:
+            full = loss.item()
+    assert loss.item() == pytest.approx(full, rel=1e-6)
+    logits = model(input_ids=ids).logits[0].float()  # the independent route: every position, then the shift
+    n = sum(lab != IGNORE for lab in ex.labels)
+    assert full == pytest.approx(torch.nn.functional.cross_entropy(logits[-n - 1:-1], ids[0, -n:]).item(), rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    with pytest.raises(ValueError, match="non-empty suffix"):
+        answer_ce(model, ids, torch.full_like(labels, IGNORE), True)

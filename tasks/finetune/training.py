@@ -7,6 +7,7 @@ the shuffle has its own seeded generator, so an arm's adapter does not depend on
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import random
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -24,7 +26,7 @@ from tasks.core.config import FinetuneConfig, ModelConfig
 from tasks.core.models import load_model
 from tasks.core.storage import write_json
 from tasks.finetune.attention import AttentionGrabber, attention_loss, last_attention_module
-from tasks.finetune.examples import Example
+from tasks.finetune.examples import IGNORE, Example
 
 TRAIN_LOG = "train_log.json"  # inside each arm's adapter directory
 
@@ -63,19 +65,38 @@ class History:
     seconds: float = 0.0
 
 
+def keeps_logits(model: nn.Module) -> bool:
+    """Whether the model's forward can compute logits at the last k positions only (`logits_to_keep`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def answer_ce(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, last_only: bool) -> torch.Tensor:
+    """Token CE on the answer, as `model(labels=...)` computes it; with `last_only`, the LM head runs on the
+    answer's positions alone (the target is a suffix): over a whole prompt it is a fifth of a small model's step.
+    """
+    if not last_only:
+        return model(input_ids=ids, labels=labels, use_cache=False).loss
+    n_target = int((labels[0] != IGNORE).sum())
+    if n_target == 0 or bool((labels[0, -n_target:] == IGNORE).any()):
+        raise ValueError("the CE target must be a non-empty suffix of the example")
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=n_target + 1).logits
+    return F.cross_entropy(logits[0, :-1].float(), ids[0, -n_target:])
+
+
 def _step(model: nn.Module, grabber: AttentionGrabber, optimizer, ex: Example, lam: float,
-          device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          device, last_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimiser step on one example; (loss, CE, L_attn), detached."""
     ids = torch.tensor([ex.input_ids], device=device)
     labels = torch.tensor([ex.labels], device=device)
     marked = torch.tensor(ex.marked, device=device)
-    out = model(input_ids=ids, labels=labels, use_cache=False)
+    ce = answer_ce(model, ids, labels, last_only)
     attn = attention_loss(grabber.pop()[0], marked)
-    loss = (1.0 - lam) * out.loss + lam * attn
+    loss = (1.0 - lam) * ce + lam * attn
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach(), out.loss.detach(), attn.detach()
+    return loss.detach(), ce.detach(), attn.detach()
 
 
 def train(model: nn.Module, examples: Sequence[Example], fcfg: FinetuneConfig, lam: float, seed: int,
@@ -85,6 +106,7 @@ def train(model: nn.Module, examples: Sequence[Example], fcfg: FinetuneConfig, l
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=fcfg.lr)
     grabber = AttentionGrabber(last_attention_module(model))
     rng = random.Random(seed)
+    last_only = keeps_logits(model)
     hist = History()
     start = time.perf_counter()
     bar = tqdm(total=len(examples) * fcfg.epochs, desc=desc, unit="step")
@@ -93,7 +115,7 @@ def train(model: nn.Module, examples: Sequence[Example], fcfg: FinetuneConfig, l
             order = list(range(len(examples)))
             rng.shuffle(order)
             for i in order:
-                loss, ce, attn = _step(model, grabber, optimizer, examples[i], lam, device)
+                loss, ce, attn = _step(model, grabber, optimizer, examples[i], lam, device, last_only)
                 hist.ce.append(float(ce))
                 hist.attn.append(float(attn) if any(examples[i].marked) else None)
                 bar.update(1)

@@ -160,6 +160,10 @@ class FinetuneConfig(BaseModel):
     )
     attn_lambda: float = Field(0.1, ge=0, le=1, description="Weight of the attention loss.")
     max_length: int = Field(512, ge=16, description="Token budget per training example.")
+    seed: int | None = Field(
+        None, description="Seed of the fine-tuning's random choices (train-item sample, LoRA init, data order);"
+        " None = the run's seed. `clearflow sweep` varies it, so the stages before fine-tuning are shared."
+    )
 
 
 class EvalConfig(BaseModel):
@@ -173,6 +177,11 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(24, ge=1, description="Greedy decoding budget (answers are short).")
     batch_size: int = Field(32, ge=1, description="Prompts per generate call (length-sorted, left-padded).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals.")
+    answer_cache: Path | None = Field(
+        None, description="Directory where base-model answers are kept by content (model, method, decoding, prompts,"
+        " generation options) and reused; `clearflow sweep` points it into the sweep, so its seeds generate the base"
+        " model's answers once. None = no reuse."
+    )
 
 
 class RunConfig(BaseModel):
@@ -204,6 +213,9 @@ class RunConfig(BaseModel):
     def digest(self, *sections: str) -> str:
         """Hash of the named sections (all when none) so a stage knows if its inputs changed."""
         data = self.model_dump(mode="json", exclude={"run", "runs_dir"})
+        del data["evaluate"]["answer_cache"]  # where answers are kept changes no answer
+        if data["finetune"]["seed"] is None:  # None = the run's seed: hashed as before the option existed
+            del data["finetune"]["seed"]
         if sections:
             data = {k: data.get(k) for k in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -214,6 +226,11 @@ class RunConfig(BaseModel):
         if unknown:
             raise ValueError(f"unknown config section(s) {unknown}; known: {list(type(self).model_fields)}")
         return ConfigView(self, tuple(sections), stage)
+
+
+def finetune_seed(cfg: RunConfig | ConfigView) -> int:
+    """The seed of the fine-tuning: its own when set (a sweep varies it), else the run's."""
+    return cfg.seed if cfg.finetune.seed is None else cfg.finetune.seed
 
 
 class UndeclaredConfigError(LookupError):

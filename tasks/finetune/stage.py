@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tasks.core import chat, prompts
-from tasks.core.config import RunConfig
+from tasks.core.config import RunConfig, finetune_seed
 from tasks.core.marking import marked_contexts
 from tasks.core.models import decoder_layers, load_model, load_tokenizer
 from tasks.core.storage import RunPaths, read_table, write_json
@@ -226,8 +226,8 @@ def run_finetune(cfg: RunConfig, paths: RunPaths) -> None:
     """Train the LoRA adapter on marked train items with CE + attention loss; save adapter and log."""
     from peft import LoraConfig, get_peft_model
 
-    fcfg = cfg.finetune
-    items = select_train_items(read_table(paths.table("items")), fcfg.max_items, cfg.seed)
+    fcfg, seed = cfg.finetune, finetune_seed(cfg)
+    items = select_train_items(read_table(paths.table("items")), fcfg.max_items, seed)
     contexts = marked_contexts(paths)
     missing = [i for i in items["item_id"].to_list() if i not in contexts]
     if missing:
@@ -247,7 +247,7 @@ def run_finetune(cfg: RunConfig, paths: RunPaths) -> None:
         len(examples), n_marked, n_truncated, fcfg.max_length,
     )
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     model = load_model(cfg.model, attn_implementation="eager")
     targets = present_target_modules(model, fcfg.target_modules)
     lora = LoraConfig(
@@ -261,7 +261,7 @@ def run_finetune(cfg: RunConfig, paths: RunPaths) -> None:
     grabber = AttentionGrabber(last_attention_module(model))
     lam = fcfg.attn_lambda
 
-    rng = random.Random(cfg.seed)
+    rng = random.Random(seed)
     ce_hist: list[float] = []
     attn_hist: list[float | None] = []
     start = time.perf_counter()
@@ -307,7 +307,7 @@ def run_finetune(cfg: RunConfig, paths: RunPaths) -> None:
         "lr": fcfg.lr,
         "target_modules": targets,
         "model": cfg.model.name,
-        "seed": cfg.seed,
+        "seed": seed,
         "config": fcfg.model_dump(mode="json"),
     }
     model.eval()

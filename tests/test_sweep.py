@@ -232,3 +232,36 @@ def test_presets_command_lists_every_preset(capsys):
     main(["presets"])
     out = capsys.readouterr().out
     assert all(name in out for name in PRESETS) and json.dumps(list(REGISTRY)) in out
+
+
+def test_forced_sharing_drops_what_the_seed_must_recompute(swept, tmp_path):
+    import shutil
+
+    from flows.sweep import seed_config, share_stages
+
+    cfg, sweep, _, _ = swept
+    copy = SweepPaths(tmp_path / "sw")
+    shutil.copytree(sweep.root, copy.root)
+    seed1 = seed_config(cfg.model_copy(update={"runs_dir": tmp_path}), copy, 1)
+    assert share_stages.fn(str(copy.run(0).root), seed1) == list(UPSTREAM)
+    assert set(_manifest(copy, 1)["stages"]) == set(ORDER)  # kept: its own fine-tuning is current
+    assert share_stages.fn(str(copy.run(0).root), seed1, force=True) == list(UPSTREAM)
+    assert set(_manifest(copy, 1)["stages"]) == set(UPSTREAM)  # the pipeline recomputes the rest
+
+
+def test_answer_cache_keys_what_decides_an_answer(tiny_model, tmp_path):
+    from tasks.evaluate.answer_cache import AnswerCache
+
+    cfg = _tiny_config(tiny_model, tmp_path).model_copy(
+        update={"evaluate": RunConfig().evaluate.model_copy(update={"answer_cache": tmp_path / "answers"})})
+    cache, base, tuned = AnswerCache.of(cfg), REGISTRY["full_context"], REGISTRY["clear"]
+    cache.put(cfg, base, ["p1", "p2"], ["a1", "a2"])
+    cache.put(cfg, tuned, ["p1", "p2"], ["t1", "t2"])
+    assert cache.get(cfg, base, ["p1", "p2"]) == ["a1", "a2"]
+    assert cache.get(cfg, tuned, ["p1", "p2"]) is None  # an adapter's answers are never kept
+    assert cache.get(cfg, base, ["p2", "p1"]) is None and cache.get(cfg, REGISTRY["closed_book"], ["p1", "p2"]) is None
+    longer = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"max_new_tokens": 99})})
+    resampled = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"bootstrap": 7})})
+    assert cache.get(longer, base, ["p1", "p2"]) is None
+    assert cache.get(resampled, base, ["p1", "p2"]) == ["a1", "a2"]  # resampling changes no answer
+    assert AnswerCache.of(RunConfig()) is None

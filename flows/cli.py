@@ -70,7 +70,7 @@ class Presets(BaseModel):
         import json
 
         for p in PRESETS.values():
-            print(f"{p.name}\n  {p.summary}\n  options: {json.dumps(p.overrides())}\n")
+            print(f"{p.name}\n  {p.describe()}\n  options now: {json.dumps(p.overrides())}\n")
 
 
 class Stage(RunConfig):

@@ -20,9 +20,13 @@ class Every:
     """Every name of a registry, looked up when the preset is applied."""
 
     registry: str  # "module:attribute" of a name -> entry mapping
+    what: str  # what an entry is, for the help: "evaluation method"
 
     def names(self) -> list[str]:
         return list(pkgutil.resolve_name(self.registry))
+
+    def __str__(self) -> str:
+        return f"every registered {self.what}"
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,10 @@ class Preset:
     name: str
     summary: str
     options: dict[str, Any]  # "section.field" -> value or Every(...)
+
+    def describe(self) -> str:
+        """One line: what the preset is for and what it sets."""
+        return f"{self.summary} ({'; '.join(f'{k}: {v}' for k, v in self.options.items())})"
 
     def overrides(self) -> dict[str, Any]:
         """The options as a nested config dict, registries resolved."""
@@ -48,8 +56,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("full", "the paper's comparison: every registered evaluation method and every fine-tuning arm", {
-            "evaluate.methods": Every("tasks.evaluate.methods:REGISTRY"),
+        Preset("full", "the whole comparison: every baseline, ablation and CLEAR", {
+            "evaluate.methods": Every("tasks.evaluate.methods:REGISTRY", "evaluation method"),
         }),
     )
 }
@@ -57,7 +65,7 @@ PRESETS: dict[str, Preset] = {
 
 def preset_help() -> str:
     """The presets as one line each, for `--help` and `clearflow presets`."""
-    return "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
+    return "; ".join(f"{p.name}: {p.describe()}" for p in PRESETS.values())
 
 
 def get_preset(name: str) -> Preset:

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, CliVariadicArg, SettingsConfigDict
 
 import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
+from flows.presets import PRESETS, deep_update, preset_config, preset_help
 from flows.stages import ORDER, STAGES
 from tasks.core.config import RunConfig
 
@@ -20,26 +21,56 @@ StageName = Literal["ingest", "decompose", "activations", "probes", "finetune", 
 assert set(StageName.__args__) == set(ORDER), "StageName must list every stage"
 
 
-def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """A saved run config with only the options the user gave replaced (nested sections merged)."""
-    out = dict(base)
-    for k, v in new.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+PRESET_HELP = "Named set of options applied before the options given (`clearflow presets`): " + preset_help()
 
 
 class Run(RunConfig):
     """Run the whole pipeline (defaults: the offline known-facts benchmark on SmolLM2-135M)."""
 
     force: bool = Field(False, description="Re-run every stage even if its outputs are current.")
+    preset: str | None = Field(None, description=PRESET_HELP)
+
+    def given(self) -> dict[str, Any]:
+        """The run options given on the command line."""
+        return self.model_dump(mode="json", exclude_unset=True, exclude={"force", "preset", "seeds"})
 
     def cli_cmd(self) -> None:
         from flows.pipeline import pipeline_flow
 
-        cfg = RunConfig.model_validate(self.model_dump(exclude={"force"}))
+        cfg = preset_config(self.preset, self.given())
         report = pipeline_flow(cfg=cfg, force=self.force)
         print(f"\nreport: {report}")
         print(f"query it: clearflow sql \"select * from metrics\" --runs-dir {cfg.runs_dir}")
+
+
+class Sweep(Run):
+    """Run the comparison once per fine-tuning seed, sharing every stage before fine-tuning; aggregate over seeds.
+
+    --run names the sweep (a directory under --runs-dir holding one run per seed); the same command again resumes it.
+    """
+
+    seeds: CliVariadicArg[list[int]] = Field([0, 1, 2], description="Fine-tuning seeds, e.g. --seeds 0 1 2.")
+
+    def cli_cmd(self) -> None:
+        from flows.sweep import check_seeds, sweep_flow
+
+        preset_config(self.preset, self.given())  # a bad preset or option fails here, before any flow starts
+        check_seeds(self.seeds)
+        given = RunConfig.model_validate(self.given())  # knows which options were given: the preset fills the rest
+        report = Path(sweep_flow(cfg=given, seeds=self.seeds, preset=self.preset, force=self.force))
+        print(f"\nsweep report: {report}")
+        print(f"query it: clearflow sql \"select * from sweep_metrics\" --runs-dir {given.runs_dir}")
+        print(f"its seed runs: clearflow sql \"select * from all_metrics\" --runs-dir {report.parent}")
+
+
+class Presets(BaseModel):
+    """List the named option sets `--preset` accepts (flows/presets.py) and the options each sets now."""
+
+    def cli_cmd(self) -> None:
+        import json
+
+        for p in PRESETS.values():
+            print(f"{p.name}\n  {p.describe()}\n  options now: {json.dumps(p.overrides())}\n")
 
 
 class Stage(RunConfig):
@@ -60,7 +91,7 @@ class Stage(RunConfig):
         if saved is None and STAGES[self.name].upstream:
             raise FileNotFoundError(f"no run {self.run!r} under {base.runs_dir}: start one with `clearflow run`")
         saved = saved or {}
-        cfg = RunConfig.model_validate(_deep_update(saved, given))
+        cfg = RunConfig.model_validate(deep_update(saved, given))
         outputs = stage_flows()[self.name](cfg=cfg, force=self.force)
         for name, path in outputs.items():
             print(f"{name}: {path}")
@@ -70,7 +101,8 @@ class Sql(BaseModel):
     """Answer a read-only SQL query from the DuckDB catalog over the runs (views: items, sentences, ...)."""
 
     query: CliPositionalArg[str | None] = Field(
-        None, description="SQL; plain table names are the chosen run, all_<table> every run."
+        None, description="SQL; plain table names are the chosen run, all_<table> every run, sweep_metrics the"
+        " latest sweep's aggregate over seeds."
     )
     example: str | None = Field(None, description="Run a named example query instead (tasks/catalog/queries.py): "
                                 "layer_separation, nearest_statements, top_flagged.")
@@ -192,6 +224,8 @@ class Clearflow(BaseSettings):
     )
 
     run: CliSubCommand[Run]
+    sweep: CliSubCommand[Sweep]
+    presets: CliSubCommand[Presets]
     stage: CliSubCommand[Stage]
     sql: CliSubCommand[Sql]
     report: CliSubCommand[Report]

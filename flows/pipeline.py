@@ -7,6 +7,7 @@ import time
 
 from prefect import flow
 
+from flows.presets import with_preset
 from flows.runner import load_manifest, now, paths_of, resolve_run
 from flows.stages import ORDER
 from tasks.core.config import RunConfig
@@ -30,9 +31,10 @@ def finish_run(cfg: RunConfig, seconds: float) -> None:
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline_flow(cfg: RunConfig = RunConfig(), force: bool = False) -> str:
-    """Ingest, decompose, activations, probes, finetune, evaluate, report; returns the report's path."""
-    cfg = resolve_run(cfg)
+def pipeline_flow(cfg: RunConfig = RunConfig(), force: bool = False, preset: str | None = None) -> str:
+    """Ingest, decompose, activations, probes, finetune, evaluate, report (the preset's options under those `cfg`
+    sets); returns the report's path."""
+    cfg = resolve_run(with_preset(preset, cfg))
     t0 = time.perf_counter()
     for stage_flow in stage_flows().values():
         stage_flow(cfg=cfg, force=force)

@@ -180,6 +180,19 @@ COMPARISONS = pa.schema(
         pa.field("n_better", pa.int32()),
         pa.field("n_worse", pa.int32()),
         pa.field("p_mcnemar", pa.float64()),
+# A sweep's aggregate (not a run table: it lives in the sweep directory, over its seed runs' METRICS): one row per
+# method x subset x metric, with the mean and sample sd over the seeds where the metric is defined.
+SWEEP_METRICS = pa.schema(
+    [
+        pa.field("method", STR, nullable=False),
+        pa.field("condition", STR, nullable=False),
+        pa.field("knowledge", STR, nullable=False),
+        pa.field("metric", STR, nullable=False),  # em, f1, ps, po or mr: a metric column of METRICS
+        pa.field("mean", pa.float64()),  # over the seeds where the metric is defined (null: none)
+        pa.field("sd", pa.float64()),  # sample sd (ddof 1); null under two defined values
+        pa.field("n_seeds", pa.int32(), nullable=False),  # seeds where the metric is defined
+        pa.field("seeds", pa.list_(pa.int64()), nullable=False),  # every seed that evaluated the method, ascending
+        pa.field("values", pa.list_(pa.float64()), nullable=False),  # the metric of each of those seeds (null: undefined)
     ]
 )
 

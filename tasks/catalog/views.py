@@ -2,7 +2,9 @@
 
 `<table>` views show one run (default: the latest finished), `all_<table>` views every run with a `run`
 column; activations come with typed hive partitions (model VARCHAR, layer INTEGER), read where the activation
-store says its files are. Views hold absolute paths, so the catalog file can be opened from anywhere with any
+store says its files are. Sweeps over fine-tuning seeds (`clearflow sweep`) add `sweep_metrics` (the latest
+sweep) and `all_sweep_metrics` (every sweep, with a `sweep` column); a sweep directory is itself a runs
+directory of its seed runs. Views hold absolute paths, so the catalog file can be opened from anywhere with any
 DuckDB >= 2.0.
 """
 
@@ -20,6 +22,7 @@ import duckdb
 from schemas.tables import TABLES
 from tasks.core.activation_store import DUCKDB_HIVE, ActivationStore, tree_glob
 from tasks.core.storage import RunPaths, atomic_path
+from tasks.evaluate.seeds import SweepPaths
 
 ACTIVATION_GLOB = tree_glob(RunPaths(Path()).activations)  # every model's shards, relative to a run directory
 _READ_TYPES = {"SELECT", "EXPLAIN"}  # DESCRIBE / SHOW / SUMMARIZE parse as SELECT
@@ -53,10 +56,10 @@ def table_relpaths() -> dict[str, str]:
     return {name: RunPaths(Path()).table(name).as_posix() for name in TABLES}
 
 
-def _finished_at(root: Path) -> dt.datetime | None:
-    """manifest.json's finished_at, parsed; None when absent or unreadable."""
+def _finished_at(root: Path, record: str = "manifest.json") -> dt.datetime | None:
+    """The finished_at of a run's manifest.json (or a sweep's record), parsed; None when absent or unreadable."""
     try:
-        value = json.loads((root / "manifest.json").read_text()).get("finished_at")
+        value = json.loads((root / record).read_text()).get("finished_at")
         stamp = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
     except (OSError, ValueError, AttributeError):
         return None
@@ -83,6 +86,28 @@ def list_runs(runs_dir: Path) -> list[RunInfo]:
         if p.is_dir() and not p.name.startswith(".") and _is_run(p)
     ]
     return sorted(runs, key=lambda r: (r.order_key, r.name))
+
+
+def list_sweeps(runs_dir: Path) -> list[RunInfo]:
+    """Every sweep with an aggregate: runs_dir itself when it is one, and those directly under it; oldest first."""
+    runs_dir = Path(runs_dir).resolve()
+    if not runs_dir.is_dir():
+        return []
+    roots = [runs_dir] + [p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    record = SweepPaths(Path()).record.name
+    sweeps = [RunInfo(p.name, p, _finished_at(p, record), p.stat().st_mtime)
+              for p in roots if SweepPaths(p).metrics.exists()]
+    return sorted(sweeps, key=lambda r: (r.order_key, r.name))
+
+
+def _create_sweep_views(con: duckdb.DuckDBPyConnection, sweeps: list[RunInfo]) -> None:
+    """`sweep_metrics` over the latest sweep, `all_sweep_metrics` over every sweep, each with a `sweep` column."""
+    if not sweeps:
+        return
+    bodies = [f"SELECT {_lit(s.name)}::VARCHAR AS sweep, *"
+              f" FROM read_parquet({_lit(_check_path(SweepPaths(s.root).metrics))})" for s in sweeps]
+    con.execute(f"CREATE VIEW sweep_metrics AS {bodies[-1]}")
+    con.execute(f"CREATE VIEW all_sweep_metrics AS {' UNION ALL BY NAME '.join(bodies)}")
 
 
 def _has_activations(root: Path) -> bool:
@@ -131,10 +156,10 @@ def _sources(run: RunInfo) -> dict[str, tuple[str, bool]]:
 
 
 def _create_views(
-    con: duckdb.DuckDBPyConnection, runs: list[RunInfo], selected: RunInfo, runs_dir: Path | None
+    con: duckdb.DuckDBPyConnection, runs: list[RunInfo], selected: RunInfo | None, runs_dir: Path | None
 ) -> None:
     """`<table>` views over the selected run; `all_<table>` over every run (glob under runs_dir if given)."""
-    for name, (rel, hive) in _sources(selected).items():
+    for name, (rel, hive) in (_sources(selected) if selected else {}).items():
         con.execute(f"CREATE VIEW {name} AS {_run_view_sql(selected, rel, hive)}")
     present: dict[str, tuple[str, bool]] = {}
     for run in runs:
@@ -146,13 +171,13 @@ def _create_views(
             body = " UNION ALL BY NAME ".join(_run_view_sql(r, rel, hive) for r in runs if name in _sources(r))
         con.execute(f"CREATE VIEW all_{name} AS {body}")
     con.execute("CREATE TABLE runs (run VARCHAR, path VARCHAR, finished_at TIMESTAMPTZ, selected BOOLEAN)")
-    con.executemany(
-        "INSERT INTO runs VALUES (?, ?, ?, ?)",
-        [(r.name, r.root.as_posix(), r.finished_at, r.name == selected.name) for r in runs],
-    )
+    rows = [(r.name, r.root.as_posix(), r.finished_at, selected is not None and r.name == selected.name) for r in runs]
+    if rows:  # a runs directory may hold sweeps only
+        con.executemany("INSERT INTO runs VALUES (?, ?, ?, ?)", rows)
 
 
-def _write_catalog(db_path: Path, runs: list[RunInfo], selected: RunInfo, runs_dir: Path | None) -> Path:
+def _write_catalog(db_path: Path, runs: list[RunInfo], selected: RunInfo | None, runs_dir: Path | None,
+                   sweeps: list[RunInfo] | None = None) -> Path:
     """Build the catalog in a temp file beside db_path, then rename it over db_path."""
     db_path = Path(db_path)
     with atomic_path(db_path) as tmp:
@@ -160,6 +185,7 @@ def _write_catalog(db_path: Path, runs: list[RunInfo], selected: RunInfo, runs_d
         try:
             with duckdb.connect(str(tmp)) as con:
                 _create_views(con, runs, selected, runs_dir)
+                _create_sweep_views(con, sweeps or [])
                 con.execute("CHECKPOINT")
         finally:
             Path(f"{tmp}.wal").unlink(missing_ok=True)
@@ -179,11 +205,13 @@ def _select_run(runs: list[RunInfo], run: str | None) -> RunInfo:
 def build_catalog(runs_dir: Path, db_path: Path | None = None, run: str | None = None) -> Path:
     """(Re)create the runs catalog: views over the chosen run and over every run; returns its path."""
     runs_dir = Path(runs_dir).resolve()
-    runs = list_runs(runs_dir)
-    if not runs:
-        raise FileNotFoundError(f"no runs under {runs_dir}: run `clearflow run` first (or pass --runs-dir)")
-    selected = _select_run(runs, run)
-    return _write_catalog(Path(db_path) if db_path else runs_dir / "catalog.duckdb", runs, selected, runs_dir)
+    runs, sweeps = list_runs(runs_dir), list_sweeps(runs_dir)
+    if not runs and not sweeps:
+        raise FileNotFoundError(
+            f"no runs under {runs_dir}: run `clearflow run` or `clearflow sweep` first (or pass --runs-dir)"
+        )
+    selected = _select_run(runs, run) if runs or run else None
+    return _write_catalog(Path(db_path) if db_path else runs_dir / "catalog.duckdb", runs, selected, runs_dir, sweeps)
 
 
 def write_run_catalog(paths: RunPaths) -> Path:

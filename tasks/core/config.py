@@ -173,6 +173,10 @@ class FinetuneConfig(BaseModel):
         ["clear"], min_length=1, description="Fine-tuning arms trained, each its own adapter at adapters/<arm>/ on"
         " the same items, budget and seed (names registered in tasks/finetune/arms/, checked when the stage starts)."
     )
+    seed: int | None = Field(
+        None, description="Seed of the fine-tuning's random choices (train-item sample, LoRA init, data order);"
+        " None = the run's seed. `clearflow sweep` varies it, so the stages before fine-tuning are shared."
+    )
 
 
 class EvalConfig(BaseModel):
@@ -201,6 +205,11 @@ class EvalConfig(BaseModel):
         return self
     cad_alpha: float = Field(0.5, ge=0, description="CAD: next-token logits are (1 + alpha) x with context minus"
                              " alpha x without (0 = plain full-context greedy decoding).")
+    answer_cache: Path | None = Field(
+        None, description="Directory where base-model answers are kept by content (model, method, decoding, prompts,"
+        " generation options) and reused; `clearflow sweep` points it into the sweep, so its seeds generate the base"
+        " model's answers once. None = no reuse."
+    )
 
 
 class RunConfig(BaseModel):
@@ -232,6 +241,9 @@ class RunConfig(BaseModel):
     def digest(self, *sections: str) -> str:
         """Hash of the named sections (all when none) so a stage knows if its inputs changed."""
         data = self.model_dump(mode="json", exclude={"run", "runs_dir"})
+        del data["evaluate"]["answer_cache"]  # where answers are kept changes no answer
+        if data["finetune"]["seed"] is None:  # None = the run's seed: hashed as before the option existed
+            del data["finetune"]["seed"]
         if sections:
             data = {k: data.get(k) for k in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -242,6 +254,11 @@ class RunConfig(BaseModel):
         if unknown:
             raise ValueError(f"unknown config section(s) {unknown}; known: {list(type(self).model_fields)}")
         return ConfigView(self, tuple(sections), stage)
+
+
+def finetune_seed(cfg: RunConfig | ConfigView) -> int:
+    """The seed of the fine-tuning: its own when set (a sweep varies it), else the run's."""
+    return cfg.seed if cfg.finetune.seed is None else cfg.finetune.seed
 
 
 class UndeclaredConfigError(LookupError):

@@ -21,6 +21,7 @@ from tasks.core.config import RunConfig
 from tasks.core.models import load_model, load_tokenizer
 from tasks.core.chat import encode, render
 from tasks.core.prompts import item_question
+from tasks.evaluate.answer_cache import AnswerCache
 from tasks.evaluate.methods import Method, resolve_methods
 from tasks.evaluate.knowledge import CLOSED_BOOK, known_by_item, with_item_columns
 from tasks.evaluate.paired import comparisons, missing_references
@@ -178,13 +179,19 @@ def _answer_with_models(cfg: RunConfig, paths: RunPaths, methods: list[Method], 
     answers: dict[str, list[str]] = {}
     if not methods:
         return prompts, answers
-    tok = load_tokenizer(cfg.model)
+    tok, cache = load_tokenizer(cfg.model), AnswerCache.of(cfg)
     for weights in dict.fromkeys(m.weights for m in methods):  # in method order, each weights loaded once
         group = [m for m in methods if m.weights == weights]
-        model = load_model(cfg.model) if weights == "base" else _load_adapter(cfg, paths, group[0].arm)
+        model = None  # loaded when a method of the group has no kept answers
         for m in group:
             prompts[m.name] = build_prompts(m, items, tok, marked)
-            answers[m.name] = _answer(m, model, tok, prompts[m.name], items, cfg, paths)
+            answers[m.name] = cache.get(cfg, m, prompts[m.name]) if cache else None
+            if answers[m.name] is None:
+                if model is None:
+                    model = load_model(cfg.model) if weights == "base" else _load_adapter(cfg, paths, group[0].arm)
+                answers[m.name] = _answer(m, model, tok, prompts[m.name], items, cfg, paths)
+                if cache:
+                    cache.put(cfg, m, prompts[m.name], answers[m.name])
         model = None
         _release_memory()
     return prompts, answers

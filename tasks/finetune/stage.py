@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tasks.core.config import RunConfig
+from tasks.core.config import RunConfig, finetune_seed
 from tasks.core.marking import context_units
 from tasks.core.models import load_model, load_tokenizer
 from tasks.core.storage import RunPaths, read_table, write_json
@@ -60,15 +60,16 @@ def train_arm(cfg: RunConfig, paths: RunPaths, arm: Arm, train_items: Sequence[T
     sizes = _data_log(arm, train_items, examples, lam)
     log.info("finetune %s: %d items (%d with a marked span), %d truncated from the left to %d tokens", arm.name,
              sizes["n_items"], sizes["n_marked"], sizes["n_truncated"], fcfg.max_length)
-    model, targets = lora_model(cfg.model, fcfg, cfg.seed)
-    hist = train(model, examples, fcfg, lam, cfg.seed, desc=f"finetune {arm.name}")
+    seed = finetune_seed(cfg)
+    model, targets = lora_model(cfg.model, fcfg, seed)
+    hist = train(model, examples, fcfg, lam, seed, desc=f"finetune {arm.name}")
     train_log = {
         **sizes,
         **history_summary(hist),
         "lr": fcfg.lr,
         "target_modules": targets,
         "model": cfg.model.name,
-        "seed": cfg.seed,
+        "seed": seed,
         "config": fcfg.model_dump(mode="json"),
     }
     model.eval()
@@ -93,10 +94,11 @@ def run_finetune(cfg: RunConfig, paths: RunPaths) -> None:
     fcfg = cfg.finetune
     arms = resolve_arms(fcfg.arms)
     items = read_table(paths.table("items"))
-    selected = select_train_items(items, fcfg.max_items, cfg.seed)
+    seed = finetune_seed(cfg)
+    selected = select_train_items(items, fcfg.max_items, seed)
     units = context_units(paths)
     tok = load_tokenizer(cfg.model)
-    data = {arm.name: arm_items(arm, selected, items, units, cfg.seed) for arm in arms}  # every refusal before training
+    data = {arm.name: arm_items(arm, selected, items, units, seed) for arm in arms}  # every refusal before training
     examples = {arm.name: arm_examples(arm, data[arm.name], tok, fcfg.max_length) for arm in arms}
     unsentenced = sum(i not in units for i in selected["item_id"].to_list())
     if unsentenced and any(a.marked for a in arms):

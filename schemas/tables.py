@@ -180,6 +180,9 @@ COMPARISONS = pa.schema(
         pa.field("n_better", pa.int32()),
         pa.field("n_worse", pa.int32()),
         pa.field("p_mcnemar", pa.float64()),
+    ]
+)
+
 # A sweep's aggregate (not a run table: it lives in the sweep directory, over its seed runs' METRICS): one row per
 # method x subset x metric, with the mean and sample sd over the seeds where the metric is defined.
 SWEEP_METRICS = pa.schema(

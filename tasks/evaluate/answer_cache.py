@@ -20,7 +20,7 @@ from tasks.core.models import model_fingerprint
 from tasks.core.storage import write_json
 from tasks.evaluate.methods import Method
 
-NOT_GENERATION = ("methods", "split", "bootstrap", "answer_cache")  # evaluate options no answer to a prompt depends on
+NOT_GENERATION = ("methods", "split", "bootstrap", "answer_cache", "references")  # evaluate options no answer to a prompt depends on
 
 
 def kept(method: Method) -> bool:

@@ -70,3 +70,15 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture()
+def one_thread():
+    """Torch on one thread for a test: the tiny model gains nothing from threads, and on a busy machine two
+    threads ran ~10x slower (measured)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -32,13 +32,7 @@ ENDINGS = ["Rome", "Ada", "Milan", "Danube"]  # the random model repeats a promp
 LAYER = 2  # the tiny model has 4 layers: the only latter-half candidate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model gains nothing from threads (and is much slower with them on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

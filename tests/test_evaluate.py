@@ -22,13 +22,7 @@ DEFAULT = ["closed_book", "lexical_copy", "full_context", "clear", "clear_unmark
 FLAGGED = "The Eiffel Tower is in Rome."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model gains nothing from threads, and on a busy machine two threads ran ~10x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _item(i: int, split: str) -> dict:

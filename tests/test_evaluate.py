@@ -83,7 +83,7 @@ def _save_random_adapter(cfg, paths) -> None:
 
 def test_unknown_method_is_refused_with_known_list(tiny_cfg, run_paths):
     cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"methods": ["full_context", "cat"]})})
-    with pytest.raises(ValueError, match=r"unknown evaluation method.*'cat'.*known: \['cad', 'clear', 'clear_unmarked'"):
+    with pytest.raises(ValueError, match=r"unknown evaluation method.*'cat'.*known: \['cad', 'clear', 'clear_markers_only'"):
         ev.run_evaluate(cfg, run_paths)
 
 

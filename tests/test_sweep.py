@@ -99,8 +99,8 @@ def test_upstream_stages_run_once_and_finetuning_per_seed(swept):
         assert "shared_from" not in one["stages"][name]
     assert zero["config"]["finetune"]["seed"] == 0 and one["config"]["finetune"]["seed"] == 1
     logs = [json.loads(sweep.run(s).train_log.read_text()) for s in SEEDS]
-    assert [log["seed"] for log in logs] == SEEDS
-    adapters = [_manifest(sweep, s)["stages"]["finetune"]["outputs"]["adapter"]["sha256"] for s in SEEDS]
+    assert [log["clear"]["seed"] for log in logs] == SEEDS  # adapters/train_log.json: one log per arm
+    adapters = [_manifest(sweep, s)["stages"]["finetune"]["outputs"]["adapters"]["sha256"] for s in SEEDS]
     assert adapters[0] != adapters[1]  # another LoRA init and data order: another adapter
     for s in SEEDS:  # every seed run is complete: its quality results too
         for table in ("items", "sentences", "sentence_scores", "metrics"):

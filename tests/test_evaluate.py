@@ -289,7 +289,7 @@ def test_metrics_per_condition_and_knowledge(tiny_cfg, run_with_items, monkeypat
     from tasks.core.quality import validate
 
     paired = read_table(run_with_items.table("comparisons"))
-    assert set(paired["reference"]) == {"full_context"} and cfg.evaluate.references == ["full_context", "sft"]
+    assert set(paired["reference"]) == {"full_context"} and cfg.evaluate.references == ["full_context", "sft", "clear"]
     assert set(paired.select("method", "condition", "knowledge").iter_rows()) == {
         (m, *s) for m in ("closed_book", "lexical_copy") for s in subsets}
     assert validate("comparisons", run_with_items)["success"]

@@ -190,7 +190,7 @@ def test_a_reference_not_evaluated_is_skipped_and_the_report_says_so():
 def test_references_default_and_a_reference_named_twice_is_refused():
     from tasks.core.config import RunConfig
 
-    assert RunConfig().evaluate.references == ["full_context", "sft"]
+    assert RunConfig().evaluate.references == ["full_context", "sft", "clear"]
     with pytest.raises(ValueError, match=r"evaluate.references names \['full_context'\] more than once; give each"):
         RunConfig.model_validate({"evaluate": {"references": ["full_context", "sft", "full_context"]}})
 

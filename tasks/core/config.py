@@ -191,9 +191,10 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="Prompts per generate call (length-sorted, left-padded).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals.")
     references: list[str] = Field(
-        ["full_context", "sft"], description="Methods every evaluated method is paired with (the comparisons"
-        " table: paired differences, bootstrap CIs, McNemar p); one not evaluated in the run is skipped, and the"
-        " report says so."
+        ["full_context", "sft", "clear"], description="Methods every evaluated method is paired with (the"
+        " comparisons table: paired differences, bootstrap CIs, McNemar p): the plain-RAG baseline, plain"
+        " fine-tuning, and CLEAR (so each ablation is judged against it); one not evaluated in the run is skipped,"
+        " and the report says so."
     )
 
     @model_validator(mode="after")

@@ -35,7 +35,8 @@ from tasks.core.config import FinetuneConfig, RunConfig
 from tasks.core.prompts import mark_context
 from tasks.core.models import load_model, load_tokenizer
 from tasks.evaluate.methods import REGISTRY
-from tasks.evaluate.stage import build_prompts, first_line, generate
+from tasks.evaluate.decoding_loop import first_line, generate
+from tasks.evaluate.stage import build_prompts
 from tasks.ingest.stage import ingest
 from timing import interleaved_rates, machine_note  # benchmarks/timing.py (the script's own folder is on sys.path)
 

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from schemas.tables import ITEMS, METRICS, PREDICTIONS, SENTENCE_SCORES, SENTENCES
+import tasks.evaluate.decoding_loop as dl
 import tasks.evaluate.stage as ev
+from tasks.core.chat import encode, render
+from tasks.core.prompts import qa_messages
 from tasks.core.storage import read_table, text_key, write_parquet
 from tasks.evaluate.comparison import overall
 
@@ -105,53 +108,54 @@ def test_empty_split_is_refused(tiny_cfg, run_with_items):
 
 
 def test_first_line_and_eos_cut():
-    assert ev.first_line("\n\n  Rome  \nBecause the context says so.") == "Rome"
-    assert ev.first_line(" \n ") == ""
-    assert ev._cut_at_eos([5, 6, 2, 7, 2], {2}) == [5, 6]
-    assert ev._cut_at_eos([5, 6], {2}) == [5, 6]
+    assert dl.first_line("\n\n  Rome  \nBecause the context says so.") == "Rome"
+    assert dl.first_line(" \n ") == ""
+    assert dl.cut_at_eos([5, 6, 2, 7, 2], {2}) == [5, 6]
+    assert dl.cut_at_eos([5, 6], {2}) == [5, 6]
 
 
 def test_first_line_stop_criterion(tiny_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    prompt = tok("Q:")["input_ids"]
     rows = [tok(t)["input_ids"] for t in ("\nRome\n", "\n", " Rome")]
-    width = max(map(len, rows))
-    ids = torch.tensor([prompt + r + [tok.eos_token_id] * (width - len(r)) for r in rows])
-    assert ev.FirstLineDone(tok, len(prompt))(ids, None).tolist() == [True, False, False]
+    assert [dl.line_complete(tok, r) for r in rows] == [True, False, False]
 
 
-class _EchoModel:
-    """Fake LM whose answer is the last prompt token twice, then EOS and junk: shows which prompt each answer got."""
-
-    device = torch.device("cpu")
-    generation_config = None
-
-    def __init__(self, eos: int):
-        self.eos, self.calls = eos, []
-
-    def generate(self, input_ids, attention_mask, **kwargs):
-        self.calls.append(kwargs)
-        last = input_ids[:, -1:]
-        junk = torch.full_like(last, 42)
-        return torch.cat([input_ids, last, last, torch.full_like(last, self.eos), junk], dim=1)
+def _hf_first_lines(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The independent route: transformers' own `generate`, one prompt at a time (no padding, no shared prefix, no
+    early stop but EOS), each answer cut at EOS and to its first line."""
+    eos, out = dl.eos_ids(model, tok), []
+    for p in prompts:
+        ids = torch.tensor([encode(tok, p)["input_ids"]])
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id)
+        out.append(dl.first_line(tok.decode(dl.cut_at_eos(gen[0, ids.shape[1]:].tolist(), eos),
+                                            skip_special_tokens=True)))
+    return out
 
 
-def test_generate_batches_by_length_and_keeps_input_order(tiny_model):
-    from transformers import AutoTokenizer
+@pytest.mark.usefixtures("one_thread")
+def test_generate_equals_one_prompt_at_a_time_generate(tiny_model):
+    """Length-sorted batches, the shared prefix fed once and rows leaving the batch when done change no answer:
+    every answer equals transformers' `generate` on that prompt alone, in input order, whatever the batch size."""
+    from tasks.core.config import ModelConfig
+    from tasks.core.models import load_model, load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    tok.chat_template = None  # plain text prompts: encode adds no special tokens of its own here
-    words = ["alpha", "beta gamma delta epsilon zeta", "eta", "theta iota kappa", "lambda mu"]
-    prompts = [f"say {w} banana" if i % 2 else f"say {w} apple" for i, w in enumerate(words)]
-    model = _EchoModel(tok.eos_token_id)
-    out = ev.generate(model, tok, prompts, max_new_tokens=7, batch_size=2, desc="echo")
-    expected = [tok.decode([tok(p)["input_ids"][-1]] * 2).strip() for p in prompts]
-    assert out == expected
-    assert len(model.calls) == 3
-    assert all(c["do_sample"] is False and c["max_new_tokens"] == 7 for c in model.calls)
-    assert tok.padding_side == "left"
+    cfg = ModelConfig(name=tiny_model)
+    model, tok = load_model(cfg), load_tokenizer(cfg)
+    words = ["alpha", "beta gamma delta epsilon zeta", "eta", "theta iota kappa", "lambda mu", "nu"]
+    prompts = [render(tok, qa_messages(f"What comes after {w}?", f"The list reads {w}.")) + w for w in words]
+    ids = dl.token_ids(tok, prompts)
+    assert len(dl.Prefix.shared(model, ids).ids) > 5  # the system prompt and "Context: " are shared
+    # the random model repeats a prompt's last token: one more EOS (ids[2] ends in "eta") ends some rows at once
+    model.generation_config.eos_token_id = [tok.eos_token_id, ids[2][-1]]
+    expected = _hf_first_lines(model, tok, prompts, 6)
+    assert len(set(expected)) > 1  # the prompts get different answers: an order mix-up would show
+    trace: dict = {}
+    for batch_size in (1, 4, 6):
+        assert dl.generate(model, tok, prompts, 6, batch_size, trace=trace) == expected
+    assert len({len(steps) for steps in trace.values()}) > 1  # rows ended at different steps: some left early
 
 
 def test_scores_follow_predictions(tiny_cfg, run_with_items, monkeypatch):

@@ -13,7 +13,7 @@ from tasks.core.chat import render
 from tasks.core.prompts import item_question
 from tasks.core.storage import RunPaths
 from tasks.evaluate.decoding_lfd import answer_lfd
-from tasks.evaluate.decoding_loop import Stream, Trace, decode_batched
+from tasks.evaluate.decoding_loop import Decoder, Trace, decode_batched, streams
 from tasks.evaluate.methods import Method
 from tasks.evaluate.methods.closed_book import messages as question_only
 
@@ -30,11 +30,13 @@ def decode_cad(model, tokenizer, with_context: Sequence[str], without_context: S
     if len(with_context) != len(without_context):
         raise ValueError(f"CAD needs one context-free prompt per prompt: {len(with_context)} vs {len(without_context)}")
 
-    def start(idx: list[int]):
-        ctx = Stream(model, tokenizer, [with_context[i] for i in idx])
-        bare = Stream(model, tokenizer, [without_context[i] for i in idx])
-        return (lambda: cad_scores(ctx.logits, bare.logits, alpha),
-                lambda tokens: (ctx.advance(tokens), bare.advance(tokens)))
+    open_ctx, open_bare = streams(model, tokenizer, with_context), streams(model, tokenizer, without_context)
+
+    def start(idx: list[int]) -> Decoder:
+        ctx, bare = open_ctx(idx), open_bare(idx)
+        return Decoder(lambda: cad_scores(ctx.logits, bare.logits, alpha),
+                       lambda tokens: (ctx.advance(tokens), bare.advance(tokens)),
+                       lambda rows: (ctx.keep(rows), bare.keep(rows)))
 
     return decode_batched(model, tokenizer, with_context, batch_size, max_new_tokens, start, trace, desc="cad")
 

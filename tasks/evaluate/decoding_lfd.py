@@ -25,7 +25,7 @@ from tasks.activations.extraction import _block_output, inner_decoder
 from tasks.core.chat import encode
 from tasks.core.models import decoder_layers
 from tasks.core.storage import RunPaths, read_table, write_parquet
-from tasks.evaluate.decoding_loop import Stream, Trace, decode_batched
+from tasks.evaluate.decoding_loop import Decoder, Trace, decode_batched, streams
 from tasks.evaluate.methods import Method
 from tasks.evaluate.stage import build_prompts
 
@@ -148,9 +148,11 @@ def decode_lfd(model: nn.Module, tokenizer, prompts: Sequence[str], layer: int, 
     def keep_last(_module, _inputs, output):
         seen["hidden"] = _block_output(output)[:, -1]
 
-    def start(idx: list[int]):
-        stream = Stream(model, tokenizer, [prompts[i] for i in idx])
-        return (lambda: lfd_scores(stream.logits, logit_lens(model, seen["hidden"]))), stream.advance
+    open_stream = streams(model, tokenizer, prompts)
+
+    def start(idx: list[int]) -> Decoder:
+        stream = open_stream(idx)
+        return Decoder(lambda: lfd_scores(stream.logits, logit_lens(model, seen["hidden"])), stream.advance, stream.keep)
 
     handle = decoder_layers(model)[layer].register_forward_hook(keep_last)
     try:

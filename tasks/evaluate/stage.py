@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Sequence
 
 import polars as pl
 import torch
-from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from schemas.tables import COMPARISONS, LFD_LAYERS, METRICS, PREDICTIONS
 from tasks.core.config import RunConfig
 from tasks.core.models import load_model, load_tokenizer
-from tasks.core.chat import encode, render
+from tasks.core.chat import render
 from tasks.core.prompts import item_question
 from tasks.evaluate.answer_cache import AnswerCache
+from tasks.evaluate.decoding_loop import generate
 from tasks.evaluate.methods import Method, resolve_methods
 from tasks.evaluate.knowledge import CLOSED_BOOK, known_by_item, with_item_columns
 from tasks.evaluate.paired import comparisons, missing_references
@@ -29,68 +27,6 @@ from tasks.evaluate.scoring import method_metrics, score_prediction
 from tasks.core.storage import RunPaths, read_table, to_arrow, write_parquet
 
 log = logging.getLogger(__name__)
-
-
-def first_line(text: str) -> str:
-    """The answer is the first non-empty line: models often add an explanation after it."""
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-class FirstLineDone(StoppingCriteria):
-    """Per-row stop once the generated text holds a complete non-empty line: nothing after it is ever used."""
-
-    def __init__(self, tokenizer, prompt_len: int):
-        self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
-        done = ["\n" in t.lstrip() for t in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    """Every token id that ends an answer (the tokenizer's EOS and the generation config's, which may be a list)."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return {i for i in ids if i is not None}
-
-
-def _cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    """Tokens before the first EOS: whatever a batch pads or generates after it is not the answer."""
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[:i]
-    return tokens
-
-
-@torch.inference_mode()
-def generate(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int, desc: str = "generate"
-) -> list[str]:
-    """Greedy answers (first non-empty line) to rendered prompts, batched by length with left padding, in input order."""
-    tokenizer.padding_side = "left"  # the new tokens must follow each prompt directly
-    lengths = [len(encode(tokenizer, p)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    eos = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
-    out: list[str] = [""] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        idx = order[start : start + batch_size]
-        enc = encode(tokenizer, [prompts[i] for i in idx], padding=True, return_tensors="pt").to(model.device)
-        width = enc["input_ids"].shape[1]
-        generated = model.generate(
-            **enc,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            stopping_criteria=StoppingCriteriaList([FirstLineDone(tokenizer, width)]),
-        )
-        for row, i in enumerate(idx):
-            new = _cut_at_eos(generated[row, width:].tolist(), eos)
-            out[i] = first_line(tokenizer.decode(new, skip_special_tokens=True))
-    return out
 
 
 def item_context(method: Method, item: dict, marked: dict[str, str] | None) -> str | None:

@@ -136,9 +136,10 @@ def _hf_first_lines(model, tok, prompts: list[str], max_new_tokens: int) -> list
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_generate_equals_one_prompt_at_a_time_generate(tiny_model):
-    """Length-sorted batches, the shared prefix fed once and rows leaving the batch when done change no answer:
-    every answer equals transformers' `generate` on that prompt alone, in input order, whatever the batch size."""
+def test_generate_equals_one_prompt_at_a_time_generate(tiny_model, monkeypatch):
+    """Length-sorted batches, the shared prefix fed once, rows leaving the batch when done and prompts joining rows
+    still answering change no answer: every answer equals transformers' `generate` on that prompt alone, in input
+    order, whatever the batch size."""
     from tasks.core.config import ModelConfig
     from tasks.core.models import load_model, load_tokenizer
 
@@ -152,9 +153,12 @@ def test_generate_equals_one_prompt_at_a_time_generate(tiny_model):
     model.generation_config.eos_token_id = [tok.eos_token_id, ids[2][-1]]
     expected = _hf_first_lines(model, tok, prompts, 6)
     assert len(set(expected)) > 1  # the prompts get different answers: an order mix-up would show
+    merges, merge = [], dl.Stream.merge
+    monkeypatch.setattr(dl.Stream, "merge", lambda self, other: merges.append(len(other.logits)) or merge(self, other))
     trace: dict = {}
-    for batch_size in (1, 4, 6):
+    for batch_size in (1, 2, 4, 6):
         assert dl.generate(model, tok, prompts, 6, batch_size, trace=trace) == expected
+    assert merges  # at batch 2 (or 4), a prompt joined a row still answering
     assert len({len(steps) for steps in trace.values()}) > 1  # rows ended at different steps: some left early
 
 

@@ -33,10 +33,7 @@ def decode_cad(model, tokenizer, with_context: Sequence[str], without_context: S
     open_ctx, open_bare = streams(model, tokenizer, with_context), streams(model, tokenizer, without_context)
 
     def start(idx: list[int]) -> Decoder:
-        ctx, bare = open_ctx(idx), open_bare(idx)
-        return Decoder(lambda: cad_scores(ctx.logits, bare.logits, alpha),
-                       lambda tokens: (ctx.advance(tokens), bare.advance(tokens)),
-                       lambda rows: (ctx.keep(rows), bare.keep(rows)))
+        return Decoder([open_ctx(idx), open_bare(idx)], lambda s: cad_scores(s[0].logits, s[1].logits, alpha))
 
     return decode_batched(model, tokenizer, with_context, batch_size, max_new_tokens, start, trace, desc="cad")
 

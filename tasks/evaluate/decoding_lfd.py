@@ -148,11 +148,10 @@ def decode_lfd(model: nn.Module, tokenizer, prompts: Sequence[str], layer: int, 
     def keep_last(_module, _inputs, output):
         seen["hidden"] = _block_output(output)[:, -1]
 
-    open_stream = streams(model, tokenizer, prompts)
+    open_stream = streams(model, tokenizer, prompts, capture=lambda: seen["hidden"])
 
     def start(idx: list[int]) -> Decoder:
-        stream = open_stream(idx)
-        return Decoder(lambda: lfd_scores(stream.logits, logit_lens(model, seen["hidden"])), stream.advance, stream.keep)
+        return Decoder([open_stream(idx)], lambda s: lfd_scores(s[0].logits, logit_lens(model, s[0].extra)))
 
     handle = decoder_layers(model)[layer].register_forward_hook(keep_last)
     try:

@@ -7,7 +7,7 @@ ARGS    ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test setup clean-runs
+.PHONY: run compare test setup clean-runs
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/clearflow run $(ARGS)
+
+# The full comparison (issue 10): every method and fine-tuning arm, once per fine-tuning seed, in data/runs/compare.
+SEEDS   ?= 0 1 2
+compare: $(STAMP)
+	$(BIN)/clearflow sweep --run compare --seeds $(SEEDS) --preset full $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -151,10 +151,12 @@ def aggregate(sweep_dir: str, seeds: list[int]) -> bool:
     record = json.loads(sweep.record.read_text())
     inputs = {str(s): _metrics_hash(sweep.run(s)) for s in sorted(seeds)}
     done = record.get("aggregate", {})
-    if done.get("inputs") == inputs and sweep.metrics.exists() and sweep.report.exists():
+    if done.get("inputs") == inputs and all(p.exists() for p in (sweep.metrics, sweep.comparisons, sweep.report)):
         log.info("aggregate   up to date, skipped")
         return False
-    write_aggregate(sweep, seeds, f"Sweep {record['sweep']}")
+    evaluate = RunConfig.model_validate(record["config"]).evaluate
+    write_aggregate(sweep, seeds, f"Sweep {record['sweep']}", evaluate.references, evaluate.bootstrap,
+                    record["config"]["seed"])
     record.update(aggregate={"inputs": inputs, "finished_at": now()}, finished_at=now())
     write_json(record, sweep.record)
     return True

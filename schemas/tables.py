@@ -200,6 +200,20 @@ SWEEP_METRICS = pa.schema(
 )
 
 
+# A sweep's paired comparisons (sweep directory, over its seed runs' PREDICTIONS): COMPARISONS' rows with every seed's
+# answers on an item taken together (tasks/evaluate/seed_pairs.py): per-item scores are means over the seeds.
+SWEEP_COMPARISONS = pa.schema(
+    [
+        *(f for f in COMPARISONS if f.name not in ("n_better", "n_worse", "p_mcnemar")),
+        pa.field("n_seeds", pa.int32(), nullable=False),  # seeds that evaluated both methods
+        pa.field("n_better", pa.int32()),  # items whose seed-mean score is higher for the method (binary metrics)
+        pa.field("n_worse", pa.int32()),  # ... lower
+        pa.field("p_exact", pa.float64()),  # exact sign-flip test over items (p_s, EM); McNemar's with one seed
+        pa.field("seed_diffs", pa.list_(pa.float64()), nullable=False),  # each seed's own difference (seed order)
+        pa.field("seed_p_mcnemar", pa.list_(pa.float64()), nullable=False),  # each seed's McNemar p (null: none)
+    ]
+)
+
 def activations_schema(dim: int, value_type: pa.DataType = pa.float32()) -> pa.Schema:
     """Schema of one activation shard; the layer lives in the hive path, not in the file."""
     return pa.schema(

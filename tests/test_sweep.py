@@ -265,3 +265,20 @@ def test_answer_cache_keys_what_decides_an_answer(tiny_model, tmp_path):
     assert cache.get(longer, base, ["p1", "p2"]) is None
     assert cache.get(resampled, base, ["p1", "p2"]) == ["a1", "a2"]  # resampling changes no answer
     assert AnswerCache.of(RunConfig()) is None
+
+
+def test_sweep_comparisons_pair_every_seed_answer(swept):
+    """The sweep's paired table holds each seed run's pairs, subsets and metrics once, with both seeds' own
+    differences; on the same items the difference of seed means is the mean of the seeds' differences."""
+    from tasks.catalog.views import query
+
+    cfg, sweep, _, _ = swept
+    table = pl.read_parquet(sweep.comparisons)
+    seed_tables = [pl.read_parquet(sweep.run(s).table("comparisons")) for s in SEEDS]
+    assert table.height == seed_tables[0].height > 0
+    for r in table.filter(pl.col("metric") != "mr").iter_rows(named=True):  # MR is a ratio: not linear in seeds
+        assert r["n_seeds"] == len(SEEDS) and len(r["seed_diffs"]) == len(SEEDS)
+        assert r["diff"] == pytest.approx(sum(r["seed_diffs"]) / len(SEEDS), abs=1e-12)
+    assert "## Paired comparisons over seeds" in sweep.report.read_text()
+    _, rows = query("select count(*) from sweep_comparisons", cfg.runs_dir)
+    assert rows[0][0] == table.height

@@ -2,9 +2,9 @@
 
 `<table>` views show one run (default: the latest finished), `all_<table>` views every run with a `run`
 column; activations come with typed hive partitions (model VARCHAR, layer INTEGER), read where the activation
-store says its files are. Sweeps over fine-tuning seeds (`clearflow sweep`) add `sweep_metrics` (the latest
-sweep) and `all_sweep_metrics` (every sweep, with a `sweep` column); a sweep directory is itself a runs
-directory of its seed runs. Views hold absolute paths, so the catalog file can be opened from anywhere with any
+store says its files are. Sweeps over fine-tuning seeds (`clearflow sweep`) add `sweep_metrics` and
+`sweep_comparisons` (the latest sweep) and `all_sweep_metrics`, `all_sweep_comparisons` (every sweep, with a
+`sweep` column); a sweep directory is itself a runs directory of its seed runs. Views hold absolute paths, so the catalog file can be opened from anywhere with any
 DuckDB >= 2.0.
 """
 
@@ -101,13 +101,15 @@ def list_sweeps(runs_dir: Path) -> list[RunInfo]:
 
 
 def _create_sweep_views(con: duckdb.DuckDBPyConnection, sweeps: list[RunInfo]) -> None:
-    """`sweep_metrics` over the latest sweep, `all_sweep_metrics` over every sweep, each with a `sweep` column."""
-    if not sweeps:
-        return
-    bodies = [f"SELECT {_lit(s.name)}::VARCHAR AS sweep, *"
-              f" FROM read_parquet({_lit(_check_path(SweepPaths(s.root).metrics))})" for s in sweeps]
-    con.execute(f"CREATE VIEW sweep_metrics AS {bodies[-1]}")
-    con.execute(f"CREATE VIEW all_sweep_metrics AS {' UNION ALL BY NAME '.join(bodies)}")
+    """`sweep_metrics` and `sweep_comparisons` over the latest sweep, `all_sweep_*` over every sweep, each with a
+    `sweep` column (a sweep aggregated before sweep_comparisons existed has none until it is aggregated again)."""
+    for name in ("metrics", "comparisons"):
+        paths = [(s.name, getattr(SweepPaths(s.root), name)) for s in sweeps]
+        bodies = [f"SELECT {_lit(sweep)}::VARCHAR AS sweep, * FROM read_parquet({_lit(_check_path(path))})"
+                  for sweep, path in paths if path.exists()]
+        if bodies:
+            con.execute(f"CREATE VIEW sweep_{name} AS {bodies[-1]}")
+            con.execute(f"CREATE VIEW all_sweep_{name} AS {' UNION ALL BY NAME '.join(bodies)}")
 
 
 def _has_activations(root: Path) -> bool:

@@ -117,9 +117,9 @@ def comparison_cell(row: dict | None) -> str:
     return signed_points(row["diff"], row["lo"], row["hi"]) + (f", {test}" if test else "")
 
 
-def metric_verdict(row: dict) -> str:
+def metric_verdict(row: dict, test: str = "McNemar") -> str:
     """The words for one metric of one pair, from its paired CI only: 'no measurable effect' exactly when it
-    contains 0, else the direction and the size."""
+    contains 0, else the direction and the size (with the named paired test's p)."""
     name, points = METRIC_LABELS[row["metric"]], signed_points(row["diff"], row["lo"], row["hi"])
     if missing(row["diff"]):
         return f"{name} not defined (one of the two states neither answer on every item)"
@@ -127,10 +127,10 @@ def metric_verdict(row: dict) -> str:
         return f"{name} {points} (no interval: bootstrap off)"
     if row["lo"] <= 0 <= row["hi"]:
         return f"no measurable effect on {name} ({points})"
-    test = p_value(row["p_mcnemar"])
+    p = p_value(row["p_mcnemar"])
     direction = "higher" if row["lo"] > 0 else "lower"
     return (f"{name} {direction} by {abs(100 * row['diff']):.1f} points "
-            f"[{100 * row['lo']:+.1f}, {100 * row['hi']:+.1f}]" + (f", McNemar {test}" if test else ""))
+            f"[{100 * row['lo']:+.1f}, {100 * row['hi']:+.1f}]" + (f", {test} {p}" if p else ""))
 
 
 def _by_metric(rows: pl.DataFrame) -> dict[tuple, dict[str, dict]]:
@@ -141,10 +141,10 @@ def _by_metric(rows: pl.DataFrame) -> dict[tuple, dict[str, dict]]:
     return out
 
 
-def verdict_line(method: str, reference: str, metrics: dict[str, dict]) -> str:
+def verdict_line(method: str, reference: str, metrics: dict[str, dict], test: str = "McNemar") -> str:
     """One bullet: method vs reference over every item, each metric's verdict in PAIRED_METRICS order."""
     n = metrics.get("em", next(iter(metrics.values())))["n"]  # EM is over every item of the subset
-    words = "; ".join(metric_verdict(metrics[m]) for m in PAIRED_METRICS if m in metrics)
+    words = "; ".join(metric_verdict(metrics[m], test) for m in PAIRED_METRICS if m in metrics)
     return f"- **{capitalised(label(method))} vs {label(reference)}** (n = {n}): {words}."
 
 
@@ -158,7 +158,7 @@ def _cells(metrics: dict[str, dict]) -> list[str]:
 HEADER = ["n", "n cf", *(METRIC_LABELS[m] for m in PAIRED_METRICS)]
 
 
-def _overall(comparisons: pl.DataFrame, reference: str) -> list[str]:
+def against_reference(comparisons: pl.DataFrame, reference: str, test: str = "McNemar") -> list[str]:
     """Heading, table and verdict lines of every method against one reference, over every item."""
     rows = comparisons.filter((pl.col("reference") == reference) & (pl.col("condition") == ALL)
                               & (pl.col("knowledge") == ALL))
@@ -167,7 +167,7 @@ def _overall(comparisons: pl.DataFrame, reference: str) -> list[str]:
         return [f"### Against {label(reference)}", "No other method was evaluated: nothing to compare with."]
     table = md_table(["method", *HEADER], [[label(m), *_cells(v)] for (m, _, _), v in pairs.items()])
     return [f"### Against {label(reference)}", table,
-            "\n".join(verdict_line(m, reference, v) for (m, _, _), v in pairs.items())]
+            "\n".join(verdict_line(m, reference, v, test) for (m, _, _), v in pairs.items())]
 
 
 def skipped_note(evaluated: list[str], references: list[str]) -> str | None:
@@ -192,7 +192,7 @@ def section_paired(comparisons: pl.DataFrame | None, evaluated: list[str], refer
         parts.append(f"No reference was evaluated (references: {', '.join(f'`{r}`' for r in references) or 'none'}),"
                      " so nothing is compared.")
     for reference in present:
-        parts += _overall(comparisons, reference)
+        parts += against_reference(comparisons, reference)
     return "\n\n".join(parts)
 
 
@@ -231,7 +231,7 @@ def paired_statement(paired: pl.DataFrame, a: str = "clear", b: str = "full_cont
     return f"{capitalised(label(a))} vs {label(b)}, paired per-item difference: {'; '.join(parts)}."
 
 
-def _subsets(comparisons: pl.DataFrame, reference: str) -> list[str]:
+def against_reference_by_subset(comparisons: pl.DataFrame, reference: str) -> list[str]:
     """Heading, per-subset table and per-method subset statements of every method against one reference."""
     rows = comparisons.filter(pl.col("reference") == reference)
     subsets = {k: v for k, v in _by_metric(rows).items() if (k[1], k[2]) != (ALL, ALL)}
@@ -251,7 +251,7 @@ def section_paired_subsets(comparisons: pl.DataFrame | None, references: list[st
     """The same paired differences per condition x knowledge subset (None when there are no subsets)."""
     if comparisons is None:
         return None
-    parts = [p for r in references for p in _subsets(comparisons, r)]
+    parts = [p for r in references for p in against_reference_by_subset(comparisons, r)]
     if not parts:
         return None
     return "\n\n".join(["## Paired comparisons per condition and knowledge",

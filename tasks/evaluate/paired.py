@@ -8,7 +8,7 @@ from this table and never from the per-method intervals of the metrics table.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import polars as pl
@@ -20,6 +20,7 @@ from tasks.evaluate.scoring import (
 )
 
 COUNTERFACTUAL_ONLY = ("ps", "mr")  # defined on counterfactual items only, as in the metrics table
+Test = Callable[[np.ndarray, np.ndarray], tuple[float, int, int]]  # (a, b) per-item scores -> (p, a wins, b wins)
 PAIR_COLUMNS = [f.name for f in COMPARISONS if f.name not in ("method", "reference")]
 
 
@@ -43,10 +44,11 @@ def _metric_scores(rows: pl.DataFrame, metric: str) -> tuple[np.ndarray, np.ndar
     return tuple(np.column_stack([rows[f"{c}_{s}"].to_numpy() for c in columns]) for s in ("a", "b"))
 
 
-def metric_rows(part: pl.DataFrame, n_boot: int, seed: int, level: float = 0.95) -> list[dict]:
+def metric_rows(part: pl.DataFrame, n_boot: int, seed: int, level: float = 0.95, test: Test = mcnemar_exact
+                ) -> list[dict]:
     """Every metric of PAIRED_METRICS over a subset's paired rows: n, the difference a - b with its paired CI, and
-    for the binary metrics McNemar's p with the discordant counts. A metric over no item (p_s and MR in a subset
-    without counterfactual items) has no row."""
+    for the binary metrics the paired test's p (McNemar's exact unless `test` says otherwise) with the counts of
+    items each side wins. A metric over no item (p_s and MR in a subset without counterfactual items) has no row."""
     cf = part["counterfactual"].fill_null(False) if "counterfactual" in part.columns else None
     counterfactual = part if cf is None else part.filter(cf)
     out = []
@@ -60,7 +62,7 @@ def metric_rows(part: pl.DataFrame, n_boot: int, seed: int, level: float = 0.95)
         row = {"metric": metric, "n": rows.height, "diff": diff, "lo": lo, "hi": hi,
                "n_better": None, "n_worse": None, "p_mcnemar": None}
         if metric in BINARY_METRICS:
-            row["p_mcnemar"], row["n_better"], row["n_worse"] = mcnemar_exact(a[:, 0], b[:, 0])
+            row["p_mcnemar"], row["n_better"], row["n_worse"] = test(a[:, 0], b[:, 0])
         out.append(row)
     return out
 

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from scipy.stats import binomtest
+from scipy.signal import fftconvolve
+from scipy.stats import binom, binomtest
 
 from schemas.tables import CONDITIONS, KNOWLEDGE, METRICS
 from tasks.core.text import normalize
@@ -190,6 +191,31 @@ def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> tuple[float, int, int]:
         return 1.0, better, worse
     return float(binomtest(better, better + worse, 0.5, alternative="two-sided").pvalue), better, worse
 
+
+def sign_flip_exact(a: np.ndarray, b: np.ndarray, seeds: int) -> tuple[float, int, int]:
+    """The exact paired sign-flip (randomisation) test of two methods' per-item scores, each a mean of 0/1 outcomes
+    over `seeds` seeds: (two-sided p, items where a is higher, items where b is). With no difference between the
+    methods each item's difference is as likely negative as positive; p is the probability, over those 2^n sign
+    patterns, of a total difference at least as far from 0 as the observed one. With one seed this is McNemar's
+    exact test. The distribution is built exactly: per-item differences are multiples of 1/seeds, and the items
+    sharing one size contribute a scaled Binomial(count, 1/2)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    units = np.rint(d * seeds).astype(np.int64)
+    if d.ndim != 1 or not np.allclose(units, d * seeds, atol=1e-9):
+        raise ValueError(f"the sign-flip test needs per-item means of 0/1 outcomes over {seeds} seeds")
+    better, worse = int((units > 0).sum()), int((units < 0).sum())
+    sizes = np.abs(units[units != 0])
+    if sizes.size == 0:
+        return 1.0, better, worse
+    dist = np.ones(1)  # P(total = t), t from -span to +span
+    for size in np.unique(sizes):
+        count = int((sizes == size).sum())
+        group = np.zeros(2 * count * size + 1)
+        group[:: 2 * size] = binom.pmf(np.arange(count + 1), count, 0.5)  # total size * (2j - count), j flips up
+        dist = fftconvolve(dist, group).clip(min=0) if dist.size * group.size > 10**7 else np.convolve(dist, group)
+    span = (dist.size - 1) // 2
+    extreme = np.abs(np.arange(-span, span + 1)) >= abs(int(units.sum()))
+    return float(min(1.0, dist[extreme].sum())), better, worse
 
 def iter_subsets(frame: pl.DataFrame) -> Iterator[tuple[str, str, pl.DataFrame]]:
     """(condition, knowledge, rows) of every non-empty subset: "all" and each condition present, by "all", "known",

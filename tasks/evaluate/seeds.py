@@ -2,23 +2,27 @@
 
 A sweep directory holds one run directory per seed (`seed-<k>/`, an ordinary run), `sweep.json` (what ran),
 `sweep_metrics.parquet` (the aggregate: mean and sample sd over the seeds of every metric of every method and
-subset, with the per-seed values) and `sweep_report.md`.
+subset, with the per-seed values), `sweep_comparisons.parquet` (paired comparisons with the seeds' answers taken
+together: tasks/evaluate/seed_pairs.py) and `sweep_report.md`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from schemas.tables import SWEEP_METRICS
+from schemas.tables import SWEEP_COMPARISONS, SWEEP_METRICS
 from tasks.core.markdown import md_table, missing
 from tasks.core.storage import RunPaths, atomic_path, read_table, write_parquet
-from tasks.evaluate.comparison import METRIC_LABELS, with_subset_columns
+from tasks.evaluate.comparison import (
+    METRIC_LABELS, against_reference, against_reference_by_subset, p_value, with_subset_columns,
+)
 from tasks.evaluate.methods import method_label as label
 from tasks.evaluate.scoring import ALL
+from tasks.evaluate.seed_pairs import sweep_comparisons
 
 KEYS = ("method", "condition", "knowledge")
 
@@ -44,6 +48,10 @@ class SweepPaths:
     @property
     def metrics(self) -> Path:
         return self.root / "sweep_metrics.parquet"
+
+    @property
+    def comparisons(self) -> Path:
+        return self.root / "sweep_comparisons.parquet"
 
     @property
     def report(self) -> Path:
@@ -77,12 +85,20 @@ def aggregate_seeds(metrics: Mapping[int, pl.DataFrame]) -> pl.DataFrame:
     )
 
 
-def write_aggregate(sweep: SweepPaths, seeds: list[int], title: str) -> pl.DataFrame:
-    """Aggregate the seed runs' metrics tables into sweep_metrics.parquet and write sweep_report.md."""
-    table = aggregate_seeds({s: read_table(sweep.run(s).table("metrics")) for s in sorted(seeds)})
+def write_aggregate(sweep: SweepPaths, seeds: list[int], title: str, references: Sequence[str] = (),
+                    n_boot: int = 0, boot_seed: int = 0) -> pl.DataFrame:
+    """Aggregate the seed runs' metrics tables into sweep_metrics.parquet, pair their predictions into
+    sweep_comparisons.parquet (against `references`, with `n_boot` bootstrap resamples), and write
+    sweep_report.md."""
+    seeds = sorted(seeds)
+    table = aggregate_seeds({s: read_table(sweep.run(s).table("metrics")) for s in seeds})
+    paired = sweep_comparisons({s: read_table(sweep.run(s).table("predictions")) for s in seeds},
+                               {s: read_table(sweep.run(s).table("comparisons")) for s in seeds},
+                               read_table(sweep.run(seeds[0]).table("items")), references, n_boot, boot_seed)
     write_parquet(table, sweep.metrics, SWEEP_METRICS)
+    write_parquet(paired, sweep.comparisons, SWEEP_COMPARISONS)
     with atomic_path(sweep.report) as tmp:
-        tmp.write_text(f"# {title}\n\n" + sweep_section(table, sorted(seeds)) + "\n")
+        tmp.write_text(f"# {title}\n\n" + sweep_section(table, seeds) + "\n\n" + paired_section(paired, seeds) + "\n")
     return table
 
 
@@ -129,4 +145,45 @@ def sweep_section(table: pl.DataFrame, seeds: list[int]) -> str:
         parts += [f"### Condition: {condition}",
                   md_table(["method", "knowledge", *names],
                            [[label(r["method"]), r["knowledge"], *(r[m] for m in METRIC_LABELS)] for r in rows])]
+    return "\n\n".join(parts)
+
+
+PAIRED_OVER_SEEDS = (
+    "Each method against each reference on the same test items, every seed's answer to an item taken together: a "
+    "method's score on an item is its mean over the seeds, the difference is the mean per-item difference "
+    "(percentage points), its 95% interval the paired bootstrap over items (an item's seeds resampled together), "
+    "and p (p_s, EM) the exact sign-flip test over items (McNemar's exact test when there is one seed). A verdict "
+    "says *no measurable effect* exactly where the interval contains 0. The last column gives each seed's own "
+    "difference and McNemar p. Table: `sweep_comparisons.parquet`."
+)
+
+
+def _seed_cells(rows: pl.DataFrame) -> dict[str, str]:
+    """method -> each seed's headline difference (p_s where defined, else EM) with its McNemar p."""
+    out: dict[str, str] = {}
+    for r in rows.filter(pl.col("metric").is_in(["ps", "em"])).iter_rows(named=True):
+        if r["method"] in out and r["metric"] == "em":
+            continue
+        cells = [("n/a" if missing(d) else f"{100 * d:+.1f}") + (f" ({p_value(p)})" if not missing(p) else "")
+                 for d, p in zip(r["seed_diffs"], r["seed_p_mcnemar"])]
+        out[r["method"]] = f"{METRIC_LABELS[r['metric']]}: " + " / ".join(cells)
+    return out
+
+
+def paired_section(paired: pl.DataFrame, seeds: list[int]) -> str:
+    """Per reference: every method's paired differences over the seeds (overall, with verdicts and each seed's
+    difference), then per condition and knowledge."""
+    parts = ["## Paired comparisons over seeds", PAIRED_OVER_SEEDS]
+    if paired.height == 0:
+        return "\n\n".join([*parts, "No reference was evaluated, so nothing is compared."])
+    renamed = paired.rename({"p_exact": "p_mcnemar"})  # the run report's table layout, read by its helpers
+    for reference in paired["reference"].unique(maintain_order=True).to_list():
+        rows = renamed.filter(pl.col("reference") == reference)
+        overall = rows.filter((pl.col("condition") == ALL) & (pl.col("knowledge") == ALL))
+        per_seed = _seed_cells(overall)
+        parts += against_reference(rows, reference, test="sign-flip")
+        parts.append(f"Each seed ({' / '.join(map(str, seeds))}), against {label(reference)}:")
+        parts.append(md_table(["method", "difference per seed (McNemar p)"],
+                              [[label(m), cell] for m, cell in per_seed.items()]))
+        parts += against_reference_by_subset(rows, reference)
     return "\n\n".join(parts)

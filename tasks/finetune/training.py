@@ -99,11 +99,17 @@ def _step(model: nn.Module, grabber: AttentionGrabber, optimizer, ex: Example, l
     return loss.detach(), ce.detach(), attn.detach()
 
 
+def adamw(params: list[nn.Parameter], lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with its fused kernel (CPU and CUDA): LoRA has hundreds of small tensors, and the default per-tensor
+    loop on CPU costs a dozen tiny ops each per step."""
+    return torch.optim.AdamW(params, lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
 def train(model: nn.Module, examples: Sequence[Example], fcfg: FinetuneConfig, lam: float, seed: int,
           desc: str = "finetune") -> History:
     """`fcfg.epochs` passes over the examples in a seeded order, one AdamW step each at `fcfg.lr`."""
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=fcfg.lr)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], fcfg.lr, device)
     grabber = AttentionGrabber(last_attention_module(model))
     rng = random.Random(seed)
     last_only = keeps_logits(model)

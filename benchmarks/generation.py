@@ -3,8 +3,9 @@
 On the same prompts (the `full_context` prompts of known-facts test items, as the evaluate stage renders them),
 in one process, it times three ways of answering and prints prompts/s and ratios:
 
-  (a) clearflow: `tasks.evaluate.stage.generate` (length-sorted batches, left padding, a stop once every row
-      holds a complete first line, answers cut at EOS);
+  (a) clearflow: `tasks.evaluate.decoding_loop.generate` (shortest prompts first, left padding, the prompts'
+      shared prefix fed once, a row leaving once it holds a complete first line or EOS and new prompts joining the
+      rows still answering, the KV cache written in place, answers cut at EOS);
   (b) a plain `model.generate` loop at batch 1 (greedy, max_new_tokens, stops at EOS only);
   (c) a plain `model.generate` loop at the same batch size, in input order, left padding, no early stopping
       beyond EOS.

@@ -98,6 +98,13 @@ def write_good_run(paths: RunPaths) -> None:
         T.PROBE_METRICS,
     )
     write_parquet(
+        [{"layer": la, "probe": "logistic", "position": "last", "pruning": pr, "n": 4, "positives": 2, "flagged": 1,
+          "true_flags": 1, "precision": 1.0, "recall": 0.5, "f1": 2 / 3}
+         for la in LAYERS for pr in ("none", "gold")],  # fmt: skip
+        paths.table("probe_localisation"),
+        T.PROBE_LOCALISATION,
+    )
+    write_parquet(
         [{"item_id": s["item_id"], "sent_idx": s["sent_idx"], "key": s["key"], "layer": 2, "probe": "logistic",
           "p_conflict": 0.9 if s["sent_idx"] == 0 else 0.1, "flagged": s["sent_idx"] == 0}
          for s in sentences],  # fmt: skip

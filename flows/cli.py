@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, CliVariadicArg, SettingsConfigDict
 
 import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
@@ -255,8 +255,20 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
         if debug:
             raise
-        print(f"clearflow: error: {exc}", file=sys.stderr)
+        print(f"clearflow: error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def one_line(exc: Exception) -> str:
+    """An error as one line: pydantic's multi-line report of bad options becomes its messages, '; '-joined."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")  # a validator's own message, without pydantic's prefix
+        where = ".".join(str(part) for part in err["loc"][1:])  # loc[0] is the subcommand
+        parts.append((f"{where}: " if where else "") + (str(cause) if cause else err["msg"]))
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

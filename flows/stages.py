@@ -84,7 +84,7 @@ STAGES: dict[str, Stage] = {
               summary="hidden states of statements and sentences per layer and position, from the shared store"),
         Stage("probes", "tasks.probes.stage:run_probes",
               reads=("items", "statements", "sentences", "activations"),
-              writes=("probes", "probe_metrics", "best_probe", "sentence_scores"),
+              writes=("probes", "probe_metrics", "probe_localisation", "best_probe", "sentence_scores"),
               config=("probe", "activations", "model", "seed"),
               summary="train a probe per layer, pick the best on dev, score every context sentence"
                       " (train items' by cross-fitted fold probes)"),
@@ -99,8 +99,8 @@ STAGES: dict[str, Stage] = {
               summary="generate answers per method, score them, pair each method with each reference",
               inputs="tasks.evaluate.methods:evaluated_methods"),
         Stage("report", "tasks.report:run_report",
-              reads=("items", "sentences", "probe_metrics", "best_probe", "sentence_scores", "train_log",
-                     "predictions", "metrics", "comparisons", "lfd_layers"),
+              reads=("items", "sentences", "probe_metrics", "probe_localisation", "best_probe", "sentence_scores",
+                     "train_log", "predictions", "metrics", "comparisons", "lfd_layers"),
               writes=("report", "figures"), config=("dataset", "limit", "seed", "model", "evaluate"),
               summary="write report.md and its figures"),
     )

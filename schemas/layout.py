@@ -41,6 +41,8 @@ LAYOUT: dict[str, Artifact] = {
                  " linked from the shared store", identity="model=*/meta.json"),  # meta names the store's content key
         Artifact("probes", "probes", "dir", "probe weights per kind and layer, and the final probe"),
         Artifact("probe_metrics", "probes/metrics.parquet", "table", "probe accuracy/F1/AUROC per layer and split"),
+        Artifact("probe_localisation", "probes/localisation.parquet", "table", "flag precision/recall/F1 per layer,"
+                 " position and relevance pruning"),
         Artifact("best_probe", "probes/best.json", "json", "the layer and probe chosen on dev, its test scores"),
         Artifact("sentence_scores", "sentence_scores.parquet", "table", "p_conflict and flag of every unit"),
         Artifact("adapters", "adapters", "dir", "one LoRA adapter per fine-tuning arm, adapters/<arm>/ (with its"

@@ -19,7 +19,7 @@ import polars as pl
 
 from schemas.rejects import REASONS
 from schemas.tables import (
-    BINARY_METRICS, CONDITIONS, KNOWLEDGE, PAIRED_METRICS, POSITIONS, SENTENCE_LABELS, TABLES, UNITS,
+    BINARY_METRICS, CONDITIONS, KNOWLEDGE, PAIRED_METRICS, POSITIONS, PRUNINGS, SENTENCE_LABELS, TABLES, UNITS,
 )
 
 SPLITS = ("train", "dev", "test")
@@ -234,12 +234,13 @@ def _prepare_activations(facts: pl.DataFrame, metas: pl.DataFrame, positions: pl
 
 
 def _probe_metrics(gxe: ModuleType) -> list[Any]:
-    """Probe scores are rates, one row per (layer, probe, split); AUROC missing only when undefined."""
+    """Probe scores are rates, one row per (layer, probe, position, split); AUROC missing only when undefined."""
     return [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        *_not_null(gxe, "layer", "probe", "split", "n", "accuracy"),
-        gxe.ExpectCompoundColumnsToBeUnique(column_list=["layer", "probe", "split"]),
+        *_not_null(gxe, "layer", "probe", "position", "split", "n", "accuracy"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["layer", "probe", "position", "split"]),
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        gxe.ExpectColumnValuesToBeInSet(column="position", value_set=list(POSITIONS)),
         gxe.ExpectColumnValuesToBeBetween(column="layer", min_value=0),
         gxe.ExpectColumnValuesToBeBetween(column="n", min_value=1),
         *_unit_interval(gxe, "auroc", "accuracy", "f1"),
@@ -248,14 +249,47 @@ def _probe_metrics(gxe: ModuleType) -> list[Any]:
 
 
 def _prepare_probe_metrics(df: pl.DataFrame, statements: pl.DataFrame | None) -> pl.DataFrame:
-    """AUROC may be null only where the split's statements hold a single class (it is undefined there)."""
+    """AUROC may be null only where the split's rows hold a single class (it is undefined there); the statements
+    explain the rows of the statement positions, nothing here the context units' (ctx_*): their nulls pass."""
     if statements is not None:
         classes = statements.group_by("split").agg(_n_classes=pl.col("label").n_unique())
-        df = df.join(classes, on="split", how="left")
+        df = df.join(classes, on="split", how="left").with_columns(
+            pl.when(pl.col("position").str.starts_with("ctx_")).then(None).otherwise(pl.col("_n_classes"))
+            .alias("_n_classes"))
     else:  # nothing to explain a null with: accept it rather than guess
         df = df.with_columns(_n_classes=pl.lit(None, pl.UInt32))
     single = pl.col("_n_classes").is_null() | (pl.col("_n_classes") < 2)
     return df.with_columns(auroc_null_ok=pl.col("auroc").is_not_null() | single).drop("_n_classes")
+
+
+# ---------------------------------------------------------------- probe localisation
+
+
+def _probe_localisation(gxe: ModuleType) -> list[Any]:
+    """One row per (layer, probe, position, pruning), no rows when no unit carries a `conflicting` label; the counts
+    nest (true flags within the flags and the positives, both within the labelled units) and the rates are theirs."""
+    return [
+        *_not_null(gxe, "layer", "probe", "position", "pruning", "n", "positives", "flagged", "true_flags"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["layer", "probe", "position", "pruning"]),
+        gxe.ExpectColumnValuesToBeInSet(column="pruning", value_set=list(PRUNINGS)),
+        gxe.ExpectColumnValuesToBeInSet(column="position", value_set=list(POSITIONS)),
+        gxe.ExpectColumnValuesToBeBetween(column="layer", min_value=0),
+        *_unit_interval(gxe, "precision", "recall", "f1"),
+        *_all_true(gxe, "counts_nest", "rates_match"),
+    ]
+
+
+def _prepare_probe_localisation(df: pl.DataFrame) -> pl.DataFrame:
+    """Whether the counts nest and precision, recall and F1 are the counts' ratios (null exactly where undefined)."""
+    tp, flagged, positives = (pl.col(c).cast(pl.Float64) for c in ("true_flags", "flagged", "positives"))
+
+    def same(column: str, num: pl.Expr, den: pl.Expr) -> pl.Expr:
+        expected = pl.when(den > 0).then(num / den)
+        return ((pl.col(column) - expected).abs() < 1e-9) | (pl.col(column).is_null() & expected.is_null())
+
+    nest = (tp <= flagged) & (tp <= positives) & (flagged <= pl.col("n")) & (positives <= pl.col("n"))
+    rates = same("precision", tp, flagged) & same("recall", tp, positives) & same("f1", 2 * tp, positives + flagged)
+    return df.with_columns(counts_nest=nest.fill_null(False), rates_match=rates.fill_null(False))
 
 
 # ---------------------------------------------------------------- sentence scores
@@ -430,6 +464,7 @@ SUITES: dict[str, Suite] = {
     "activations": Suite("activations", _activations, _prepare_activations,
                          reads=("activation_metas", "activation_positions")),
     "probe_metrics": Suite("probe_metrics", _probe_metrics, _prepare_probe_metrics, reads_if_present=("statements",)),
+    "probe_localisation": Suite("probe_localisation", _probe_localisation, _prepare_probe_localisation),
     "sentence_scores": Suite("sentence_scores", _sentence_scores, _prepare_sentence_scores,
                              reads_if_present=("items",)),
     "predictions": Suite("predictions", _predictions, _prepare_predictions),

@@ -85,15 +85,40 @@ SENTENCES = pa.schema(
     ]
 )
 
+# One row per (layer, probe kind, position, split). At `last` the rows are statements; at a ctx_* position they
+# are the context units with a truth label, read in their context (docs/METHOD.md, "Positions").
 PROBE_METRICS = pa.schema(
     [
         pa.field("layer", pa.int32(), nullable=False),
         pa.field("probe", STR, nullable=False),
+        pa.field("position", STR, nullable=False),  # one of POSITIONS: where the probe reads the hidden state
         pa.field("split", STR, nullable=False),
         pa.field("n", pa.int32(), nullable=False),
         pa.field("accuracy", pa.float64()),
         pa.field("f1", pa.float64()),
         pa.field("auroc", pa.float64()),
+    ]
+)
+
+PRUNINGS = ("none", "filter", "gold")
+
+# Localisation per layer: the flags (p_conflict > threshold) of the flagging kind's per-layer probe (fitted on train,
+# the probe of probe_metrics) on the test split's context units, against `conflicting`, per position and pruning:
+# none (every unit may be flagged), filter (only units the relevance filter kept), gold (only units the benchmark
+# labels relevant: what a perfect filter would keep). n counts the units with a `conflicting` label.
+PROBE_LOCALISATION = pa.schema(
+    [
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("probe", STR, nullable=False),
+        pa.field("position", STR, nullable=False),
+        pa.field("pruning", STR, nullable=False),  # one of PRUNINGS
+        pa.field("n", pa.int32(), nullable=False),
+        pa.field("positives", pa.int32(), nullable=False),
+        pa.field("flagged", pa.int32(), nullable=False),
+        pa.field("true_flags", pa.int32(), nullable=False),
+        pa.field("precision", pa.float64()),  # null: nothing flagged
+        pa.field("recall", pa.float64()),  # null: no positive
+        pa.field("f1", pa.float64()),  # null: neither
     ]
 )
 
@@ -233,6 +258,7 @@ TABLES: dict[str, pa.Schema] = {
     "rejects": REJECTS,
     "sentences": SENTENCES,
     "probe_metrics": PROBE_METRICS,
+    "probe_localisation": PROBE_LOCALISATION,
     "sentence_scores": SENTENCE_SCORES,
     "predictions": PREDICTIONS,
     "metrics": METRICS,

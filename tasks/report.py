@@ -15,6 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from pydantic import ValidationError
 
 from tasks.core.config import ConfigView, RunConfig
+from tasks.core.marking import relevance_filtered
 from tasks.core.markdown import fmt, md_table, missing
 from tasks.core.storage import RunPaths, atomic_path, read_table
 from tasks.evaluate.comparison import (
@@ -25,6 +26,7 @@ from tasks.evaluate.methods import REGISTRY as METHODS
 from tasks.evaluate.methods import method_label as label
 from tasks.probes.crossfit import marker_line
 from tasks.probes.localisation import LABELS, localisation_by_target, localisation_units
+from tasks.probes.localisation_report import layer_localisation_figure, section_layer_localisation
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +98,40 @@ def section_what_ran(conf: RunConfig, items: pl.DataFrame, metrics: pl.DataFrame
     return "\n".join(lines)
 
 
+def with_position(probe_metrics: pl.DataFrame) -> pl.DataFrame:
+    """probe_metrics with its position column (a table from before positions read `last` only)."""
+    if "position" in probe_metrics.columns:
+        return probe_metrics
+    return probe_metrics.with_columns(pl.lit("last").alias("position"))
+
+
 def probe_rows(probe_metrics: pl.DataFrame) -> pl.DataFrame:
-    """One row per (probe, layer) with dev/test AUROC and accuracy side by side."""
-    wide = None
+    """One row per (probe, position, layer) with dev/test AUROC and accuracy side by side."""
+    wide, on = None, ["probe", "position", "layer"]
     for split in ("dev", "test"):
-        part = probe_metrics.filter(pl.col("split") == split).select(
-            "probe", "layer", pl.col("auroc").alias(f"{split}_auroc"), pl.col("accuracy").alias(f"{split}_acc")
+        part = with_position(probe_metrics).filter(pl.col("split") == split).select(
+            *on, pl.col("auroc").alias(f"{split}_auroc"), pl.col("accuracy").alias(f"{split}_acc")
         )
-        wide = part if wide is None else wide.join(part, on=["probe", "layer"], how="full", coalesce=True)
-    return wide.sort("probe", "layer")
+        wide = part if wide is None else wide.join(part, on=on, how="full", coalesce=True)
+    return wide.sort("probe", "position", "layer")
+
+
+def _is_best(r: dict, best: dict | None) -> bool:
+    """Whether a (probe, position, layer) row is the probe that flags sentences."""
+    return best is not None and (r["probe"], r["position"], r["layer"]) == (
+        best["probe"], best.get("position", "last"), best["layer"])
 
 
 def best_summary(probe_metrics: pl.DataFrame, best: dict) -> str:
-    """'best layer L (probe): test AUROC x' for the probe that flags sentences, as best.json records it."""
-    rows = probe_rows(probe_metrics).filter((pl.col("probe") == best["probe"]) & (pl.col("layer") == best["layer"]))
+    """'best layer L (probe at position): test AUROC x' for the probe that flags sentences, as best.json records it."""
+    at = {"probe": best["probe"], "position": best.get("position", "last"), "layer": best["layer"]}
+    rows = probe_rows(probe_metrics).filter(**at)
     r = rows.row(0, named=True) if rows.height else {}
     fitted = best.get("fitted_on", ["train"])
     refit = list(fitted) == ["train", "dev"]
     line = (
-        f"**best layer {best['layer']}** ({best['probe']} probe, L2 strength C={best.get('l2', 'n/a')}, chosen on "
+        f"**best layer {best['layer']}** ({best['probe']} probe at position `{best.get('position', 'last')}`, L2 "
+        f"strength C={best.get('l2', 'n/a')}, chosen on "
         f"dev AUROC {fmt(best.get('dev_auroc', r.get('dev_auroc')))}): **test AUROC {fmt(best.get('test_auroc'))}**, "
         f"test accuracy {fmt(best.get('test_accuracy'))} on subjects never seen in training"
     )
@@ -131,15 +148,15 @@ def section_probes(probe_metrics: pl.DataFrame | None, best: dict | None) -> str
     wide = probe_rows(probe_metrics)
     rows = []
     for r in wide.iter_rows(named=True):
-        is_best = best is not None and r["layer"] == best["layer"] and r["probe"] == best["probe"]
-        rows.append([r["probe"], f"**{r['layer']}** (best)" if is_best else r["layer"],
+        rows.append([r["probe"], r["position"], f"**{r['layer']}** (best)" if _is_best(r, best) else r["layer"],
                      fmt(r["dev_auroc"]), fmt(r["dev_acc"]), fmt(r["test_auroc"]), fmt(r["test_acc"])])
     parts = ["## Probe per layer",
              "Conflicting (false) vs aligned (true) statements; in the table every probe is fitted on train, its"
-             " L2 strength and the layer chosen on dev."]
+             " L2 strength and the layer chosen on dev. Position `last`: the statements, each fed alone; `ctx_last` /"
+             " `ctx_mean`: the context units with a truth label, read in their context (split by item)."]
     if best is not None:
         parts.append(best_summary(probe_metrics, best))
-    parts += [md_table(["probe", "layer", "dev AUROC", "dev acc", "test AUROC", "test acc"], rows),
+    parts += [md_table(["probe", "position", "layer", "dev AUROC", "dev acc", "test AUROC", "test acc"], rows),
               "![Probe AUROC and accuracy per layer](figures/probe_layers.png)"]
     return "\n\n".join(parts)
 
@@ -196,9 +213,10 @@ def _examples(scored: pl.DataFrame, items: pl.DataFrame, predictions: pl.DataFra
 
 def section_localisation(
     sentences: pl.DataFrame | None, scores: pl.DataFrame | None, items: pl.DataFrame,
-    predictions: pl.DataFrame | None, best: dict | None, split: str,
+    predictions: pl.DataFrame | None, best: dict | None, split: str, per_layer: pl.DataFrame | None = None,
 ) -> str:
-    """How well the probe finds the conflicting (and the false) units inside real contexts."""
+    """How well the probe finds the conflicting (and the false) units inside real contexts; per layer, with and
+    without relevance pruning."""
     head = "## Conflict localisation on context sentences"
     if sentences is None or scores is None:
         return f"{head}\n\nNo `sentences` or `sentence_scores` table: the decompose or probes stage did not run."
@@ -211,8 +229,11 @@ def section_localisation(
         f"The probe's flags (precision, recall, F1) and its p_conflict (AUROC) on the `{LOCALISATION_SPLIT}` "
         "split's context units, against `conflicting` (relevant to the question and false: the unit CLEAR should "
         "mark) and, separately, against `not truthful` (false, relevant or not). Only units whose label is known "
-        "count; a unit the probe did not score was not flagged and is left out of the AUROC (`scored`).",
+        "count; a unit the probe did not score was not flagged and is left out of the AUROC (`scored`). "
+        + ("The relevance filter ran, so only the units it kept could be flagged." if relevance_filtered(sentences)
+           else "No relevance filter ran: every scored unit could be flagged."),
         localisation_table(units),
+        section_layer_localisation(per_layer, best),
         f"Examples from the evaluated split (`{split}`):",
         *_examples(units, items, predictions, split),
     ]
@@ -265,16 +286,19 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def plot_probe_layers(probe_metrics: pl.DataFrame, best: dict | None, path: Path) -> Path:
-    """AUROC and accuracy per layer, dev solid and test dashed, one colour per probe kind."""
+    """AUROC and accuracy per layer, dev solid and test dashed, one colour per probe kind and position."""
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2, sharex=True)
-    colours = dict(zip(sorted(probe_metrics["probe"].unique()), ["C0", "C1", "C2", "C3", "C4"] * 4))
+    probe_metrics = with_position(probe_metrics)
+    lines = sorted(probe_metrics.select("probe", "position").unique().iter_rows())
+    colours = dict(zip(lines, [f"C{i}" for i in range(10)] * 4))
     for ax, col, name in zip(axes, ("auroc", "accuracy"), ("AUROC", "accuracy")):
-        for (probe, split), part in sorted(probe_metrics.filter(pl.col("split").is_in(["dev", "test"]))
-                                           .group_by("probe", "split"), key=lambda g: g[0]):
+        for (probe, position, split), part in sorted(probe_metrics.filter(pl.col("split").is_in(["dev", "test"]))
+                                                     .group_by("probe", "position", "split"), key=lambda g: g[0]):
             part = part.sort("layer")
             ax.plot(part["layer"], part[col].cast(pl.Float64).fill_null(float("nan")), marker=".",
-                    color=colours[probe], linestyle="-" if split == "dev" else "--", label=f"{probe} {split}")
+                    color=colours[probe, position], linestyle="-" if split == "dev" else "--",
+                    label=f"{probe} {position} {split}")
         ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
         if best is not None:
             ax.axvline(best["layer"], color="black", linewidth=0.8, linestyle=":", label=f"best layer {best['layer']}")
@@ -314,7 +338,7 @@ def plot_methods(metrics: pl.DataFrame, path: Path) -> Path:
 
 
 def run_report(cfg: RunConfig, paths: RunPaths) -> None:
-    """Write report.md and figures/{probe_layers,methods}.png from the run's tables."""
+    """Write report.md and figures/{probe_layers,localisation_layers,methods}.png from the run's tables."""
     conf = run_config(cfg, paths)
     items = read_table(paths.table("items"))
     metrics = with_subset_columns(read_table(paths.table("metrics")))
@@ -323,8 +347,11 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
     probe_metrics = _optional_table(paths.table("probe_metrics"))
     best = _optional_json(paths.best_probe)
     train_log = _optional_json(paths.train_log)
+    per_layer = _optional_table(paths.table("probe_localisation"))
     if probe_metrics is not None:
         plot_probe_layers(probe_metrics, best, paths.figures / "probe_layers.png")
+    if per_layer is not None and per_layer.height:
+        _save(layer_localisation_figure(per_layer, best), paths.figures / "localisation_layers.png")
     plot_methods(overall_metrics, paths.figures / "methods.png")
     comparisons = _optional_table(paths.table("comparisons"))
     evaluated, references = overall_metrics["method"].to_list(), list(conf.evaluate.references)
@@ -334,7 +361,7 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
         section_probes(probe_metrics, best),
         section_localisation(
             _optional_table(paths.table("sentences")), _optional_table(paths.table("sentence_scores")), items,
-            predictions, best, conf.evaluate.split,
+            predictions, best, conf.evaluate.split, per_layer,
         ),
         section_methods(overall_metrics, metrics),
         section_paired(comparisons, evaluated, references),

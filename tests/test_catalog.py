@@ -38,7 +38,7 @@ def _write_run(runs_dir: Path, name: str, auroc_shift: float, finished_at: str |
     ]
     write_parquet(items, paths.table("items"), T.ITEMS)
     metrics = [
-        {"layer": la, "probe": p, "split": "test", "n": 10, "accuracy": 0.5, "f1": 0.5,
+        {"layer": la, "probe": p, "position": "last", "split": "test", "n": 10, "accuracy": 0.5, "f1": 0.5,
          "auroc": 0.5 + auroc_shift * la + d}
         for la in LAYERS
         for p, d in (("logistic", 0.01), ("diffmean", 0.0))

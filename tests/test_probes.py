@@ -158,13 +158,17 @@ def test_best_layer_is_chosen_on_dev_not_test(tiny_cfg, run_paths):
     assert json.loads((run_paths.probes / "best.json").read_text())["layer"] == 1
 
 
-def test_select_best_ties_prefer_smaller_layer():
-    metrics = pl.DataFrame({"layer": [3, 1, 2, 1], "probe": ["logistic", "logistic", "logistic", "diffmean"],
-                            "split": ["dev"] * 4, "auroc": [0.9, 0.9, 0.8, 0.99]})
+def test_select_best_ties_prefer_smaller_layer_and_stay_at_their_position():
+    metrics = pl.DataFrame({"layer": [3, 1, 2, 1, 0, 2], "probe": ["logistic"] * 3 + ["diffmean"] + ["logistic"] * 2,
+                            "position": ["last"] * 4 + ["ctx_last"] * 2,
+                            "split": ["dev"] * 6, "auroc": [0.9, 0.9, 0.8, 0.99, 0.7, 0.95]})
     assert select_best(metrics, "logistic")["layer"] == 1
     assert select_best(metrics, "diffmean")["layer"] == 1
+    assert select_best(metrics, "logistic", "ctx_last") == {"layer": 2, "dev_auroc": 0.95}
     with pytest.raises(ValueError, match="probe.layer"):
         select_best(metrics.with_columns(pl.lit(None, pl.Float64).alias("auroc")), "logistic")
+    with pytest.raises(ValueError, match="has no diffmean probe at ctx_last"):
+        select_best(metrics, "diffmean", "ctx_last", forced_layer=1)
 
 
 def test_sentence_scores_follow_threshold(tiny_cfg, run_paths):

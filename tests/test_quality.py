@@ -91,10 +91,18 @@ def write_good_run(paths: RunPaths) -> None:
     write_parquet(sentences, paths.table("sentences"), T.SENTENCES)
     write_activations(paths, [s["key"] for s in statements])
     write_parquet(
-        [{"layer": la, "probe": "logistic", "split": sp, "n": 2, "accuracy": 0.5, "f1": 0.5, "auroc": 0.75}
+        [{"layer": la, "probe": "logistic", "position": "last", "split": sp, "n": 2, "accuracy": 0.5, "f1": 0.5,
+          "auroc": 0.75}
          for la in LAYERS for sp in ("train", "test")],  # fmt: skip
         paths.table("probe_metrics"),
         T.PROBE_METRICS,
+    )
+    write_parquet(
+        [{"layer": la, "probe": "logistic", "position": "last", "pruning": pr, "n": 4, "positives": 2, "flagged": 1,
+          "true_flags": 1, "precision": 1.0, "recall": 0.5, "f1": 2 / 3}
+         for la in LAYERS for pr in ("none", "gold")],  # fmt: skip
+        paths.table("probe_localisation"),
+        T.PROBE_LOCALISATION,
     )
     write_parquet(
         [{"item_id": s["item_id"], "sent_idx": s["sent_idx"], "key": s["key"], "layer": 2, "probe": "logistic",
@@ -206,7 +214,8 @@ def test_stage_reports_every_failing_table_and_out_of_range_scores(good_run):
 
 def test_null_auroc_allowed_only_for_a_single_class_split(good_run):
     """AUROC is undefined on a one-class split, so null is fine there and nowhere else."""
-    rows = [{"layer": 0, "probe": "logistic", "split": "test", "n": 2, "accuracy": 0.5, "f1": 0.0, "auroc": None}]
+    rows = [{"layer": 0, "probe": "logistic", "position": "last", "split": "test", "n": 2, "accuracy": 0.5, "f1": 0.0,
+             "auroc": None}]
     write_parquet(rows, good_run.table("probe_metrics"), T.PROBE_METRICS)
     with pytest.raises(DataQualityError, match="auroc_null_ok"):
         validate("probe_metrics", good_run)

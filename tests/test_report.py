@@ -79,7 +79,7 @@ def build_synthetic_run(run_paths: RunPaths) -> RunPaths:
         for probe in ("logistic", "diffmean"):
             for split in ("train", "dev", "test"):
                 auroc = 0.9 if (layer == 2 and probe == "logistic") else 0.6 + 0.02 * layer
-                probe_rows.append({"layer": layer, "probe": probe, "split": split, "n": 50,
+                probe_rows.append({"layer": layer, "probe": probe, "position": "last", "split": split, "n": 50,
                                    "accuracy": auroc - 0.1, "f1": auroc - 0.15,
                                    "auroc": auroc - (0.03 if split == "test" else 0.0)})
     write_parquet(items, run_paths.table("items"), ITEMS)
@@ -110,7 +110,7 @@ def test_report_sections_best_layer_and_pngs(cfg, synthetic_run):
     assert "**best layer 2** (logistic probe" in text
     assert "**test AUROC 0.880**, test accuracy 0.810" in text  # the refitted probe, from best.json
     assert "fitted on train alone, as in the table, test AUROC 0.870" in text
-    assert "| logistic | **2** (best) |" in text
+    assert "| logistic | last | **2** (best) |" in text
     assert text.count("(best)") == 1
     assert "|  | clear | sft |" in text and "| ce_last | 1.2500 | 1.5000 |" in text  # one column per arm
     assert "![Probe AUROC and accuracy per layer](figures/probe_layers.png)" in text

@@ -66,7 +66,7 @@ def test_unknown_artifact_or_config_section_fails_at_declaration():
 def test_quality_suites_are_the_declared_tables_that_have_one():
     checked = Counter(t for s in STAGES.values() for t in s.suites)
     assert checked == Counter(list(SUITES))  # every suite runs, after exactly one stage
-    assert STAGES["probes"].suites == ("probe_metrics", "sentence_scores")
+    assert STAGES["probes"].suites == ("probe_metrics", "probe_localisation", "sentence_scores")
     assert STAGES["finetune"].suites == () and STAGES["report"].suites == ()
 
 

@@ -147,6 +147,14 @@ class ProbeConfig(BaseModel):
     refit: bool = Field(True, description="Refit the chosen probe on train+dev before scoring (test stays unseen).")
     threshold: float = Field(0.5, gt=0, lt=1, description="p_conflict above which a sentence is flagged.")
     layer: int | None = Field(None, description="Force the layer used for flagging; None = best dev AUROC.")
+    positions: list[Literal["last", "ctx_last", "ctx_mean"]] = Field(
+        ["last"], min_length=1, description="Token positions every kind is fitted on per layer (each must be in"
+        " activations.positions): 'last' trains on the statements fed alone; 'ctx_last' / 'ctx_mean' on the context"
+        " units with a truth label, read in their context (docs/METHOD.md, 'Positions')."
+    )
+    position: Literal["last", "ctx_last", "ctx_mean"] = Field(
+        "last", description="Position of the probe that flags sentences (fitted even if not in positions)."
+    )
     crossfit_folds: int = Field(
         5, ge=0, description="Folds over the statement groups (subjects) for the train-split items' units: each is"
         " scored by a probe of the chosen kind, layer and C fitted without its group's statements, so fine-tuning"
@@ -232,11 +240,17 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        """Options that only make sense together: relevant units need the filter, probes need 'last'."""
+        """Options that only make sense together: relevant units need the filter, probes read extracted positions."""
         if self.activations.sentences == "relevant" and not self.decompose.relevance:
             raise ValueError("activations.sentences='relevant' needs decompose.relevance=true")
         if "last" not in self.activations.positions:
-            raise ValueError("activations.positions must include 'last': the probes train and score on it")
+            raise ValueError("activations.positions must include 'last': every statement is extracted there")
+        absent = [p for p in dict.fromkeys([*self.probe.positions, self.probe.position])
+                  if p not in self.activations.positions]
+        if absent:
+            wanted = ",".join(dict.fromkeys([*self.activations.positions, *absent]))
+            raise ValueError(f"probe position(s) {absent} are not extracted: add them with --activations.positions"
+                             f" {wanted}")
         return self
 
     def digest(self, *sections: str) -> str:

@@ -1,5 +1,11 @@
 """Contexts with units marked, as both fine-tuning and evaluation see them: by the probe's flags, or (for the
-fine-tuning arms that isolate what the probe adds) as many units at random places, or the gold `conflicting` ones."""
+fine-tuning arms that isolate what the probe adds) as many units at random places, or the gold `conflicting` ones.
+
+Localisation prunes before it probes (docs/METHOD.md, "Relevance pruning"): when the relevance filter ran
+(`--decompose.relevance`), a unit it did not keep is never flagged, whatever its p_conflict, so the attention
+loss never pulls attention onto a false but irrelevant sentence. The probes stage prunes its flags, and marking
+prunes again, so no table written elsewhere can mark an irrelevant unit.
+"""
 
 from __future__ import annotations
 
@@ -27,12 +33,24 @@ class ContextUnits:
         return all(c is not None for c in self.conflicting)
 
 
+def relevance_filtered(sentences: pl.DataFrame) -> bool:
+    """Whether the relevance filter ran on these units (decompose.relevance): they carry is_relevant values."""
+    return "is_relevant" in sentences.columns and sentences["is_relevant"].null_count() < sentences.height
+
+
+def pruned(flagged: pl.Expr, sentences: pl.DataFrame) -> pl.Expr:
+    """The flags a unit may keep: all of them without the filter; with it, only on units it kept (unknown: not)."""
+    return flagged & pl.col("is_relevant").fill_null(False) if relevance_filtered(sentences) else flagged
+
+
 def context_units(paths: RunPaths) -> dict[str, ContextUnits]:
-    """item_id -> its units in order, each with its probe flag (False where unscored) and its gold label."""
-    sentences = read_table(paths.table("sentences")).select("item_id", "sent_idx", "text", "conflicting")
+    """item_id -> its units in order, each with its probe flag (False where unscored or pruned) and its gold label."""
+    sentences = read_table(paths.table("sentences"))
+    sentences = sentences.select("item_id", "sent_idx", "text", "conflicting",
+                                 *(["is_relevant"] if "is_relevant" in sentences.columns else []))
     scores = read_table(paths.table("sentence_scores")).select("item_id", "sent_idx", "flagged")
     joined = sentences.join(scores, on=["item_id", "sent_idx"], how="left").with_columns(
-        pl.col("flagged").fill_null(False)
+        pruned(pl.col("flagged").fill_null(False), sentences).alias("flagged")
     )
     return {
         item_id: ContextUnits(group["text"].to_list(), group["flagged"].to_list(), group["conflicting"].to_list())

@@ -4,6 +4,9 @@ Two targets (docs/METHOD.md, "Localisation"): `conflicting` (relevant and false:
 and `not truthful` (false, relevant or not: what a pure truth probe finds). Only units with a non-null label
 for the target count. A unit the probes stage did not score (pruned by `--activations.sentences relevant`)
 was never marked: it counts as not flagged, and is left out of the AUROC, which needs a score.
+
+Per layer (`layer_localisation`, the probe_localisation table), the flags are also measured under each relevance
+pruning (schemas.tables.PRUNINGS): none, the relevance filter's, and the benchmark's own `relevant` labels.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import numpy as np
 import polars as pl
 from sklearn.metrics import roc_auc_score
 
+from tasks.core.marking import relevance_filtered
+
 LABELS = ("truthful", "relevant", "conflicting")  # the sentences table's unit labels
+COUNTS = ("n", "positives", "flagged", "true_flags", "precision", "recall", "f1")  # a probe_localisation row's
 # The target column of each localisation target, from the sentences table's labels.
 TARGETS: dict[str, pl.Expr] = {"conflicting": pl.col("conflicting"), "not truthful": ~pl.col("truthful")}
 
@@ -72,10 +78,39 @@ def localisation_by_target(units: pl.DataFrame) -> dict[str, dict[str, Any]]:
     return out
 
 
+def pruning_flags(units: pl.DataFrame, p: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """The flags (p > threshold; NaN: not scored, never flagged) under each pruning these units allow: 'none' when
+    every unit was scored, 'filter' (units the relevance filter kept) when it ran, 'gold' (units labelled relevant)."""
+    p = np.asarray(p, float)
+    raw = np.where(np.isnan(p), False, p > threshold)
+    out = {}
+    if not np.isnan(p).any():  # with activations.sentences=relevant the filtered-out units have no score at all
+        out["none"] = raw
+    if relevance_filtered(units):
+        out["filter"] = raw & units["is_relevant"].fill_null(False).to_numpy()
+    out["gold"] = raw & units["relevant"].fill_null(False).to_numpy()
+    return out
+
+
+def layer_localisation(units: pl.DataFrame, p: np.ndarray, threshold: float) -> list[dict[str, Any]]:
+    """Counts, precision, recall and F1 of one probe's flags against `conflicting`, one row per pruning (`units`:
+    columns conflicting, relevant, is_relevant; `p`: p_conflict per unit, NaN where unscored); none without labels."""
+    labelled = units["conflicting"].is_not_null().to_numpy()
+    if not labelled.any():
+        return []
+    y, p = units["conflicting"].fill_null(False).to_numpy()[labelled], np.asarray(p, float)
+    rows = []
+    for pruning, flags in pruning_flags(units, p, threshold).items():
+        stats = localisation_metrics(y, flags[labelled], p[labelled])
+        rows.append({"pruning": pruning, **{k: stats[k] for k in COUNTS}})
+    return rows
+
+
 def localisation_units(sentences: pl.DataFrame, scores: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
-    """Every unit with its labels, its item's split, and its score and flag (null where it was not scored)."""
-    absent = [c for c in LABELS if c not in sentences.columns]  # a run from before the labels
+    """Every unit with its labels, the filter's is_relevant, its item's split, and its score and flag (null where it
+    was not scored)."""
+    absent = [c for c in (*LABELS, "is_relevant") if c not in sentences.columns]  # a run from before the labels
     sentences = sentences.with_columns(pl.lit(None, pl.Boolean).alias(c) for c in absent)
-    return sentences.select("item_id", "sent_idx", "text", "label", *LABELS).join(
+    return sentences.select("item_id", "sent_idx", "text", "label", *LABELS, "is_relevant").join(
         scores.select("item_id", "sent_idx", "p_conflict", "flagged"), on=["item_id", "sent_idx"], how="left"
     ).join(items.select("item_id", "split"), on="item_id", how="left")

@@ -25,6 +25,7 @@ from tasks.evaluate.comparison import (
 from tasks.evaluate.methods import REGISTRY as METHODS
 from tasks.evaluate.methods import method_label as label
 from tasks.probes.crossfit import marker_line
+from tasks.probes.kinds import strength_text
 from tasks.probes.localisation import LABELS, localisation_by_target, localisation_units
 from tasks.probes.localisation_report import layer_localisation_figure, section_layer_localisation
 
@@ -129,9 +130,10 @@ def best_summary(probe_metrics: pl.DataFrame, best: dict) -> str:
     r = rows.row(0, named=True) if rows.height else {}
     fitted = best.get("fitted_on", ["train"])
     refit = list(fitted) == ["train", "dev"]
+    strength = strength_text(best["probe"], best.get("l2", "n/a"))
     line = (
-        f"**best layer {best['layer']}** ({best['probe']} probe at position `{best.get('position', 'last')}`, L2 "
-        f"strength C={best.get('l2', 'n/a')}, chosen on "
+        f"**best layer {best['layer']}** ({best['probe']} probe at position `{best.get('position', 'last')}`, "
+        f"{strength}, chosen on "
         f"dev AUROC {fmt(best.get('dev_auroc', r.get('dev_auroc')))}): **test AUROC {fmt(best.get('test_auroc'))}**, "
         f"test accuracy {fmt(best.get('test_accuracy'))} on subjects never seen in training"
     )

@@ -12,6 +12,7 @@ import pytest
 from schemas.tables import ITEMS, SENTENCES, STATEMENTS, activations_schema
 from tasks.activations.stage import vectors_table
 from tasks.core.activation_store import ActivationStore
+from tasks.core.config import ProbeConfig
 from tasks.probes.kinds.diffmean import fit_diffmean
 from tasks.probes.kinds.linear import LinearProbe
 from tasks.probes.kinds.logistic import fit_logistic
@@ -135,7 +136,8 @@ def test_run_probes_metrics_files_and_reload(tiny_cfg, run_paths):
 def test_unknown_probe_kind_is_refused_before_any_fit(tiny_cfg, run_paths):
     write_case(run_paths, tiny_cfg, make_statements(), {0: {"train": 4.0, "dev": 4.0, "test": 4.0}})
     for probe in ({"kinds": ["logistic", "lda"]}, {"select_kind": "lda"}):
-        with pytest.raises(ValueError, match=r"unknown probe kind\(s\) \['lda'\]; known: \['diffmean', 'logistic'\]"):
+        known = r"known: \['diffmean', 'logistic', 'mlp'\]"
+        with pytest.raises(ValueError, match=r"unknown probe kind\(s\) \['lda'\]; " + known):
             run_probes(with_probe(tiny_cfg, **probe), run_paths)
         assert not run_paths.table("probe_metrics").exists() and not list(run_paths.probes.glob("*.safetensors"))
 
@@ -260,10 +262,10 @@ def test_l2_is_chosen_on_dev(tiny_cfg, run_paths):
     y = make_statements()["label"].to_numpy()
     split = make_statements()["split"].to_numpy()
     grid = [1e-4, 1.0]
-    probe, l2 = fit_on_dev("logistic", X, y, split, grid)
+    probe, l2 = fit_on_dev("logistic", X, y, split, ProbeConfig(l2_grid=grid), 0)
     dev = split == "dev"
-    aurocs = {c: split_metrics(fit_on_dev("logistic", X, y, split, [c])[0].predict_proba(X[dev]), y[dev], 0.5)["auroc"]
-              for c in grid}
+    aurocs = {c: split_metrics(fit_on_dev("logistic", X, y, split, ProbeConfig(l2_grid=[c]), 0)[0]
+                               .predict_proba(X[dev]), y[dev], 0.5)["auroc"] for c in grid}
     assert aurocs[l2] == max(aurocs.values())
 
 

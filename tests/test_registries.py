@@ -50,6 +50,10 @@ class CentroidProbe:
     def __post_init__(self) -> None:
         self.centroids = np.asarray(self.centroids, dtype=np.float32)
 
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         d = ((np.asarray(X, np.float64)[:, None, :] - self.centroids.astype(np.float64)) ** 2).sum(-1)
         return d[:, 0] / (d[:, 0] + d[:, 1])
@@ -64,7 +68,7 @@ class CentroidProbe:
         return cls(load_file(str(path))["centroids"], json.loads(Path(path).with_suffix(".json").read_text()))
 
 
-def fit_centroid(X: np.ndarray, y: np.ndarray, strength: float) -> CentroidProbe:
+def fit_centroid(X: np.ndarray, y: np.ndarray, strength: float, seed: int) -> CentroidProbe:
     check_labels(y)
     return CentroidProbe(np.stack([X[y == 0].mean(axis=0), X[y == 1].mean(axis=0)]))
 
@@ -120,7 +124,7 @@ def test_every_declared_entry_is_registered_under_its_module_name():
 def test_registry_helpers_refuse_bad_names():
     with pytest.raises(ValueError, match="two modules declare the entry 'logistic'"):
         collect("tasks.probes.kinds", ["logistic", "logistic"], "KIND")
-    with pytest.raises(ValueError, match=r"unknown probe kind\(s\) \['x'\]; known: \['diffmean', 'logistic'\]"):
+    with pytest.raises(ValueError, match=r"unknown probe kind\(s\) \['x'\]; known: \['diffmean', 'logistic', 'mlp'\]"):
         resolve(KINDS, ["logistic", "x"], "probe kind")
     with pytest.raises(ValueError, match="no probe kinds configured"):
         resolve(KINDS, [], "probe kind")

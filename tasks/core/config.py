@@ -160,6 +160,15 @@ class ProbeConfig(BaseModel):
         " scored by a probe of the chosen kind, layer and C fitted without its group's statements, so fine-tuning"
         " never reads flags of a probe trained on its sentences; 0 or 1 = off (the final probe scores every unit)."
     )
+    mlp_epochs: int = Field(
+        100, ge=1, description="Epochs of the mlp probe kind (the reference's 100; Adam 1e-3, batches of 32); with"
+        " mlp_early_stop, the most epochs."
+    )
+    mlp_early_stop: int = Field(
+        0, ge=0, description="mlp probe: stop once dev AUROC has not risen for this many epochs and keep the best"
+        " epoch (its count is reused by the train+dev refit and the fold probes); 0 = off, the reference's fixed"
+        " schedule."
+    )
 
 
 class FinetuneConfig(BaseModel):

@@ -29,7 +29,7 @@ FINAL = "final"  # sentence_scores.scored_by of a unit the final probe scored
 SCORED_BY_SQL = """\
 SELECT i.split, c.scored_by, count(*) AS units, count(*) FILTER (c.flagged) AS flagged
 FROM sentence_scores c JOIN items i USING (item_id) GROUP BY ALL ORDER BY ALL"""
-SHARED_META = ("kind", "layer", "model", "dim", "threshold", "l2", "position", "fitted_on")
+SHARED_META = ("kind", "layer", "model", "dim", "threshold", "l2", "seed", "position", "fitted_on")
 
 
 def fold_label(k: int) -> str:
@@ -128,7 +128,7 @@ def fit_fold_probes(
         if len(np.unique(y[rows])) < 2:
             raise ValueError(f"probe.crossfit_folds: the statements outside fold {k} hold only label(s) "
                              f"{np.unique(y[rows]).tolist()}; use fewer folds, or 0 to turn cross-fitting off")
-        probe = KINDS[chosen.meta["kind"]].fit(X[rows], y[rows], chosen.meta["l2"])
+        probe = KINDS[chosen.meta["kind"]].fit(X[rows], y[rows], chosen.meta["l2"], chosen.meta["seed"])
         probe.meta = {**{key: chosen.meta[key] for key in SHARED_META if key in chosen.meta},
                       "fold": k, "scored_by": fold_label(k), "fitted_stmts": sorted(ids[rows].tolist())}
         out[k] = probe

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from schemas.tables import PROBE_LOCALISATION, PROBE_METRICS, SENTENCE_SCORES
 from tasks.activations.stage import fed_text, probed_sentences
 from tasks.core.activation_store import ActivationStore
-from tasks.core.config import RunConfig
+from tasks.core.config import ProbeConfig, RunConfig
 from tasks.core.marking import pruned
 from tasks.core.storage import RunPaths, model_slug, read_table, write_json, write_parquet
 from tasks.probes.crossfit import (
@@ -114,19 +114,12 @@ def _probe_layers(cfg: RunConfig, meta: dict) -> list[int]:
     return layers
 
 
-def _dev_auroc(probe: Probe, X: np.ndarray, y: np.ndarray) -> float:
-    """Dev AUROC used for every choice (NaN where dev lacks a label, so it never wins)."""
-    auroc = split_metrics(probe.predict_proba(X), y, 0.5)["auroc"]
-    return -math.inf if auroc is None else auroc
-
-
 def fit_on_dev(
-    kind: str, X: np.ndarray, y: np.ndarray, split: np.ndarray, strengths: Sequence[float]
+    kind: str, X: np.ndarray, y: np.ndarray, split: np.ndarray, cfg: ProbeConfig, seed: int
 ) -> tuple[Probe, float]:
-    """Fit one kind on train at every candidate strength and keep the best on dev (ties: the smaller strength)."""
+    """Fit one kind on the train rows, its strength chosen on the dev rows (tasks/probes/kinds/base.py)."""
     train, dev = split == "train", split == "dev"
-    fits = [(KINDS[kind].fit(X[train], y[train], c), c) for c in strengths]
-    return max(fits, key=lambda fc: (_dev_auroc(fc[0], X[dev], y[dev]), -fc[1]))
+    return KINDS[kind].fit_on_dev(X[train], y[train], X[dev], y[dev], cfg, seed)
 
 
 def train_layer(
@@ -137,7 +130,7 @@ def train_layer(
     probes: dict[str, Probe] = {}
     rows: list[dict] = []
     for kind in kinds:
-        probe, l2 = fit_on_dev(kind, X, y, split, KINDS[kind].strengths(cfg.probe))
+        probe, l2 = fit_on_dev(kind, X, y, split, cfg.probe, cfg.seed)
         metrics = {}
         for name in SPLITS:
             sel = split == name
@@ -150,6 +143,7 @@ def train_layer(
             "dim": int(X.shape[1]),
             "threshold": cfg.probe.threshold,
             "l2": l2,
+            "seed": cfg.seed,
             "fitted_on": ["train"],
             "position": position,
             "metrics": metrics,
@@ -161,7 +155,7 @@ def train_layer(
 def refit_train_dev(probe: Probe, X: np.ndarray, y: np.ndarray, split: np.ndarray) -> Probe:
     """The chosen probe (layer, kind, L2 fixed on dev) refitted on train+dev; test metrics recomputed."""
     seen = np.isin(split, ["train", "dev"])
-    final = KINDS[probe.meta["kind"]].fit(X[seen], y[seen], probe.meta["l2"])
+    final = KINDS[probe.meta["kind"]].fit(X[seen], y[seen], probe.meta["l2"], probe.meta["seed"])
     test = split == "test"
     metrics = dict(probe.meta["metrics"])
     metrics["test"] = split_metrics(final.predict_proba(X[test]), y[test], probe.meta["threshold"])

@@ -8,8 +8,9 @@ from tasks.probes.kinds.base import ProbeKind, check_labels
 from tasks.probes.kinds.linear import LinearProbe, standardised_logistic
 
 
-def fit_diffmean(X: np.ndarray, y: np.ndarray, l2: float) -> LinearProbe:
-    """Difference-of-means direction; a 1-D logistic fit on the train projections calibrates it."""
+def fit_diffmean(X: np.ndarray, y: np.ndarray, l2: float, seed: int = 0) -> LinearProbe:
+    """Difference-of-means direction; a 1-D logistic fit on the train projections calibrates it (no randomness:
+    the seed is not used)."""
     check_labels(y)
     X = X.astype(np.float64)
     direction = X[y == 1].mean(axis=0) - X[y == 0].mean(axis=0)

@@ -36,6 +36,11 @@ class LinearProbe:
         self.weight = np.asarray(self.weight, dtype=np.float32).reshape(-1)
         self.bias = float(np.float32(self.bias))  # what the safetensors file can hold, so reloads are identical
 
+    @property
+    def dim(self) -> int:
+        """Width of the feature rows the weight reads."""
+        return int(self.weight.shape[0])
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Probability of label 1 (conflicting) per row, shape (n,) (not sklearn's (n, 2))."""
         X = np.asarray(X)

@@ -9,8 +9,9 @@ from tasks.probes.kinds.base import ProbeKind, check_labels
 from tasks.probes.kinds.linear import LinearProbe, standardised_logistic
 
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float) -> LinearProbe:
-    """Standardised L2 logistic regression (sklearn C = l2), folded back to the raw feature space."""
+def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float, seed: int = 0) -> LinearProbe:
+    """Standardised L2 logistic regression (sklearn C = l2), folded back to the raw feature space; lbfgs is
+    deterministic, so the seed is not used."""
     check_labels(y)
     return LinearProbe(*standardised_logistic(X, y, l2))
 

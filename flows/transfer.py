@@ -14,7 +14,7 @@ import polars as pl
 
 from flows.presets import deep_update
 from flows.runner import load_manifest
-from tasks.core.config import RunConfig
+from tasks.core.config import IngestConfig, RunConfig
 from tasks.core.storage import RunPaths
 
 TARGET_STAGES = ("ingest", "decompose", "activations")
@@ -31,15 +31,17 @@ def saved_config(paths: RunPaths) -> dict[str, Any]:
 
 
 def target_config(source: dict[str, Any], given: dict[str, Any], target: str, runs_dir: Path) -> RunConfig:
-    """The statements run's config: the source run's (model, activations, decompose) with the dataset options given."""
+    """The statements run's config: the source run's model, activation and decomposition options, the seed, and the
+    dataset options given (the others at their defaults)."""
     outside = sorted(set(given) - set(DATASET_OPTIONS))
     if outside:
         raise ValueError(f"clearflow transfer sets only the other source's dataset options"
                          f" ({', '.join(DATASET_OPTIONS)}); {outside} come from the probes' run")
     if "dataset" not in given:
         raise ValueError(f"the dataset options {sorted(given)} make the statements run: give --dataset NAME with them")
-    own = {"data_path": None, "limit": None} | given  # the source's file and record limit are not the target's
-    return RunConfig.model_validate(deep_update(source, own) | {"run": target, "runs_dir": str(runs_dir)})
+    # the source's file, record limit and reading options are not the target's: those start from the defaults
+    fresh = {"data_path": None, "limit": None, "ingest": IngestConfig().model_dump(mode="json")}
+    return RunConfig.model_validate(deep_update(source | fresh, given) | {"run": target, "runs_dir": str(runs_dir)})
 
 
 def make_target(cfg: RunConfig) -> None:
@@ -85,13 +87,32 @@ def _refresh_catalog(paths: RunPaths) -> None:
         write_run_catalog(paths)
 
 
-def best_rows(rows: pl.DataFrame) -> str:
-    """Per probe kind, the layer whose probe transfers best to all target statements (one line each)."""
-    per_layer = rows.filter((pl.col("subset") == "all") & (pl.col("fitted_on") == "train")
-                            & pl.col("auroc").is_not_null())
-    best = per_layer.sort("auroc", descending=True).group_by("probe", maintain_order=True).first().sort("probe")
-    return "\n".join(f"{r['probe']}: best layer {r['layer']}, transfer AUROC {r['auroc']:.3f} on {r['n']} statements"
-                     f" (own test AUROC {_fmt(r['source_test_auroc'])})" for r in best.iter_rows(named=True))
+def summary_lines(source: RunPaths, rows: pl.DataFrame) -> str:
+    """Per kind, the transfer of the layer the source's dev chose (as its probes stage chose), then the final probe."""
+    from tasks.core.storage import read_table
+    from tasks.probes.stage import select_best
+
+    metrics = read_table(source.table("probe_metrics"))
+    lines = []
+    for kind in sorted(rows["probe"].unique()):
+        if kind not in metrics["probe"].to_list():
+            continue
+        layer = select_best(metrics, kind)["layer"]
+        files = rows.filter((pl.col("probe") == kind) & (pl.col("layer") == layer) & (pl.col("fitted_on") == "train"))
+        lines.append(f"{kind} layer {layer} (dev's choice): {_subsets(files)}")
+    final = rows.filter(pl.col("probe_file") == "final.safetensors")
+    if final.height:
+        lines.append(f"final probe ({final['probe'][0]} layer {final['layer'][0]}, train+dev): {_subsets(final)}")
+    return "\n".join(lines)
+
+
+def _subsets(rows: pl.DataFrame) -> str:
+    """'transfer AUROC a on all n statements, b on the m unseen (own test AUROC c)' for one probe file's rows."""
+    by = {r["subset"]: r for r in rows.iter_rows(named=True)}
+    words = {"all": "on all {n} statements", "unseen": "on the {n} unseen"}
+    parts = [f"{_fmt(r['auroc'])} {words[s].format(n=r['n'])}" for s, r in by.items()]
+    own = next(iter(by.values()))["source_test_auroc"] if by else None
+    return "transfer AUROC " + ", ".join(parts) + f" (own test AUROC {_fmt(own)})"
 
 
 def _fmt(x: float | None) -> str:

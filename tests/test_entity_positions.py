@@ -154,7 +154,7 @@ def test_entity_positions_command_prints_the_best_layers(kf_run, capsys):
     out = capsys.readouterr().out
     for kind in ("diffmean", "logistic"):
         for position in ("last", "subject_last"):
-            assert f"{kind} at {position}: best test AUROC" in out
+            assert f"{kind} at {position}: layer " in out
     assert f"figure: {analysis_path(paths.root, 'entity_positions_figure')}" in out
 
 
@@ -168,6 +168,6 @@ def test_comparison_needs_subject_last(tiny_model, tmp_path):
     paths.root.mkdir()
     for name in ("ingest", "decompose", "activations"):
         STAGES[name].function()(STAGES[name].view(cfg), paths)
-    with pytest.raises(ValueError, match=r"no 'subject_last' activations .* clearflow stage activations --run plain"):
+    with pytest.raises(ValueError, match=r"no 'subject_last' activations .*`clearflow stage activations --run plain"):
         compare_positions(cfg, paths)
     assert json.loads(next(paths.activations.glob("model=*/meta.json")).read_text())["positions"] == ["last"]

@@ -126,7 +126,7 @@ def test_one_command_makes_the_other_source_and_the_catalog_queries_the_table(ru
             str(runs["mquake"]), "--runs-dir", str(runs_dir)]
     main(argv)
     out = capsys.readouterr().out
-    assert "transfer table:" in out and "logistic: best layer" in out
+    assert "transfer table:" in out and "logistic layer " in out and "final probe (logistic layer" in out
     mq = RunPaths(runs_dir / "mq")
     meta = [json.loads(next(r.activations.glob("model=*/meta.json")).read_text()) for r in (runs["b"], mq)]
     assert meta[0]["store_key"] == meta[1]["store_key"]  # the same statements and options: the same stored states

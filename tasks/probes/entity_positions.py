@@ -31,7 +31,7 @@ from tasks.core.activation_store import SUBJECT_LAST, ActivationStore
 from tasks.core.config import RunConfig
 from tasks.core.storage import RunPaths, atomic_path, model_slug, read_table, write_parquet
 from tasks.probes.kinds import probe_kinds
-from tasks.probes.stage import check_splits, train_layer
+from tasks.probes.stage import check_splits, select_best, train_layer
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,19 @@ def compare_positions(cfg: RunConfig, paths: RunPaths) -> pl.DataFrame:
 
 
 def summary(table: pl.DataFrame) -> str:
-    """Best test AUROC per kind and position, one clause each."""
-    test = table.filter((pl.col("split") == "test") & pl.col("auroc").is_not_null())
-    best = test.sort("auroc", descending=True).group_by("probe", "position", maintain_order=True).first()
-    return "; ".join(f"{r['probe']} at {r['position']}: best test AUROC {r['auroc']:.3f} (layer {r['layer']})"
-                     for r in best.sort("probe", "position").iter_rows(named=True))
+    """Per kind and position, the layer dev chooses (as the probes stage does) and its test AUROC, one clause each."""
+    out = []
+    for kind in sorted(table["probe"].unique()):
+        for position in POSITIONS:
+            rows = table.filter(pl.col("position") == position)
+            layer = select_best(rows, kind)["layer"]
+            test = rows.filter((pl.col("probe") == kind) & (pl.col("layer") == layer) & (pl.col("split") == "test"))
+            out.append(f"{kind} at {position}: layer {layer} (best on dev), test AUROC {_fmt(test['auroc'][0])}")
+    return "; ".join(out)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def plot_positions(table: pl.DataFrame, path: Path) -> Path:

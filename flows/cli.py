@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubComm
 import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
 from flows.presets import PRESETS, deep_update, preset_config, preset_help
 from flows.stages import ORDER, STAGES
-from tasks.core.config import RunConfig
+from tasks.core.config import IngestConfig, RunConfig
 
 log = logging.getLogger("clearflow")
 StageName = Literal["ingest", "decompose", "activations", "probes", "finetune", "evaluate", "report"]
@@ -179,6 +179,49 @@ class Report(BaseModel):
         Stage.model_validate({"name": "report", "run": self.run, "runs_dir": self.runs_dir}).cli_cmd()
 
 
+class Transfer(BaseModel):
+    """Score the saved probes of --run on the statements of another run (another source): a transfer AUROC table per
+    probe kind and layer, written into --run (`clearflow sql "select * from probe_transfer"`). With --dataset, that
+    other run is made first: its ingest, units and activations with --run's model (current stages are skipped,
+    states already in the activation store are reused)."""
+
+    run: str = Field(description="The run whose probes are scored (a directory under --runs-dir).")
+    statements_run: str = Field(description="The run whose statements they score; made from --dataset when given.")
+    runs_dir: Path = Field(Path("data/runs"), description="Where run directories live.")
+    dataset: str | None = Field(None, description="Make --statements-run from this dataset (`clearflow datasets`).")
+    data_path: Path | None = Field(None, description="Input file of --dataset (known-facts: bundled).")
+    limit: int | None = Field(None, ge=1, description="Use at most this many records of --dataset.")
+    seed: int | None = Field(None, description="Seed of --statements-run's splits; default: --run's.")
+    ingest: IngestConfig = IngestConfig()
+
+    def cli_cmd(self) -> None:
+        from flows.transfer import DATASET_OPTIONS, summary_lines, transfer
+        from tasks.core.storage import RunPaths
+
+        given = self.model_dump(mode="json", exclude_unset=True, include=set(DATASET_OPTIONS))
+        path, rows = transfer(self.run, self.statements_run, self.runs_dir, given)
+        print(summary_lines(RunPaths(self.runs_dir / self.run), rows))
+        print(f"\ntransfer table: {path}")
+        print(f"query it: clearflow sql \"select * from probe_transfer\" --run {self.run} --runs-dir {self.runs_dir}")
+
+
+class EntityPositions(BaseModel):
+    """Fit every probe kind per layer at the subject's last token and at the statement's last token, on the same
+    statements (P-probing of Physics of LMs 3.1, asked of conflict); needs the run's activations with the position
+    subject_last. Writes a table and a figure into the run (`clearflow sql "select * from entity_positions"`)."""
+
+    run: str = Field(description="Run name (a directory under --runs-dir).")
+    runs_dir: Path = Field(Path("data/runs"), description="Where run directories live.")
+
+    def cli_cmd(self) -> None:
+        from flows.transfer import entity_positions
+        from tasks.probes.entity_positions import summary
+
+        path, table = entity_positions(self.run, self.runs_dir)
+        print(summary(table))
+        print(f"\ntable: {path}\nfigure: {path.with_suffix('.png')}")
+
+
 class Serve(RunConfig):
     """Serve Prefect deployments from this process: the pipeline on a schedule, every stage on demand."""
 
@@ -232,6 +275,8 @@ class Clearflow(BaseSettings):
     datasets: CliSubCommand[Datasets]
     stages: CliSubCommand[Stages]
     serve: CliSubCommand[Serve]
+    transfer: CliSubCommand[Transfer]
+    entity_positions: CliSubCommand[EntityPositions]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

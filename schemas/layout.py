@@ -7,9 +7,10 @@ the runner hashes an artifact by its kind when it records it in the manifest (se
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from schemas.tables import TABLES
+from schemas.tables import ANALYSIS_TABLES, TABLES
 
 Kind = Literal["table", "hive", "json", "file", "dir"]
 
@@ -25,7 +26,7 @@ class Artifact:
     identity: str | None = None  # glob of the files whose hashes identify a directory; None = every file
 
     def __post_init__(self) -> None:
-        if self.kind == "table" and self.name not in TABLES:
+        if self.kind == "table" and self.name not in TABLES and self.name not in ANALYSIS_TABLES:
             raise ValueError(f"table artifact {self.name!r} has no schema in schemas.tables.TABLES")
 
 
@@ -63,6 +64,26 @@ LAYOUT: dict[str, Artifact] = {
 }
 
 assert set(TABLES) <= {a.name for a in LAYOUT.values() if a.kind == "table"}, "every table needs a place in the run"
+
+# What analysis commands add to a finished run (no stage writes or reads them, so no stage goes stale); the catalog
+# shows each table that exists as `<name>` / `all_<name>`.
+ANALYSES: dict[str, Artifact] = {
+    a.name: a
+    for a in (
+        Artifact("probe_transfer", "analyses/probe_transfer.parquet", "table", "`clearflow transfer`: this run's"
+                 " probes scored on other runs' statements, AUROC per target run, probe file and subset"),
+        Artifact("entity_positions", "analyses/entity_positions.parquet", "table", "`clearflow entity-positions`:"
+                 " probe metrics per layer, kind and split at the subject's last token vs the statement's last token"),
+        Artifact("entity_positions_figure", "analyses/entity_positions.png", "file", "the layer curves of"
+                 " entity_positions (test AUROC per kind and position)"),
+    )
+}
+assert set(ANALYSIS_TABLES) == {a.name for a in ANALYSES.values() if a.kind == "table"}, "one place per analysis table"
+
+
+def analysis_path(run_dir: Path, name: str) -> Path:
+    """Where an analysis artifact lives in a run directory."""
+    return Path(run_dir) / ANALYSES[name].path
 
 
 def artifact(name: str) -> Artifact:

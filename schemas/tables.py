@@ -63,7 +63,7 @@ REJECTS = pa.schema(
 )
 
 SENTENCE_LABELS = ("conflict", "aligned", "irrelevant")
-POSITIONS = ("last", "ctx_last", "ctx_mean")
+POSITIONS = ("last", "ctx_last", "ctx_mean", "subject_last")
 UNITS = ("sentence", "fact")
 
 SENTENCES = pa.schema(
@@ -224,6 +224,47 @@ SWEEP_METRICS = pa.schema(
     ]
 )
 
+# Tables an analysis command writes into a run (no stage writes them: schemas/layout.py ANALYSES places them).
+# `clearflow transfer`: the saved probes of this run scored on the statements of another run (tasks/probes/transfer.py),
+# one row per target run x probe file x subset; subset "all" is every target statement, "unseen" those whose subject
+# (group, case-folded) and text the probe was never fitted on (its fitted_on splits of this run's statements).
+PROBE_TRANSFER = pa.schema(
+    [
+        pa.field("target_run", STR, nullable=False),
+        pa.field("target_dataset", STR, nullable=False),  # dataset of the target run (known-facts: with its version)
+        pa.field("probe_file", STR, nullable=False),  # under this run's probes/
+        pa.field("probe", STR, nullable=False),  # kind
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("position", STR, nullable=False),
+        pa.field("fitted_on", STR, nullable=False),  # "train" (per-layer probes) or "train+dev" (the final probe)
+        pa.field("subset", STR, nullable=False),  # all / unseen
+        pa.field("n", pa.int32(), nullable=False),
+        pa.field("n_conflict", pa.int32(), nullable=False),  # label-1 statements among the n
+        pa.field("auroc", pa.float64()),  # null where the subset holds one label only
+        pa.field("accuracy", pa.float64()),  # at the probe's threshold
+        pa.field("f1", pa.float64()),
+        pa.field("source_test_auroc", pa.float64()),  # the same probe on this run's own test statements
+    ]
+)
+
+# `clearflow entity-positions` (tasks/probes/entity_positions.py): each probe kind fitted per layer on the statements'
+# states at the subject's last token and at the statement's last token, on the same statements (those with a subject
+# row); metrics per split, as probe_metrics.
+ENTITY_POSITIONS = pa.schema(
+    [
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("probe", STR, nullable=False),
+        pa.field("position", STR, nullable=False),  # last / subject_last
+        pa.field("split", STR, nullable=False),
+        pa.field("n", pa.int32(), nullable=False),
+        pa.field("accuracy", pa.float64()),
+        pa.field("f1", pa.float64()),
+        pa.field("auroc", pa.float64()),
+    ]
+)
+
+ANALYSIS_TABLES: dict[str, pa.Schema] = {"probe_transfer": PROBE_TRANSFER, "entity_positions": ENTITY_POSITIONS}
+
 
 # A sweep's paired comparisons (sweep directory, over its seed runs' PREDICTIONS): COMPARISONS' rows with every seed's
 # answers on an item taken together (tasks/evaluate/seed_pairs.py): per-item scores are means over the seeds.
@@ -245,7 +286,7 @@ def activations_schema(dim: int, value_type: pa.DataType = pa.float32()) -> pa.S
         [
             pa.field("key", STR, nullable=False),
             pa.field("source", STR, nullable=False),  # statements / sentences
-            pa.field("position", STR, nullable=False),  # last (text fed alone) / ctx_last / ctx_mean (in context)
+            pa.field("position", STR, nullable=False),  # last, subject_last (text alone) / ctx_last, ctx_mean (in context)
             pa.field("context_key", STR),  # ctx_*: text_key of the context the sentence was read in; last: null
             pa.field("vector", pa.list_(value_type, dim), nullable=False),
         ]

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from tasks.core.activation_store import (
     CTX_POSITIONS,
     NUMPY_TYPES,
+    SUBJECT_LAST,
     ActivationStore,
     Shard,
     StoreInputs,
@@ -40,6 +41,7 @@ from tasks.activations.extraction import (  # noqa: F401  (re-exported: the stag
     length_buckets,
     resolve_layers,
 )
+from tasks.activations.subject import iter_last_and_subject, subject_spans
 from tasks.core.models import load_model, load_tokenizer, model_fingerprint, model_shape
 from tasks.core.storage import RunPaths, model_slug, read_table, text_key
 
@@ -98,6 +100,8 @@ def collect_inputs(paths: RunPaths, act: ActivationConfig) -> StoreInputs:
     inputs = StoreInputs(keys=keys, texts=[fed_text(t, act.strip_final_punct) for t in texts], sources=sources)
     if any(p in CTX_POSITIONS for p in act.positions):
         inputs.context_keys, inputs.contexts, inputs.units = context_inputs(paths, act.sentences)
+    if SUBJECT_LAST in act.positions:
+        inputs.subjects = subject_spans(read_table(paths.table("statements")), inputs.keys, inputs.texts)
     return inputs
 
 
@@ -147,14 +151,28 @@ class _ShardBuffer:
 
 
 def _last_tables(model, tok, inputs: StoreInputs, shard: Shard, layers, act: ActivationConfig, bar) -> dict[int, pa.Table]:
-    """Per layer, the Arrow table of a 'last' shard, rows in input order."""
+    """Per layer, the Arrow table of a 'last' shard, rows in input order (then its subject_last rows, when asked)."""
     keys, sources = inputs.keys[shard.start : shard.stop], inputs.sources[shard.start : shard.stop]
-    buf = _ShardBuffer(len(keys), act.storage_dtype)
-    for batch, vectors in iter_activations(model, tok, inputs.texts[shard.start : shard.stop], layers,
-                                           act.batch_size, progress=False):
+    texts = inputs.texts[shard.start : shard.stop]
+    subjects = {row - shard.start: (s, e) for row, s, e in inputs.subjects if shard.start <= row < shard.stop}
+    buf, sbuf = _ShardBuffer(len(keys), act.storage_dtype), _ShardBuffer(len(keys), act.storage_dtype, SUBJECT_LAST)
+    if SUBJECT_LAST in act.positions:  # one forward gives both positions
+        stream = iter_last_and_subject(model, tok, texts, subjects, layers, act.batch_size)
+    else:
+        stream = ((b, v, None) for b, v in iter_activations(model, tok, texts, layers, act.batch_size, progress=False))
+    for batch, vectors, at_subject in stream:
         buf.put(batch, vectors)
+        if at_subject is not None:
+            sbuf.put(batch, at_subject)
         bar.update(len(batch))
-    return {layer: vectors_table(keys, sources, buf.arrays[layer], "last", None, act.storage_dtype) for layer in layers}
+    tables = {layer: vectors_table(keys, sources, buf.arrays[layer], "last", None, act.storage_dtype) for layer in layers}
+    if SUBJECT_LAST in act.positions and subjects:
+        rows = sorted(subjects)
+        for layer in layers:
+            subject_rows = vectors_table([keys[r] for r in rows], [sources[r] for r in rows], sbuf.arrays[layer][rows],
+                                         SUBJECT_LAST, None, act.storage_dtype)
+            tables[layer] = pa.concat_tables([tables[layer], subject_rows])
+    return tables
 
 
 def _ctx_tables(model, tok, inputs: StoreInputs, shard: Shard, layers, act: ActivationConfig, bar) -> dict[int, pa.Table]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import duckdb
 
+from schemas.layout import ANALYSES
 from schemas.tables import TABLES
 from tasks.core.activation_store import DUCKDB_HIVE, ActivationStore, tree_glob
 from tasks.core.storage import RunPaths, atomic_path
@@ -152,6 +153,7 @@ def _run_view_sql(run: RunInfo, rel: str, hive: bool) -> str:
 def _sources(run: RunInfo) -> dict[str, tuple[str, bool]]:
     """table -> (relative path or glob, is hive-partitioned), for the tables this run has."""
     out = {name: (rel, False) for name, rel in table_relpaths().items() if (run.root / rel).exists()}
+    out |= {name: (a.path, False) for name, a in ANALYSES.items() if a.kind == "table" and (run.root / a.path).exists()}
     if _has_activations(run.root):
         out["activations"] = (ACTIVATION_GLOB, True)
     return out

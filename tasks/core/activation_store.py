@@ -35,6 +35,7 @@ STORE_FORMAT = 1  # bump when the layout or the meaning of a stored vector chang
 VALUE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
 CTX_POSITIONS = ("ctx_last", "ctx_mean")
+SUBJECT_LAST = "subject_last"  # a statement fed alone, the state at its subject's last token (extracted with 'last')
 SHARD_GLOB = "part-*.parquet"  # a layer's files; temp files (".part-*.tmp") never match
 HIVE_TYPES = {"model": "VARCHAR", "layer": "INTEGER"}  # partition keys of a run tree's paths, as DuckDB types them
 DUCKDB_HIVE = f"hive_partitioning = true, hive_types = {{{', '.join(f'{k!r}: {t}' for k, t in HIVE_TYPES.items())}}}"
@@ -60,6 +61,8 @@ class StoreInputs:
     context_keys: list[str] = field(default_factory=list)
     contexts: list[str] = field(default_factory=list)
     units: list[list[tuple[str, int, int]]] = field(default_factory=list)  # per context: (key, start, end)
+    # subject_last: (row of keys/texts, start, end) of the subject's characters in the text as fed
+    subjects: list[tuple[int, int, int]] = field(default_factory=list)
 
     def digest(self) -> str:
         """Hash of everything the vectors depend on besides the model and options."""
@@ -68,12 +71,15 @@ class StoreInputs:
             h.update(f"L\0{k}\0{s}\0{t}\n".encode())
         for ck, c, us in zip(self.context_keys, self.contexts, self.units):
             h.update(f"C\0{ck}\0{c}\0{json.dumps(us)}\n".encode())
+        if self.subjects:  # absent before subject_last existed: earlier stores keep their keys
+            h.update(f"S\0{json.dumps(self.subjects)}\n".encode())
         return h.hexdigest()
 
     def n_rows(self, positions: Sequence[str]) -> dict[str, int]:
         """Rows per position kind this input yields (per layer)."""
         n_units = sum(len(u) for u in self.units)
-        return {p: len(self.keys) if p == "last" else n_units for p in positions}
+        per = {"last": len(self.keys), SUBJECT_LAST: len(self.subjects)}
+        return {p: per.get(p, n_units) for p in positions}
 
 
 @dataclass(frozen=True)

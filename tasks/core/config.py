@@ -118,10 +118,11 @@ class ActivationConfig(BaseModel):
     sentences: Literal["all", "relevant"] = Field(
         "all", description="Context units probed: all, or only those the relevance filter keeps."
     )
-    positions: list[Literal["last", "ctx_last", "ctx_mean"]] = Field(
+    positions: list[Literal["last", "ctx_last", "ctx_mean", "subject_last"]] = Field(
         ["last"], min_length=1, description="Token positions stored: 'last' (each text fed alone, its last token:"
         " the reference's, what the probes use); 'ctx_last' / 'ctx_mean' (one forward over the whole context, then"
-        " each sentence's last token / mean over its tokens)."
+        " each sentence's last token / mean over its tokens); 'subject_last' (each statement fed alone, the last"
+        " token of its subject, read in the same forward as 'last': `clearflow entity-positions` compares the two)."
     )
     storage_dtype: Literal["float32", "float16"] = Field("float32", description="Stored vector type (float16 halves"
                                                           " the files).")

@@ -60,6 +60,7 @@ PRESETS: dict[str, Preset] = {
             "evaluate.methods": Every("tasks.evaluate.methods:REGISTRY", "evaluation method"),
             "finetune.arms": Every("tasks.finetune.arms:REGISTRY", "fine-tuning arm"),
             "ingest.all_train_conditions": True,  # kaft trains on aligned and irrelevant train items too
+            "insideout.enabled": True,  # Inside-Out knowledge scores (off in the default run for time)
         }),
     )
 }

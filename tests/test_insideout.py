@@ -262,3 +262,15 @@ def test_full_preset_turns_it_on():
     from flows.presets import preset_config
 
     assert preset_config("full", {}).insideout.enabled and not RunConfig().insideout.enabled
+
+
+def test_a_k_star_that_disagrees_with_k_fails_its_suite(tmp_path):
+    from tasks.core.quality import DataQualityError
+    from tasks.core.storage import write_parquet
+
+    paths = RunPaths(tmp_path / "bad")
+    rows = [{"item_id": "i", "split": "test", "scorer": "external", "layer": None, "n_correct": 1, "n_incorrect": 2,
+             "k": 0.5, "k_star": True}]
+    write_parquet(rows, paths.table("insideout_k"), INSIDEOUT_K)
+    with pytest.raises(DataQualityError, match="insideout_k"):
+        validate_tables(["insideout_k"], paths)

@@ -17,7 +17,7 @@ from flows.stages import ORDER, STAGES
 from tasks.core.config import IngestConfig, RunConfig
 
 log = logging.getLogger("clearflow")
-StageName = Literal["ingest", "decompose", "activations", "probes", "finetune", "evaluate", "report"]
+StageName = Literal["ingest", "decompose", "activations", "probes", "finetune", "evaluate", "insideout", "report"]
 assert set(StageName.__args__) == set(ORDER), "StageName must list every stage"
 
 

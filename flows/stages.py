@@ -98,9 +98,14 @@ STAGES: dict[str, Stage] = {
               config=("model", "evaluate", "seed"),
               summary="generate answers per method, score them, pair each method with each reference",
               inputs="tasks.evaluate.methods:evaluated_methods"),
+        Stage("insideout", "tasks.insideout.stage:run_insideout",
+              reads=("items", "statements"), writes=("insideout_scores", "insideout_k", "insideout_layers"),
+              config=("insideout", "model", "seed"),
+              summary="Inside-Out knowledge K per test item: the model's answer log-probabilities vs a probe per layer"
+                      " (off unless insideout.enabled)"),
         Stage("report", "tasks.report:run_report",
               reads=("items", "sentences", "probe_metrics", "probe_localisation", "best_probe", "sentence_scores",
-                     "train_log", "predictions", "metrics", "comparisons", "lfd_layers"),
+                     "train_log", "predictions", "metrics", "comparisons", "lfd_layers", "insideout_layers"),
               writes=("report", "figures"), config=("dataset", "limit", "seed", "model", "evaluate"),
               summary="write report.md and its figures"),
     )

@@ -55,6 +55,11 @@ LAYOUT: dict[str, Artifact] = {
                  " reference: bootstrap CIs, McNemar p"),
         Artifact("lfd_layers", "lfd_layers.parquet", "table", "LFD: internal knowledge score per layer on dev and the"
                  " fused layer (no rows when LFD is not evaluated)"),
+        Artifact("insideout_scores", "insideout/scores.parquet", "table", "Inside-Out: external and internal"
+                 " score of every answer candidate of the dev and test items (no rows when off)"),
+        Artifact("insideout_k", "insideout/k.parquet", "table", "Inside-Out: knowledge K per item, scorer and layer"),
+        Artifact("insideout_layers", "insideout/layers.parquet", "table", "Inside-Out: mean K with CIs, hidden-knowledge"
+                 " share per layer, the layer chosen on dev"),
         Artifact("report", "report.md", "file", "the run's report"),
         Artifact("figures", "figures", "dir", "the report's figures"),
         Artifact("quality", "quality", "dir", "Great Expectations results, one JSON per checked table"),

@@ -19,7 +19,8 @@ import polars as pl
 
 from schemas.rejects import REASONS
 from schemas.tables import (
-    BINARY_METRICS, CONDITIONS, KNOWLEDGE, PAIRED_METRICS, POSITIONS, PRUNINGS, SENTENCE_LABELS, TABLES, UNITS,
+    BINARY_METRICS, CANDIDATE_SOURCES, CONDITIONS, KNOWLEDGE, PAIRED_METRICS, POSITIONS, PRUNINGS, SCORERS,
+    SENTENCE_LABELS, TABLES, UNITS,
 )
 
 SPLITS = ("train", "dev", "test")
@@ -456,6 +457,86 @@ def _prepare_lfd_layers(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(one_chosen=pl.lit(int(df["chosen"].sum()) == 1), chosen_is_lowest_candidate=chosen_ok)
 
 
+# ---------------------------------------------------------------- Inside-Out
+
+_REPORTED_SPLITS = ("dev", "test")
+
+
+def _layer_iff_internal() -> pl.Expr:
+    """The layer is filled exactly on internal rows (the external score has none)."""
+    return pl.col("layer").is_not_null() == (pl.col("scorer") == "internal")
+
+
+def _insideout_scores(gxe: ModuleType) -> list[Any]:
+    """One score per candidate, scorer and layer (no rows when the stage is off); an external score is a mean
+    log-probability, so never above 0; every scored item has a correct and an incorrect candidate."""
+    return [
+        *_not_null(gxe, "item_id", "split", "cand_idx", "answer", "correct", "source", "n_tokens", "scorer", "score"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["item_id", "cand_idx", "scorer", "layer_key"]),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(_REPORTED_SPLITS)),
+        gxe.ExpectColumnValuesToBeInSet(column="source", value_set=list(CANDIDATE_SOURCES)),
+        gxe.ExpectColumnValuesToBeInSet(column="scorer", value_set=list(SCORERS)),
+        gxe.ExpectColumnValuesToBeBetween(column="n_tokens", min_value=1),
+        *_all_true(gxe, "layer_iff_internal", "logprob_ok", "has_pair"),
+    ]
+
+
+def _prepare_insideout_scores(df: pl.DataFrame) -> pl.DataFrame:
+    """The layer as a unique key, and the per-row checks the expectations read."""
+    return df.with_columns(
+        layer_key=pl.col("layer").fill_null(-1),
+        layer_iff_internal=_layer_iff_internal(),
+        logprob_ok=(pl.col("scorer") != "external") | (pl.col("score") <= 0),
+        has_pair=pl.col("correct").any().over("item_id") & (~pl.col("correct")).any().over("item_id"),
+    )
+
+
+def _insideout_k(gxe: ModuleType) -> list[Any]:
+    """K per item, scorer and layer is a share of pairs; K* is K = 1."""
+    return [
+        *_not_null(gxe, "item_id", "split", "scorer", "n_correct", "n_incorrect", "k", "k_star"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["item_id", "scorer", "layer_key"]),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(_REPORTED_SPLITS)),
+        *[gxe.ExpectColumnValuesToBeBetween(column=c, min_value=1) for c in ("n_correct", "n_incorrect")],
+        *_unit_interval(gxe, "k"),
+        *_all_true(gxe, "layer_iff_internal", "k_star_ok"),
+    ]
+
+
+def _prepare_insideout_k(df: pl.DataFrame) -> pl.DataFrame:
+    return df.with_columns(layer_key=pl.col("layer").fill_null(-1), layer_iff_internal=_layer_iff_internal(),
+                           k_star_ok=pl.col("k_star") == (pl.col("k") == 1.0))
+
+
+def _insideout_layers(gxe: ModuleType) -> list[Any]:
+    """Shares within [0, 1], the gap within [-1, 1], CIs ordered; hidden share and gap only on internal rows; one
+    chosen layer, the same on both splits."""
+    return [
+        *_not_null(gxe, "split", "scorer", "n_items", "mean_k", "k_star", "chosen"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["split", "scorer", "layer_key"]),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(_REPORTED_SPLITS)),
+        gxe.ExpectColumnValuesToBeBetween(column="n_items", min_value=1),
+        *_unit_interval(gxe, "mean_k", "mean_k_lo", "mean_k_hi", "k_star", "hidden_share", "hidden_share_lo",
+                        "hidden_share_hi"),
+        *[gxe.ExpectColumnValuesToBeBetween(column=c, min_value=-1, max_value=1) for c in ("gap", "gap_lo", "gap_hi")],
+        *[gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A=f"{m}_hi", column_B=f"{m}_lo", or_equal=True,
+                                                      ignore_row_if="either_value_is_missing")
+          for m in ("mean_k", "hidden_share", "gap")],
+        *_all_true(gxe, "layer_iff_internal", "hidden_iff_internal", "one_chosen_layer"),
+    ]
+
+
+def _prepare_insideout_layers(df: pl.DataFrame) -> pl.DataFrame:
+    internal = pl.col("scorer") == "internal"
+    chosen = df.filter(pl.col("chosen"))
+    one = chosen["layer"].n_unique() == 1 and chosen.filter(pl.col("scorer") != "internal").height == 0
+    return df.with_columns(
+        layer_key=pl.col("layer").fill_null(-1), layer_iff_internal=_layer_iff_internal(),
+        hidden_iff_internal=pl.col("hidden_share").is_not_null() == internal,
+        one_chosen_layer=pl.lit(one or not df.filter(internal).height),
+    )
+
+
 SUITES: dict[str, Suite] = {
     "items": Suite("items", _items, _prepare_items),
     "statements": Suite("statements", _statements, _prepare_statements),
@@ -471,6 +552,9 @@ SUITES: dict[str, Suite] = {
     "metrics": Suite("metrics", _metrics, _prepare_metrics),
     "comparisons": Suite("comparisons", _comparisons, _prepare_comparisons, reads=("metrics",)),
     "lfd_layers": Suite("lfd_layers", _lfd_layers, _prepare_lfd_layers),
+    "insideout_scores": Suite("insideout_scores", _insideout_scores, _prepare_insideout_scores),
+    "insideout_k": Suite("insideout_k", _insideout_k, _prepare_insideout_k),
+    "insideout_layers": Suite("insideout_layers", _insideout_layers, _prepare_insideout_layers),
 }
 
 assert set(SUITES) == set(TABLES) | {"activations"}, "every table needs a suite"

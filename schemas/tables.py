@@ -280,6 +280,66 @@ SWEEP_COMPARISONS = pa.schema(
     ]
 )
 
+# Inside-Out knowledge (Gekhman et al. 2025; tasks/insideout/): answer candidates of the dev and test items, each
+# scored externally (the model's mean log-probability of the answer's tokens after the closed-book prompt; layer
+# null) and internally (a logistic probe's logit on the answer's last-token hidden state, one row per layer).
+CANDIDATE_SOURCES = ("true", "alias", "counterfactual", "relation")
+SCORERS = ("external", "internal")
+
+INSIDEOUT_SCORES = pa.schema(
+    [
+        pa.field("item_id", STR, nullable=False),
+        pa.field("split", STR, nullable=False),  # dev (chooses the layer) or test (reported)
+        pa.field("cand_idx", pa.int32(), nullable=False),
+        pa.field("answer", STR, nullable=False),
+        pa.field("correct", pa.bool_(), nullable=False),  # the true answer or an alias of it
+        pa.field("source", STR, nullable=False),  # one of CANDIDATE_SOURCES
+        pa.field("n_tokens", pa.int32(), nullable=False),  # the answer's tokens (what the external score averages)
+        pa.field("scorer", STR, nullable=False),  # one of SCORERS
+        pa.field("layer", pa.int32()),  # internal: the probed layer; external: null
+        pa.field("score", pa.float64(), nullable=False),  # higher = ranked as more likely correct
+    ]
+)
+
+# K per item and scorer: the fraction of (correct, incorrect) candidate pairs whose correct answer scores strictly
+# higher (a tie counts as not ranked correctly); k_star: K = 1 (every pair ranked correctly).
+INSIDEOUT_K = pa.schema(
+    [
+        pa.field("item_id", STR, nullable=False),
+        pa.field("split", STR, nullable=False),
+        pa.field("scorer", STR, nullable=False),
+        pa.field("layer", pa.int32()),  # null for the external scorer
+        pa.field("n_correct", pa.int32(), nullable=False),
+        pa.field("n_incorrect", pa.int32(), nullable=False),
+        pa.field("k", pa.float64(), nullable=False),
+        pa.field("k_star", pa.bool_(), nullable=False),
+    ]
+)
+
+# Per split, scorer and layer: mean K with its item-bootstrap 95% CI, the share of items with K = 1, and (internal rows)
+# the hidden-knowledge share (items whose internal K exceeds their external K) and the paired gap internal - external.
+INSIDEOUT_LAYERS = pa.schema(
+    [
+        pa.field("split", STR, nullable=False),
+        pa.field("scorer", STR, nullable=False),
+        pa.field("layer", pa.int32()),  # null for the external scorer
+        pa.field("n_items", pa.int32(), nullable=False),
+        pa.field("mean_k", pa.float64(), nullable=False),
+        pa.field("mean_k_lo", pa.float64()),
+        pa.field("mean_k_hi", pa.float64()),
+        pa.field("k_star", pa.float64(), nullable=False),  # share of items with K = 1
+        pa.field("hidden_share", pa.float64()),  # internal K > external K; null on external rows
+        pa.field("hidden_share_lo", pa.float64()),
+        pa.field("hidden_share_hi", pa.float64()),
+        pa.field("gap", pa.float64()),  # mean internal K - mean external K over the same items; null on external rows
+        pa.field("gap_lo", pa.float64()),
+        pa.field("gap_hi", pa.float64()),
+        pa.field("l2", pa.float64()),  # the probe's C, chosen on dev; null on external rows
+        pa.field("chosen", pa.bool_(), nullable=False),  # the internal layer of best dev mean K (ties: lower layer)
+    ]
+)
+
+
 def activations_schema(dim: int, value_type: pa.DataType = pa.float32()) -> pa.Schema:
     """Schema of one activation shard; the layer lives in the hive path, not in the file."""
     return pa.schema(
@@ -305,4 +365,7 @@ TABLES: dict[str, pa.Schema] = {
     "metrics": METRICS,
     "comparisons": COMPARISONS,
     "lfd_layers": LFD_LAYERS,
+    "insideout_scores": INSIDEOUT_SCORES,
+    "insideout_k": INSIDEOUT_K,
+    "insideout_layers": INSIDEOUT_LAYERS,
 }

@@ -24,6 +24,8 @@ from tasks.evaluate.comparison import (
 )
 from tasks.evaluate.methods import REGISTRY as METHODS
 from tasks.evaluate.methods import method_label as label
+from tasks.insideout.reporting import FIGURE as INSIDEOUT_FIGURE
+from tasks.insideout.reporting import plot_insideout, section_insideout
 from tasks.probes.crossfit import marker_line
 from tasks.probes.kinds import strength_text
 from tasks.probes.localisation import LABELS, localisation_by_target, localisation_units
@@ -356,6 +358,9 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
         _save(layer_localisation_figure(per_layer, best), paths.figures / "localisation_layers.png")
     plot_methods(overall_metrics, paths.figures / "methods.png")
     comparisons = _optional_table(paths.table("comparisons"))
+    insideout = _optional_table(paths.table("insideout_layers"))
+    if insideout is not None and insideout.filter(pl.col("split") == "test").height:
+        _save(plot_insideout(insideout), paths.figures / INSIDEOUT_FIGURE)
     evaluated, references = overall_metrics["method"].to_list(), list(conf.evaluate.references)
     sections = [
         f"# clearflow report: {paths.root.name}",
@@ -370,6 +375,7 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
         *lfd_lines(_optional_table(paths.table("lfd_layers"))),
         section_subsets(metrics),
         section_paired_subsets(comparisons, references),
+        section_insideout(insideout),
     ]
     with atomic_path(paths.report) as tmp:
         tmp.write_text("\n\n".join(filter(None, sections)) + "\n", encoding="utf-8")

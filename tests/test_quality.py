@@ -129,6 +129,26 @@ def write_good_run(paths: RunPaths) -> None:
     write_parquet(paired, paths.table("comparisons"), T.COMPARISONS)
     lfd = [{"layer": la, "iks": 0.01 * (4 - la), "n_items": 3, "candidate": la == 2, "chosen": la == 2} for la in range(4)]
     write_parquet(lfd, paths.table("lfd_layers"), T.LFD_LAYERS)
+    write_insideout(paths)
+
+
+def write_insideout(paths: RunPaths) -> None:
+    """Inside-Out tables of the dev and test items: a correct and an incorrect candidate each, ranked right."""
+    scores = [{"item_id": i, "split": SPLIT_OF[i], "cand_idx": c, "answer": a, "correct": c == 0,
+               "source": "true" if c == 0 else "counterfactual", "n_tokens": 1, "scorer": scorer, "layer": layer,
+               "score": (-1.0 if c == 0 else -2.0) if scorer == "external" else (1.0 if c == 0 else -1.0)}
+              for i in ("i2", "i3") for c, a in enumerate(("France", "Italy"))
+              for scorer, layer in (("external", None), ("internal", 2))]  # fmt: skip
+    write_parquet(scores, paths.table("insideout_scores"), T.INSIDEOUT_SCORES)
+    k = [{"item_id": i, "split": SPLIT_OF[i], "scorer": scorer, "layer": layer, "n_correct": 1, "n_incorrect": 1,
+          "k": 1.0, "k_star": True} for i in ("i2", "i3") for scorer, layer in (("external", None), ("internal", 2))]
+    write_parquet(k, paths.table("insideout_k"), T.INSIDEOUT_K)
+    layers = [{"split": sp, "scorer": scorer, "layer": layer, "n_items": 1, "mean_k": 1.0, "mean_k_lo": 1.0,
+               "mean_k_hi": 1.0, "k_star": 1.0, "chosen": layer == 2,
+               **({"hidden_share": 0.0, "hidden_share_lo": 0.0, "hidden_share_hi": 0.0, "gap": 0.0, "gap_lo": 0.0,
+                   "gap_hi": 0.0, "l2": 0.1} if layer is not None else {})}
+              for sp in ("dev", "test") for scorer, layer in (("external", None), ("internal", 2))]  # fmt: skip
+    write_parquet(layers, paths.table("insideout_layers"), T.INSIDEOUT_LAYERS)
 
 
 @pytest.fixture()

@@ -41,7 +41,7 @@ def test_upstream_is_derived_from_reads():
     assert STAGES["ingest"].upstream == ()
     assert STAGES["decompose"].upstream == ("ingest",)
     assert STAGES["probes"].upstream == ("ingest", "decompose", "activations")
-    assert STAGES["report"].upstream == ("ingest", "decompose", "probes", "finetune", "evaluate")
+    assert STAGES["report"].upstream == ("ingest", "decompose", "probes", "finetune", "evaluate", "insideout")
 
 
 def test_a_second_writer_or_an_unwritten_read_is_refused():

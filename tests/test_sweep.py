@@ -18,7 +18,7 @@ from tasks.core.config import RunConfig, finetune_seed
 from tasks.evaluate.methods import REGISTRY
 from tasks.evaluate.seeds import SweepPaths
 
-UPSTREAM = ("ingest", "decompose", "activations", "probes")  # what no fine-tuning option reaches
+UPSTREAM = ("ingest", "decompose", "activations", "probes", "insideout")  # what no fine-tuning option reaches
 SEEDS = [0, 1]
 METRICS = ("em", "f1", "ps", "po", "mr")
 

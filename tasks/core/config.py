@@ -231,6 +231,25 @@ class EvalConfig(BaseModel):
     )
 
 
+class InsideOutConfig(BaseModel):
+    """Inside-Out knowledge scores (Gekhman et al. 2025): K of the model's own probabilities vs a probe's."""
+
+    enabled: bool = Field(
+        False, description="Compute external and internal knowledge K per dev and test item (off by default: about"
+        " 12 minutes on 2 CPU cores for SmolLM2 on the default benchmark; on in `--preset full`)."
+    )
+    n_incorrect: int = Field(
+        4, ge=1, description="Incorrect answer candidates per item: the fact's counterfactual object, then seeded"
+        " draws from the other objects of its relation (fewer where the relation has fewer)."
+    )
+    l2_grid: list[float] = Field(
+        [0.003, 0.01, 0.1, 1.0], min_length=1, description="Inverse L2 strengths (sklearn C) of the internal"
+        " logistic probe tried per layer; the best dev AUROC is kept."
+    )
+    batch_size: int = Field(32, ge=1, description="Question + answer sequences per forward pass.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples of items for the confidence intervals.")
+
+
 class RunConfig(BaseModel):
     """Everything one pipeline run needs; hashed into the manifest."""
 
@@ -247,6 +266,7 @@ class RunConfig(BaseModel):
     probe: ProbeConfig = ProbeConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvalConfig = EvalConfig()
+    insideout: InsideOutConfig = InsideOutConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

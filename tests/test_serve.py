@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows.stages import ORDER
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -73,15 +75,14 @@ def test_serve_registers_scheduled_pipeline_and_runs_a_stage_on_demand(prefect_s
     try:
         def deployments():
             found = httpx.post(f"{api}/deployments/filter", json={}, timeout=5).json()
-            return found if len(found) == 8 else None
+            return found if len(found) == len(ORDER) + 1 else None
 
-        found = _wait(deployments, 120, "8 deployments (pipeline + 7 stages)")
+        found = _wait(deployments, 120, f"{len(ORDER) + 1} deployments (pipeline + {len(ORDER)} stages)")
         by_flow = {}
         for d in found:
             flow = httpx.get(f"{api}/flows/{d['flow_id']}", timeout=5).json()
             by_flow[flow["name"]] = d
-        assert set(by_flow) == {"pipeline", "ingest", "decompose", "activations", "probes", "finetune",
-                                "evaluate", "report"}
+        assert set(by_flow) == {"pipeline", *ORDER}
         crons = [s["schedule"]["cron"] for s in by_flow["pipeline"]["schedules"]]
         assert crons == ["15 4 * * *"]
         assert by_flow["ingest"]["parameters"]["cfg"]["limit"] == 30

@@ -21,12 +21,14 @@ class Every:
 
     registry: str  # "module:attribute" of a name -> entry mapping
     what: str  # what an entry is, for the help: "evaluation method"
+    flag: str | None = None  # an attribute of the entries: only those where it is true
 
     def names(self) -> list[str]:
-        return list(pkgutil.resolve_name(self.registry))
+        entries = pkgutil.resolve_name(self.registry)
+        return [name for name, entry in entries.items() if self.flag is None or getattr(entry, self.flag)]
 
     def __str__(self) -> str:
-        return f"every registered {self.what}"
+        return f"every registered {self.what}" + (f" with `{self.flag}`" if self.flag else "")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("full", "the whole comparison: every baseline, ablation and CLEAR", {
-            "evaluate.methods": Every("tasks.evaluate.methods:REGISTRY", "evaluation method"),
+            "evaluate.methods": Every("tasks.evaluate.methods:REGISTRY", "evaluation method", flag="comparison"),
             "finetune.arms": Every("tasks.finetune.arms:REGISTRY", "fine-tuning arm"),
             "ingest.all_train_conditions": True,  # kaft trains on aligned and irrelevant train items too
         }),

@@ -47,7 +47,7 @@ def tiny_cfg(tiny_model, tmp_path):
             "runs_dir": str(tmp_path / "runs"),
             "limit": 60,
             "model": {"name": tiny_model},
-            "finetune": {"max_items": 4, "max_length": 256},
+            "finetune": {"max_items": 4, "max_length": 256, "compile": False},
             "evaluate": {"max_new_tokens": 4, "bootstrap": 50},
         }
     )

@@ -209,3 +209,27 @@ def test_evaluate_stage_runs_cad_and_lfd(tiny_cfg, run_paths):
     ev.run_evaluate(_with_methods(tiny_cfg, ["full_context"]), run_paths)  # no LFD: the table empties
     assert read_table(run_paths.table("lfd_layers")).height == 0
     assert lfd_lines(read_table(run_paths.table("lfd_layers"))) == []
+
+
+def test_lfd_answers_and_layer_table_come_back_from_the_answer_cache(tiny_cfg, run_paths, monkeypatch):
+    """A sweep's seeds share LFD's answers: a second run with the same dev items and prompts decodes nothing and
+    gets the same predictions and layer table; other dev items (which choose the layer) miss the cache."""
+    import tasks.evaluate.decoding as decoding
+
+    _write_items(run_paths, {"test": range(4), "dev": range(4, 7)})
+    cfg = _with_methods(tiny_cfg, ["lfd"], answer_cache=run_paths.root.parent / "answers")
+    ev.run_evaluate(cfg, run_paths)
+    first = read_table(run_paths.table("predictions")).select("item_id", "prediction")
+    layers = read_table(run_paths.table("lfd_layers"))
+    run_paths.table("lfd_layers").unlink()
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("LFD decoded again though its answers were kept")
+
+    monkeypatch.setattr(decoding, "answer_lfd", no_decoding)
+    ev.run_evaluate(cfg, run_paths)
+    assert read_table(run_paths.table("predictions")).select("item_id", "prediction").equals(first)
+    assert read_table(run_paths.table("lfd_layers")).equals(layers)
+    _write_items(run_paths, {"test": range(4), "dev": range(4, 6)})  # one dev item fewer: another layer choice
+    with pytest.raises(AssertionError, match="decoded again"):
+        ev.run_evaluate(cfg, run_paths)

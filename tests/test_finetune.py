@@ -236,3 +236,66 @@ def test_answer_ce_on_the_last_positions_equals_the_full_forward_loss(tiny_cfg, 
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
     with pytest.raises(ValueError, match="non-empty suffix"):
         answer_ce(model, ids, torch.full_like(labels, IGNORE), True)
+
+
+def _train_history(cfg, examples, compile_: bool, monkeypatch=None):
+    from tasks.finetune.training import lora_model, train
+
+    fcfg = cfg.finetune.model_copy(update={"compile": compile_, "lr": 5e-3})
+    model, _ = lora_model(cfg.model, fcfg, seed=3)
+    hist = train(model, examples, fcfg, lam=0.5, seed=3)
+    return hist, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _examples(tok, n=4):
+    out = []
+    for i, (sentence, question, answer) in enumerate(FACTS[:n]):
+        context = prompts.mark_context([FILLER[i % 3], sentence], [False, i % 2 == 0])
+        out.append(build_example(tok, question, context, [answer], max_length=256))
+    return out
+
+
+def test_compiled_blocks_train_the_same_adapter_as_eager(tiny_cfg, tok):
+    """torch.compile is a speed option: per-step CE and attention loss, and the trained LoRA weights, equal the
+    eager run's within float tolerance; the last block (the hooked one) stays eager."""
+    from tasks.core.models import decoder_layers
+    from tasks.finetune.training import lora_model
+
+    examples = _examples(tok)
+    eager, eager_w = _train_history(tiny_cfg, examples, compile_=False)
+    compiled, compiled_w = _train_history(tiny_cfg, examples, compile_=True)
+    assert compiled.ce == pytest.approx(eager.ce, rel=1e-4, abs=1e-5)
+    assert [a is None for a in compiled.attn] == [a is None for a in eager.attn]  # the unmarked steps (shuffled)
+    assert sum(a is None for a in eager.attn) == 2
+    assert [a for a in compiled.attn if a] == pytest.approx([a for a in eager.attn if a], rel=1e-4, abs=1e-5)
+    assert any(bool(w.abs().max() > 1e-4) for k, w in eager_w.items() if "lora_B" in k)  # it did train
+    assert eager_w.keys() == compiled_w.keys()
+    # Adam turns rounding noise on near-zero gradients into updates of up to lr: 1e-4 is 2% of this lr (5e-3)
+    assert max(float((eager_w[k] - compiled_w[k]).abs().max()) for k in eager_w) < 1e-4
+    model, _ = lora_model(tiny_cfg.model, tiny_cfg.finetune.model_copy(update={"compile": True}), seed=3)
+    blocks = list(decoder_layers(model))
+    assert ["forward" in vars(b) for b in blocks] == [True] * (len(blocks) - 1) + [False]
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_cfg, tok, monkeypatch, caplog):
+    """A compiler that fails at the first step (as without a C++ compiler) costs a warning, not the run: the
+    history equals the eager run's exactly."""
+    from tasks.finetune import training
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    def compile_with_failing_backend(model):
+        blocks = list(training.decoder_layers(model))[:-1]
+        for block in blocks:
+            block.forward = torch.compile(block.forward, backend=failing_backend, dynamic=True)
+        return blocks
+
+    examples = _examples(tok)
+    eager, eager_w = _train_history(tiny_cfg, examples, compile_=False)
+    monkeypatch.setattr(training, "compile_blocks", compile_with_failing_backend)
+    with caplog.at_level("WARNING", logger="tasks.finetune.training"):
+        fallback, fallback_w = _train_history(tiny_cfg, examples, compile_=True)
+    assert "torch.compile failed" in caplog.text and "no C++ compiler found" in caplog.text
+    assert fallback.ce == eager.ce and fallback.attn == eager.attn
+    assert all(torch.equal(eager_w[k], fallback_w[k]) for k in eager_w)

@@ -205,7 +205,10 @@ def test_cli_sweep_takes_seeds_and_applies_the_preset_under_given_options(tmp_pa
     monkeypatch.setattr(flows.sweep, "sweep_flow", fake_sweep)
     main(["sweep", "--seeds", "3", "4", "--preset", "full", "--evaluate.bootstrap", "7", "--runs-dir", str(tmp_path)])
     assert seen["seeds"] == [3, 4]
-    assert seen["cfg"].evaluate.methods == list(REGISTRY) and seen["cfg"].evaluate.bootstrap == 7
+    full = [n for n in REGISTRY if not n.endswith("_unmarked") or n == "clear_unmarked"]
+    assert seen["cfg"].evaluate.methods == full and seen["cfg"].evaluate.bootstrap == 7
+    assert set(REGISTRY) - set(full) == {"clear_markers_only_unmarked", "clear_random_markers_unmarked",
+                                         "clear_oracle_markers_unmarked"}
     main(["sweep", "--preset", "full", "--evaluate.methods", '["clear"]', "--runs-dir", str(tmp_path)])
     assert seen["seeds"] == [0, 1, 2] and seen["cfg"].evaluate.methods == ["clear"]  # given options win
 
@@ -231,7 +234,8 @@ def test_presets_command_lists_every_preset(capsys):
 
     main(["presets"])
     out = capsys.readouterr().out
-    assert all(name in out for name in PRESETS) and json.dumps(list(REGISTRY)) in out
+    listed = [n for n, m in REGISTRY.items() if m.comparison]
+    assert all(name in out for name in PRESETS) and json.dumps(listed) in out and "with `comparison`" in out
 
 
 def test_forced_sharing_drops_what_the_seed_must_recompute(swept, tmp_path):

@@ -5,7 +5,9 @@ An entry is one method's answers to one ordered list of prompts. Its key hashes 
 answers: the weights (model_fingerprint) and model options, the method and its decoding, every evaluate option but
 those that change no answer to a given prompt, and the prompts themselves. Generation is greedy and batched in a
 fixed order, so a hit returns what generating again would. Only base-model methods are kept: an adapter's answers
-change with the adapter, which the key could not see.
+change with the adapter, which the key could not see. A decoding that reads more than its prompts (LFD chooses its
+layer on dev items) puts those inputs in the key too (`extra`), and an entry keeps the tables the decoding writes
+besides its answers (LFD's per-layer table), so a hit restores them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tasks.core.config import ConfigView, RunConfig
 from tasks.core.models import model_fingerprint
@@ -24,8 +27,8 @@ NOT_GENERATION = ("methods", "split", "bootstrap", "answer_cache", "references")
 
 
 def kept(method: Method) -> bool:
-    """Whether a method's answers are kept: base-model answers, except LFD's (see `AnswerCache.get`)."""
-    return method.weights == "base" and method.decoding != "lfd"
+    """Whether a method's answers are kept: those of the base model (an adapter's change with the adapter)."""
+    return method.weights == "base"
 
 
 class AnswerCache:
@@ -40,26 +43,36 @@ class AnswerCache:
         return None if cfg.evaluate.answer_cache is None else cls(cfg.evaluate.answer_cache)
 
     @staticmethod
-    def key(cfg: RunConfig | ConfigView, method: Method, prompts: Sequence[str]) -> str:
-        """Content key of one method's answers to these prompts under this run's model and generation options."""
+    def key(cfg: RunConfig | ConfigView, method: Method, prompts: Sequence[str], extra: Any = None) -> str:
+        """Content key of one method's answers to these prompts (and `extra`, the other inputs its decoding reads)
+        under this run's model and generation options."""
         generation = {k: v for k, v in cfg.evaluate.model_dump(mode="json").items() if k not in NOT_GENERATION}
         blob = [model_fingerprint(cfg.model), cfg.model.model_dump(mode="json"), generation, method.name,
                 method.weights, method.decoding, list(prompts)]
+        if extra is not None:
+            blob.append(extra)
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
 
-    def get(self, cfg: RunConfig | ConfigView, method: Method, prompts: Sequence[str]) -> list[str] | None:
-        """The kept answers, or None (not kept, not a base-model method, or LFD: it writes its layer table as it
-        answers, so it always runs)."""
+    def entry(self, cfg: RunConfig | ConfigView, method: Method, prompts: Sequence[str],
+              extra: Any = None) -> dict | None:
+        """The kept entry ({method, n, answers, tables}), or None (not kept, or not a base-model method)."""
         if not kept(method):
             return None
-        path = self.root / f"{self.key(cfg, method, prompts)}.json"
+        path = self.root / f"{self.key(cfg, method, prompts, extra)}.json"
         if not path.exists():
             return None
-        answers = json.loads(path.read_text())["answers"]
-        return answers if len(answers) == len(prompts) else None
+        found = json.loads(path.read_text())
+        return found if len(found["answers"]) == len(prompts) else None
 
-    def put(self, cfg: RunConfig | ConfigView, method: Method, prompts: Sequence[str], answers: list[str]) -> None:
-        """Keep a base-model method's answers (others are ignored)."""
+    def get(self, cfg: RunConfig | ConfigView, method: Method, prompts: Sequence[str],
+            extra: Any = None) -> list[str] | None:
+        """The kept answers, or None."""
+        found = self.entry(cfg, method, prompts, extra)
+        return None if found is None else found["answers"]
+
+    def put(self, cfg: RunConfig | ConfigView, method: Method, prompts: Sequence[str], answers: list[str],
+            extra: Any = None, tables: dict[str, list[dict]] | None = None) -> None:
+        """Keep a base-model method's answers and the tables its decoding wrote (others are ignored)."""
         if kept(method):
-            entry = {"method": method.name, "n": len(answers), "answers": list(answers)}
-            write_json(entry, self.root / f"{self.key(cfg, method, prompts)}.json")
+            found = {"method": method.name, "n": len(answers), "answers": list(answers), "tables": tables or {}}
+            write_json(found, self.root / f"{self.key(cfg, method, prompts, extra)}.json")

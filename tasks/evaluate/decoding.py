@@ -7,12 +7,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import polars as pl
+import pyarrow as pa
 import torch
+
+from schemas.tables import LFD_LAYERS
 
 from tasks.core.chat import render
 from tasks.core.prompts import item_question
-from tasks.core.storage import RunPaths
-from tasks.evaluate.decoding_lfd import answer_lfd
+from tasks.core.storage import RunPaths, read_table, write_parquet
+from tasks.evaluate.decoding_lfd import answer_lfd, lfd_inputs
 from tasks.evaluate.decoding_loop import Decoder, Trace, decode_batched, streams
 from tasks.evaluate.methods import Method
 from tasks.evaluate.methods.closed_book import messages as question_only
@@ -53,3 +56,26 @@ def decode_method(method: Method, model, tokenizer, prompts: list[str], items: p
     if method.decoding == "lfd":
         return answer_lfd(method, model, tokenizer, prompts, cfg, paths)
     raise ValueError(f"method {method.name!r}: unknown decoding {method.decoding!r}; known: greedy, cad, lfd")
+
+
+# The tables a decoding writes as it answers, beside the predictions: kept with its cached answers, restored on a hit.
+DECODING_TABLES: dict[str, dict[str, pa.Schema]] = {"lfd": {"lfd_layers": LFD_LAYERS}}
+
+
+def decoding_inputs(method: Method, tokenizer, paths: RunPaths) -> dict | None:
+    """What a method's answers depend on besides its prompts, model and options (part of the answer cache's key):
+    LFD's dev prompts and answers, which choose its layer; None for the others."""
+    return lfd_inputs(method, tokenizer, paths) if method.decoding == "lfd" else None
+
+
+def written_tables(method: Method, paths: RunPaths) -> dict[str, list[dict]]:
+    """The rows of the tables the method's decoding wrote in this run (to keep with its answers)."""
+    return {name: read_table(paths.table(name)).to_dicts() for name in DECODING_TABLES.get(method.decoding, {})}
+
+
+def restore_tables(method: Method, tables: dict[str, list[dict]], paths: RunPaths) -> None:
+    """Write back the tables kept with a method's cached answers, as its decoding would have written them."""
+    for name, schema in DECODING_TABLES.get(method.decoding, {}).items():
+        if name not in tables:
+            raise ValueError(f"the answer cache's entry of {method.name!r} lacks its {name!r} table; delete the entry")
+        write_parquet(tables[name], paths.table(name), schema)

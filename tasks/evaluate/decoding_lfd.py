@@ -178,13 +178,20 @@ def layer_table(iks: Sequence[float], chosen: int, n_items: int) -> pl.DataFrame
                           "chosen": layer == chosen} for layer, value in enumerate(iks)])
 
 
+def lfd_inputs(method: Method, tokenizer, paths: RunPaths) -> dict[str, list[str]]:
+    """What chooses LFD's layer besides the model: the dev items' prompts (built as the method builds them) and
+    gold answers; the answer cache keys LFD's answers on them too."""
+    dev = dev_items(paths)
+    return {"dev_prompts": build_prompts(method, dev, tokenizer, None),
+            "dev_answers": [answers[0] for answers in dev["answers"].to_list()]}
+
+
 def answer_lfd(method: Method, model: nn.Module, tokenizer, prompts: list[str], cfg, paths: RunPaths) -> list[str]:
-    """Choose the layer on dev (its prompts built as the method builds them), record the choice, then decode."""
-    dev, ev = dev_items(paths), cfg.evaluate
-    iks = layer_iks(model, tokenizer, build_prompts(method, dev, tokenizer, None),
-                    [answers[0] for answers in dev["answers"].to_list()], ev.batch_size)
+    """Choose the layer on dev, record the choice (table `lfd_layers`), then decode."""
+    dev, ev = lfd_inputs(method, tokenizer, paths), cfg.evaluate
+    iks = layer_iks(model, tokenizer, dev["dev_prompts"], dev["dev_answers"], ev.batch_size)
     layer = choose_layer(iks)
-    write_parquet(layer_table(iks, layer, dev.height), paths.table("lfd_layers"), LFD_LAYERS)
+    write_parquet(layer_table(iks, layer, len(dev["dev_prompts"])), paths.table("lfd_layers"), LFD_LAYERS)
     log.info("LFD fuses layer %d (IKS %.4f, lowest of layers %d-%d on %d dev items)", layer, iks[layer],
-             candidate_layers(len(iks))[0], candidate_layers(len(iks))[-1], dev.height)
+             candidate_layers(len(iks))[0], candidate_layers(len(iks))[-1], len(dev["dev_prompts"]))
     return decode_lfd(model, tokenizer, prompts, layer, ev.max_new_tokens, ev.batch_size)

@@ -18,7 +18,7 @@ from tasks.core.config import RunConfig
 from tasks.core.models import load_model, load_tokenizer
 from tasks.core.chat import render
 from tasks.core.prompts import item_question
-from tasks.evaluate.answer_cache import AnswerCache
+from tasks.evaluate.answer_cache import AnswerCache, kept
 from tasks.evaluate.decoding_loop import generate
 from tasks.evaluate.methods import Method, resolve_methods
 from tasks.evaluate.knowledge import CLOSED_BOOK, known_by_item, with_item_columns
@@ -108,6 +108,28 @@ def _answer(m: Method, model, tok, prompts: list[str], items: pl.DataFrame, cfg:
     return decode_method(m, model, tok, prompts, items, cfg, paths)
 
 
+def _kept_answers(cache: AnswerCache | None, cfg: RunConfig, m: Method, prompts: list[str], tok,
+                  paths: RunPaths) -> list[str] | None:
+    """The cached answers of a method (None on a miss), its decoding's tables written back as on a fresh answer."""
+    if cache is None or not kept(m):
+        return None
+    from tasks.evaluate.decoding import decoding_inputs, restore_tables
+
+    found = cache.entry(cfg, m, prompts, decoding_inputs(m, tok, paths))
+    if found is not None:
+        restore_tables(m, found.get("tables", {}), paths)
+    return None if found is None else found["answers"]
+
+
+def _keep_answers(cache: AnswerCache, cfg: RunConfig, m: Method, prompts: list[str], answers: list[str], tok,
+                  paths: RunPaths) -> None:
+    """Cache a base-model method's answers with what its decoding read and wrote."""
+    if kept(m):
+        from tasks.evaluate.decoding import decoding_inputs, written_tables
+
+        cache.put(cfg, m, prompts, answers, decoding_inputs(m, tok, paths), written_tables(m, paths))
+
+
 def _answer_with_models(cfg: RunConfig, paths: RunPaths, methods: list[Method], items: pl.DataFrame,
                         marked: dict[str, str] | None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(prompts, answers) per model-based method, grouped by the weights that answer: one model in memory at a time."""
@@ -121,13 +143,13 @@ def _answer_with_models(cfg: RunConfig, paths: RunPaths, methods: list[Method], 
         model = None  # loaded when a method of the group has no kept answers
         for m in group:
             prompts[m.name] = build_prompts(m, items, tok, marked)
-            answers[m.name] = cache.get(cfg, m, prompts[m.name]) if cache else None
+            answers[m.name] = _kept_answers(cache, cfg, m, prompts[m.name], tok, paths)
             if answers[m.name] is None:
                 if model is None:
                     model = load_model(cfg.model) if weights == "base" else _load_adapter(cfg, paths, group[0].arm)
                 answers[m.name] = _answer(m, model, tok, prompts[m.name], items, cfg, paths)
                 if cache:
-                    cache.put(cfg, m, prompts[m.name], answers[m.name])
+                    _keep_answers(cache, cfg, m, prompts[m.name], answers[m.name], tok, paths)
         model = None
         _release_memory()
     return prompts, answers

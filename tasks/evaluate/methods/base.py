@@ -32,6 +32,7 @@ class Method:
     arm: str = "clear"  # model="finetuned": the fine-tuning arm whose adapter answers
     decoding: Literal["greedy", "cad", "lfd"] = "greedy"  # how the next token is chosen
     default: bool = True  # in the default method list (`make run`); otherwise evaluated when named or in a preset
+    comparison: bool = True  # in the full comparison (`--preset full`, `make compare`); every method can be named
 
     @property
     def weights(self) -> str:

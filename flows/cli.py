@@ -195,12 +195,13 @@ class Transfer(BaseModel):
     ingest: IngestConfig = IngestConfig()
 
     def cli_cmd(self) -> None:
-        from flows.transfer import DATASET_OPTIONS, summary_lines, transfer
+        from flows.transfer import DATASET_OPTIONS, transfer
+        from tasks.probes.transfer import transfer_summary
         from tasks.core.storage import RunPaths
 
         given = self.model_dump(mode="json", exclude_unset=True, include=set(DATASET_OPTIONS))
         path, rows = transfer(self.run, self.statements_run, self.runs_dir, given)
-        print(summary_lines(RunPaths(self.runs_dir / self.run), rows))
+        print(transfer_summary(RunPaths(self.runs_dir / self.run), rows))
         print(f"\ntransfer table: {path}")
         print(f"query it: clearflow sql \"select * from probe_transfer\" --run {self.run} --runs-dir {self.runs_dir}")
 

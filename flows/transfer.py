@@ -64,6 +64,7 @@ def transfer(source_run: str, target_run: str, runs_dir: Path, given: dict[str, 
         make_target(target_config(config, given, target_run, Path(runs_dir)))
     rows = run_transfer(source, target)
     _refresh_catalog(source)
+    _refresh_report(source)
     return analysis_path(source.root, "probe_transfer"), rows
 
 
@@ -76,7 +77,22 @@ def entity_positions(run: str, runs_dir: Path) -> tuple[Path, pl.DataFrame]:
     cfg = RunConfig.model_validate(saved_config(paths) | {"run": run, "runs_dir": str(runs_dir)})
     table = compare_positions(cfg, paths)
     _refresh_catalog(paths)
+    _refresh_report(paths)
     return analysis_path(paths.root, "entity_positions"), table
+
+
+def _refresh_report(paths: RunPaths) -> None:
+    """A run that has a report gets the new analysis in it: its report stage runs again in place and is recorded in
+    the manifest as the runner records it (no Prefect server needed)."""
+    if not paths.report.exists():
+        return
+    from flows.runner import record_stage, timed
+    from flows.stages import STAGES
+
+    cfg = RunConfig.model_validate(saved_config(paths) | {"run": paths.root.name, "runs_dir": str(paths.root.parent)})
+    stage = STAGES["report"]
+    _, seconds = timed(stage.function(), stage.view(cfg), paths)
+    record_stage(stage, cfg, paths, seconds, {})
 
 
 def _refresh_catalog(paths: RunPaths) -> None:
@@ -85,35 +101,3 @@ def _refresh_catalog(paths: RunPaths) -> None:
         from tasks.catalog.views import write_run_catalog
 
         write_run_catalog(paths)
-
-
-def summary_lines(source: RunPaths, rows: pl.DataFrame) -> str:
-    """Per kind, the transfer of the layer the source's dev chose (as its probes stage chose), then the final probe."""
-    from tasks.core.storage import read_table
-    from tasks.probes.stage import select_best
-
-    metrics = read_table(source.table("probe_metrics"))
-    lines = []
-    for kind in sorted(rows["probe"].unique()):
-        if kind not in metrics["probe"].to_list():
-            continue
-        layer = select_best(metrics, kind)["layer"]
-        files = rows.filter((pl.col("probe") == kind) & (pl.col("layer") == layer) & (pl.col("fitted_on") == "train"))
-        lines.append(f"{kind} layer {layer} (dev's choice): {_subsets(files)}")
-    final = rows.filter(pl.col("probe_file") == "final.safetensors")
-    if final.height:
-        lines.append(f"final probe ({final['probe'][0]} layer {final['layer'][0]}, train+dev): {_subsets(final)}")
-    return "\n".join(lines)
-
-
-def _subsets(rows: pl.DataFrame) -> str:
-    """'transfer AUROC a on all n statements, b on the m unseen (own test AUROC c)' for one probe file's rows."""
-    by = {r["subset"]: r for r in rows.iter_rows(named=True)}
-    words = {"all": "on all {n} statements", "unseen": "on the {n} unseen"}
-    parts = [f"{_fmt(r['auroc'])} {words[s].format(n=r['n'])}" for s, r in by.items()]
-    own = next(iter(by.values()))["source_test_auroc"] if by else None
-    return "transfer AUROC " + ", ".join(parts) + f" (own test AUROC {_fmt(own)})"
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"

@@ -26,6 +26,7 @@ from tasks.evaluate.methods import REGISTRY as METHODS
 from tasks.evaluate.methods import method_label as label
 from tasks.insideout.reporting import FIGURE as INSIDEOUT_FIGURE
 from tasks.insideout.reporting import plot_insideout, section_insideout
+from tasks.probes.analyses_report import section_analyses
 from tasks.probes.crossfit import marker_line
 from tasks.probes.kinds import strength_text
 from tasks.probes.localisation import LABELS, localisation_by_target, localisation_units
@@ -156,7 +157,8 @@ def section_probes(probe_metrics: pl.DataFrame | None, best: dict | None) -> str
                      fmt(r["dev_auroc"]), fmt(r["dev_acc"]), fmt(r["test_auroc"]), fmt(r["test_acc"])])
     parts = ["## Probe per layer",
              "Conflicting (false) vs aligned (true) statements; in the table every probe is fitted on train, its"
-             " L2 strength and the layer chosen on dev. Position `last`: the statements, each fed alone; `ctx_last` /"
+             " hyper-parameter (logistic: L2 strength C from the grid; mlp: epochs, early-stopped on dev when asked;"
+             " diffmean: none) and the layer chosen on dev. Position `last`: the statements, each fed alone; `ctx_last` /"
              " `ctx_mean`: the context units with a truth label, read in their context (split by item)."]
     if best is not None:
         parts.append(best_summary(probe_metrics, best))
@@ -376,6 +378,7 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
         section_subsets(metrics),
         section_paired_subsets(comparisons, references),
         section_insideout(insideout),
+        section_analyses(paths),
     ]
     with atomic_path(paths.report) as tmp:
         tmp.write_text("\n\n".join(filter(None, sections)) + "\n", encoding="utf-8")

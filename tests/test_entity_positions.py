@@ -158,6 +158,38 @@ def test_entity_positions_command_prints_the_best_layers(kf_run, capsys):
     assert f"figure: {analysis_path(paths.root, 'entity_positions_figure')}" in out
 
 
+def test_report_section_and_refresh_after_the_command(kf_run, monkeypatch):
+    """The run's report gains the comparison: the section reads the analysis table, and the command re-renders a
+    run's existing report through its report stage, recorded in the manifest."""
+    import json
+
+    import tasks.report
+    from flows.cli import main
+    from tasks.probes.analyses_report import section_analyses
+    from tasks.probes.entity_positions import summary
+
+    cfg, paths = kf_run
+    main(["entity-positions", "--run", "kf", "--runs-dir", str(cfg.runs_dir)])
+    section = section_analyses(paths)
+    table = read_table(analysis_path(paths.root, "entity_positions"))
+    assert section.startswith("## Probe analyses") and summary(table) in section
+    assert "](analyses/entity_positions.png)" in section and "clearflow transfer" not in section
+    rendered = []
+
+    def fake_report(view, p):
+        rendered.append(p)
+        p.report.write_text("rendered again")
+        p.figures.mkdir(exist_ok=True)
+
+    monkeypatch.setattr(tasks.report, "run_report", fake_report)
+    paths.report.write_text("an older report")
+    main(["entity-positions", "--run", "kf", "--runs-dir", str(cfg.runs_dir)])
+    assert rendered == [paths]
+    record = json.loads(paths.manifest.read_text())["stages"]["report"]
+    assert set(record["outputs"]) == {"report", "figures"} and paths.report.read_text() == "rendered again"
+    paths.report.unlink()
+
+
 def test_comparison_needs_subject_last(tiny_model, tmp_path):
     from flows.stages import STAGES
     from tasks.probes.entity_positions import compare_positions

@@ -162,11 +162,52 @@ def test_generate_equals_one_prompt_at_a_time_generate(tiny_model, monkeypatch):
     assert len({len(steps) for steps in trace.values()}) > 1  # rows ended at different steps: some left early
 
 
+def test_prompt_lookup_drafts_the_continuation_of_the_latest_matching_ngram():
+    from tasks.evaluate.prompt_lookup import draft
+
+    seq = [5, 6, 7, 8, 9, 5, 6, 1, 2, 3, 5, 6]  # last bigram (5, 6) occurs at 0 and 5: the later one wins
+    assert draft(seq, 3) == [1, 2, 3] and draft(seq, 1) == [1]
+    assert draft([1, 2, 3, 9, 2, 3], 4) == [9, 2, 3]  # the draft may run into the tail itself
+    assert draft([1, 2, 3, 4, 9, 2, 3, 4], 2) == [9, 2]  # the trigram (2, 3, 4) is tried before the bigram
+    assert draft([1, 2, 3, 4], 3) == [] and draft([7], 3) == [] and draft([], 3) == []
+    assert draft([4, 4], 2, n_min=1) == [4]  # unigrams only when asked
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_prompt_lookup_gives_the_greedy_answers_and_scores_in_fewer_steps(tiny_model, monkeypatch):
+    """Drafts copied from the prompt are kept only where greedy decoding agrees: every answer, and the scores each
+    token was chosen from, equal plain greedy decoding's, while the model runs fewer forward passes; a row that
+    ends inside an accepted draft stops there."""
+    from tasks.core.config import ModelConfig
+    from tasks.core.models import load_model, load_tokenizer
+
+    cfg = ModelConfig(name=tiny_model)
+    model, tok = load_model(cfg), load_tokenizer(cfg)
+    words = ["alpha beta alpha beta", "gamma", "delta epsilon delta epsilon delta", "zeta eta", "theta", "iota kappa"]
+    prompts = [render(tok, qa_messages(f"Repeat {w}?", f"The list reads {w} {w}.")) + w for w in words]
+    calls = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    plain_trace, drafted_trace = {}, {}
+    for batch_size in (1, 3, 6):
+        calls.clear()
+        plain = dl.generate(model, tok, prompts, 12, batch_size, trace=plain_trace)
+        plain_calls = len(calls)
+        calls.clear()
+        drafted = dl.generate(model, tok, prompts, 12, batch_size, trace=drafted_trace, draft_tokens=4)
+        assert drafted == plain
+        assert drafted_trace.keys() == plain_trace.keys()
+        for i, steps in plain_trace.items():
+            assert len(drafted_trace[i]) == len(steps)  # the same tokens, each chosen from the same scores
+            assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(steps, drafted_trace[i]))
+        assert len(calls) < plain_calls
+
+
 def test_scores_follow_predictions(tiny_cfg, run_with_items, monkeypatch):
     """With scripted answers, EM/p_s/p_o/MR in both tables are exactly what the rules give."""
     scripted = {"closed_book": "Paris", "full_context": "Rome.", "opinion_instruction": "Not Rome", "probe_marking": "Roma or Paris"}
 
-    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, desc=""):
+    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, desc="", draft_tokens=0):
         return [scripted[desc]] * len(prompts)
 
     monkeypatch.setattr(ev, "generate", fake_generate)
@@ -267,7 +308,7 @@ def test_metrics_per_condition_and_knowledge(tiny_cfg, run_with_items, monkeypat
     )
     write_parquet(items, run_with_items.table("items"), ITEMS)
 
-    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, desc=""):
+    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, desc="", draft_tokens=0):
         if desc == "closed_book":  # knows landmarks 0, 2 and 3
             return ["Paris" if re.search(r"number [023]\?", p) else "Lyon" for p in prompts]
         return ["Rome"] * len(prompts)

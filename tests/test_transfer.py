@@ -118,6 +118,28 @@ def test_missing_statements_or_activations_are_one_line_errors(runs, capsys):
     assert "the probes' own run" in err
 
 
+def test_a_probe_of_another_width_is_refused_in_one_line_naming_the_file(runs, tmp_path):
+    """The width check is the probe kinds' own (`load_probe`): a probe reading other states names itself, both
+    widths and the command that rewrites it, before any statement is scored."""
+    import shutil
+
+    from tasks.probes.kinds import KINDS
+
+    copy = RunPaths(tmp_path / "runs" / "a2")
+    shutil.copytree(runs["a"].root, copy.root)
+    rng = np.random.default_rng(0)
+    wrong = KINDS["logistic"].fit(rng.normal(size=(40, 5)), np.arange(40) % 2, 1.0, 0)
+    wrong.meta = {"kind": "logistic", "layer": 1}
+    victim = sorted(copy.probes.glob("logistic-*.safetensors"))[0]
+    wrong.save(victim)  # a 5-wide probe where a 64-wide one was
+    with pytest.raises(ValueError) as err:
+        run_transfer(copy, runs["b"])
+    line = str(err.value)
+    assert "\n" not in line and str(victim) in line and "5-dim" in line
+    assert f"run 'b''s states of {runs['model']} are 64-dim" in line
+    assert f"clearflow stage probes --run a2 --runs-dir {tmp_path / 'runs'}" in line
+
+
 def test_one_command_makes_the_other_source_and_the_catalog_queries_the_table(runs, prefect_harness, capsys):
     from tasks.catalog.views import query
 
@@ -138,3 +160,9 @@ def test_one_command_makes_the_other_source_and_the_catalog_queries_the_table(ru
     assert got == list(expected.select("probe_file", "subset", "auroc").iter_rows())
     table = read_table(analysis_path(runs["a"].root, "probe_transfer"))
     assert table.filter(pl.col("target_run") == "mq").height == expected.height
+    from tasks.probes.analyses_report import section_analyses  # the run's report shows each target's summary
+    from tasks.probes.transfer import transfer_summary
+
+    section = section_analyses(runs["a"])
+    assert "On run `mq` (mquake):" in section
+    assert all(f"- {line}" in section for line in transfer_summary(runs["a"], expected).splitlines())

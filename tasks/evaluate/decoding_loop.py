@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tasks.core.chat import encode
+from tasks.evaluate.prompt_lookup import PromptLookup
 
 Trace = dict[int, list[torch.Tensor]]  # prompt index -> the scores each of its tokens was chosen from, step by step
 
@@ -151,11 +152,12 @@ class Stream:
         self.model, self.capture = model, capture
         self.mask = torch.cat([own.new_ones((len(suffixes), n)), own], dim=1)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, n:]  # as if each row were fed alone
-        self._forward(input_ids=ids, position_ids=positions, cache=prefix.cache(len(suffixes)), logits_to_keep=1)
+        self._forward(input_ids=ids, position_ids=positions, cache=prefix.cache(len(suffixes)))
 
-    def _forward(self, **inputs) -> None:
-        out = self.model(attention_mask=self.mask, use_cache=True, **inputs)
-        self.cache, self.logits = out.cache, out.logits[:, -1].float()
+    def _forward(self, logits_to_keep: int = 1, **inputs) -> None:
+        out = self.model(attention_mask=self.mask, use_cache=True, logits_to_keep=logits_to_keep, **inputs)
+        self.cache, self.block = out.cache, out.logits.float()
+        self.logits = self.block[:, -1]
         self.extra = self.capture() if self.capture else None
         if type(self.cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in self.cache.layers):
             self.cache.layers = [SlabLayer(layer.keys, layer.values) for layer in self.cache.layers]
@@ -165,6 +167,26 @@ class Stream:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
         positions = self.mask.sum(-1, keepdim=True) - 1
         self._forward(input_ids=tokens[:, None], position_ids=positions, cache=self.cache)
+
+    def feed_block(self, block: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Feed each row several tokens at once (`valid` marks the real ones; the others are masked out) and return
+        the scores after each [rows, tokens, vocab]; `settle` then says how many of them each row keeps."""
+        if self.capture is not None:
+            raise ValueError("a stream that captures a hidden state per step cannot take several tokens at once")
+        start = self.mask.shape[1]
+        self.mask = torch.cat([self.mask, valid.to(self.mask)], dim=1)
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, start:]  # masked-out columns never count
+        self._forward(input_ids=block.to(self.mask.device), position_ids=positions, cache=self.cache,
+                      logits_to_keep=block.shape[1])
+        return self.block
+
+    def settle(self, kept: torch.Tensor) -> None:
+        """After `feed_block`: row r keeps its first `kept[r] + 1` tokens; the rest stay in the cache masked out
+        (holes no later token attends to), and `logits` predict the token after the last one kept."""
+        width = self.block.shape[1]
+        kept = kept.to(self.mask.device)
+        self.mask[:, -width:] *= (torch.arange(width, device=self.mask.device)[None, :] <= kept[:, None]).to(self.mask)
+        self.logits = self.block[torch.arange(self.block.shape[0], device=kept.device), kept]
 
     def keep(self, rows: torch.Tensor) -> None:
         """Go on with these rows only (indices into the current rows)."""
@@ -214,6 +236,15 @@ class Decoder:
         for s in self.streams:
             s.keep(rows)
 
+    def feed_block(self, block: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Several tokens per row at once (prompt-lookup drafts): single-stream greedy decoders only."""
+        if len(self.streams) != 1 or self.score is not plain_scores:
+            raise ValueError("drafted tokens are verified against greedy choices on one stream's logits")
+        return self.streams[0].feed_block(block, valid)
+
+    def settle(self, kept: torch.Tensor) -> None:
+        self.streams[0].settle(kept)
+
     @property
     def mergeable(self) -> bool:
         return all(s.mergeable for s in self.streams)
@@ -246,12 +277,16 @@ class Rows:
 
 
 def decode_batched(model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int,
-                   start: Callable[[list[int]], Decoder], trace: Trace | None = None, desc: str = "decode") -> list[str]:
+                   start: Callable[[list[int]], Decoder], trace: Trace | None = None, desc: str = "decode",
+                   draft_tokens: int = 0) -> list[str]:
     """Answers in input order: greedy on the decoder's scores, at most `batch_size` rows at a time, shortest prompts
     first; `start(indices)` opens a decoder on those prompts. `trace`, when given, receives each prompt's per-step
-    scores (what the tests check)."""
+    scores (what the tests check). `draft_tokens` > 0 (plain greedy decoders only) feeds each step that many tokens
+    guessed from the prompt as well, kept where greedy decoding agrees (tasks/evaluate/prompt_lookup.py)."""
     tokenizer.padding_side = "left"
-    lengths = [len(ids) for ids in token_ids(tokenizer, prompts)]
+    all_ids = token_ids(tokenizer, prompts)
+    lengths = [len(ids) for ids in all_ids]
+    lookup = PromptLookup(all_ids, draft_tokens, pad_id(model, tokenizer)) if draft_tokens else None
     queue = deque(sorted(range(len(prompts)), key=lambda i: lengths[i]))
     eos = eos_ids(model, tokenizer)
     rows = Rows(len(prompts), tokenizer, eos, max_new_tokens, trace is not None)
@@ -270,12 +305,15 @@ def decode_batched(model, tokenizer, prompts: Sequence[str], batch_size: int, ma
             scores = decoder.scores()
             chosen = scores.argmax(-1).tolist()
             going = [j for j, (i, token) in enumerate(zip(live, chosen)) if rows.add(i, token, scores[j])]
-            bar.update(len(live) - len(going))
+            before = len(live)
             if going and len(going) < len(live):
                 decoder.keep(torch.tensor(going))
             live = [live[j] for j in going]
-            if live:
+            if live and lookup is not None:
+                live = lookup.advance(decoder, live, [chosen[j] for j in going], rows)
+            elif live:
                 decoder.advance(torch.tensor([chosen[j] for j in going], device=scores.device))
+            bar.update(before - len(live))
     if trace is not None:
         trace.update(enumerate(rows.scores))
     return [first_line(tokenizer.decode(cut_at_eos(t, eos), skip_special_tokens=True)) for t in rows.tokens]
@@ -296,8 +334,10 @@ def streams(model, tokenizer, prompts: Sequence[str], capture: Callable[[], torc
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int, desc: str = "generate",
-             trace: Trace | None = None) -> list[str]:
-    """Greedy answers (first non-empty line) to rendered prompts, in input order."""
+             trace: Trace | None = None, draft_tokens: int = 0) -> list[str]:
+    """Greedy answers (first non-empty line) to rendered prompts, in input order (`draft_tokens`: prompt-lookup
+    drafts per step, the same answers in fewer steps)."""
     open_stream = streams(model, tokenizer, prompts)
     return decode_batched(model, tokenizer, prompts, batch_size, max_new_tokens,
-                          lambda idx: Decoder([open_stream(idx)], plain_scores), trace, desc=desc)
+                          lambda idx: Decoder([open_stream(idx)], plain_scores), trace, desc=desc,
+                          draft_tokens=draft_tokens)

@@ -102,7 +102,8 @@ def _answer(m: Method, model, tok, prompts: list[str], items: pl.DataFrame, cfg:
     """Greedy answers, or those of the method's own decoding (CAD, LFD: tasks/evaluate/decoding.py)."""
     ev = cfg.evaluate
     if m.decoding == "greedy":
-        return generate(model, tok, prompts, ev.max_new_tokens, ev.batch_size, desc=m.name)
+        return generate(model, tok, prompts, ev.max_new_tokens, ev.batch_size, desc=m.name,
+                        draft_tokens=ev.prompt_lookup)
     from tasks.evaluate.decoding import decode_method  # imported here: it builds on this module's helpers
 
     return decode_method(m, model, tok, prompts, items, cfg, paths)

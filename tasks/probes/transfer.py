@@ -23,8 +23,8 @@ from schemas.layout import analysis_path
 from schemas.tables import PROBE_TRANSFER
 from tasks.core.activation_store import CTX_POSITIONS, ActivationStore, model_dir
 from tasks.core.storage import RunPaths, model_slug, read_table, write_parquet
-from tasks.probes.kinds import KINDS, Probe
-from tasks.probes.stage import split_metrics
+from tasks.probes.kinds import Probe, load_probe
+from tasks.probes.stage import select_best, split_metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +46,24 @@ class SavedProbe:
     source_test_auroc: float | None
 
 
-def saved_probes(probes_dir: Path) -> list[SavedProbe]:
-    """Every per-layer probe and the final probe of a run (fold probes excluded), loaded through its kind."""
+def saved_probes(probes_dir: Path, dim: int, features: str = "the features") -> list[SavedProbe]:
+    """Every per-layer probe and the final probe of a run (fold probes excluded), loaded through its kind and
+    refused in one line unless it reads `dim`-wide states (`load_probe`)."""
     files = sorted(p for p in Path(probes_dir).glob("*.safetensors") if not FOLD_FILE.match(p.stem))
     if not files:
         raise FileNotFoundError(f"{probes_dir} holds no probe: run the probes stage of that run first")
-    return [_load(path) for path in files]
+    return [_load(path, dim, features) for path in files]
 
 
-def _load(path: Path) -> SavedProbe:
+def _load(path: Path, dim: int, features: str) -> SavedProbe:
     """One probe file with its JSON metadata (kind, layer, position, splits fitted on, own test AUROC)."""
     meta_path = path.with_suffix(".json")
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} is missing: the probes stage writes it beside {path.name}; run it again")
+    probe = load_probe(path, dim, features)
     meta = json.loads(meta_path.read_text())
-    kind = meta.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"{path}: probe kind {kind!r} is not registered in tasks/probes/kinds/ ({sorted(KINDS)})")
     test = (meta.get("metrics") or {}).get("test") or {}
-    return SavedProbe(path.name, KINDS[kind].load(path), kind, int(meta["layer"]), meta.get("position", "last"),
+    return SavedProbe(path.name, probe, meta["kind"], int(meta["layer"]), meta.get("position", "last"),
                       tuple(meta.get("fitted_on") or ["train"]), float(meta.get("threshold", 0.5)), test.get("auroc"))
 
 
@@ -84,17 +83,14 @@ def target_statements(target: RunPaths, model: str) -> tuple[pl.DataFrame, Activ
 
 
 def check_compatible(source_cfg: dict, store: ActivationStore, probes: list[SavedProbe], target: str) -> None:
-    """Same text treatment, widths and layers as the probes were fitted with; one line naming what differs."""
+    """Same text treatment and layers as the probes were fitted with (widths: `load_probe`); one line naming what
+    differs."""
     meta = store.meta()
     strip, theirs = source_cfg["activations"]["strip_final_punct"], meta.get("strip_final_punct", True)
     if theirs != strip:
         raise ValueError(f"run {target!r} fed its statements with strip_final_punct={theirs}, the probes read texts"
                          f" fed with {strip}: make it again with the source run's activation options")
     for p in probes:
-        dim = p.probe.meta.get("dim")
-        if dim is not None and int(dim) != store.dim:
-            raise ValueError(f"probe {p.file} reads {dim}-wide states but run {target!r}'s model {meta['model']} has"
-                             f" {store.dim}: extract run {target!r} with the source run's model")
         if p.layer not in store.layers:
             raise ValueError(f"probe {p.file} reads layer {p.layer}, which run {target!r} did not extract (layers"
                              f" {store.layers}): extract it with the source run's --activations.layers")
@@ -141,10 +137,12 @@ def run_transfer(source: RunPaths, target: RunPaths) -> pl.DataFrame:
                                 " name a run made by `clearflow run`")
     source_cfg = json.loads(source.manifest.read_text())["config"]
     model = source_cfg["model"]["name"]
-    probes = [p for p in saved_probes(source.probes) if p.position not in CTX_POSITIONS]  # those read sentences
+    statements, store = target_statements(target, model)
+    features = f"run {target.root.name!r}'s states of {store.meta().get('model', model)}"
+    probes = [p for p in saved_probes(source.probes, store.dim, features)
+              if p.position not in CTX_POSITIONS]  # those read sentences
     if not probes:
         raise ValueError(f"run {source.root.name!r} has no probe reading statements fed alone: nothing to transfer")
-    statements, store = target_statements(target, model)
     if statements.height == 0:
         raise ValueError(f"run {target.root.name!r} has an empty statements table: its dataset gave no statements")
     check_compatible(source_cfg, store, probes, target.root.name)
@@ -162,3 +160,32 @@ def run_transfer(source: RunPaths, target: RunPaths) -> pl.DataFrame:
     log.info("transfer: %d probes of %s scored on %d statements of %s -> %s", len(probes), source.root.name,
              statements.height, target.root.name, path)
     return mine
+
+
+def transfer_summary(source: RunPaths, rows: pl.DataFrame) -> str:
+    """Per kind, the transfer of the layer the source's dev chose (as its probes stage chose), then the final probe."""
+    metrics = read_table(source.table("probe_metrics"))
+    lines = []
+    for kind in sorted(rows["probe"].unique()):
+        if kind not in metrics["probe"].to_list():
+            continue
+        layer = select_best(metrics, kind)["layer"]
+        files = rows.filter((pl.col("probe") == kind) & (pl.col("layer") == layer) & (pl.col("fitted_on") == "train"))
+        lines.append(f"{kind} layer {layer} (dev's choice): {_subsets(files)}")
+    final = rows.filter(pl.col("probe_file") == "final.safetensors")
+    if final.height:
+        lines.append(f"final probe ({final['probe'][0]} layer {final['layer'][0]}, train+dev): {_subsets(final)}")
+    return "\n".join(lines)
+
+
+def _subsets(rows: pl.DataFrame) -> str:
+    """'transfer AUROC a on all n statements, b on the m unseen (own test AUROC c)' for one probe file's rows."""
+    by = {r["subset"]: r for r in rows.iter_rows(named=True)}
+    words = {"all": "on all {n} statements", "unseen": "on the {n} unseen"}
+    parts = [f"{_fmt(r['auroc'])} {words[s].format(n=r['n'])}" for s, r in by.items()]
+    own = next(iter(by.values()))["source_test_auroc"] if by else None
+    return "transfer AUROC " + ", ".join(parts) + f" (own test AUROC {_fmt(own)})"
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

@@ -1,0 +1,32 @@
+"""The report's section on a run's probe analyses, written after the run by `clearflow transfer` and
+`clearflow entity-positions` (analyses/ in the run directory): absent until one of them has run."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from schemas.layout import analysis_path
+from tasks.core.storage import RunPaths, read_table
+from tasks.probes.entity_positions import summary as positions_summary
+from tasks.probes.transfer import transfer_summary
+
+
+def section_analyses(paths: RunPaths) -> str | None:
+    """'## Probe analyses': each transfer target's summary and the entity-position comparison, where written."""
+    transfer, positions = analysis_path(paths.root, "probe_transfer"), analysis_path(paths.root, "entity_positions")
+    parts = []
+    if transfer.exists():
+        rows = read_table(transfer)
+        parts.append("Probes on another source (`clearflow transfer`, table `probe_transfer`): AUROC on its statements"
+                     " and on those whose subject and text the probe never saw.")
+        for target in sorted(rows["target_run"].unique()):
+            mine = rows.filter(pl.col("target_run") == target)
+            lines = transfer_summary(paths, mine).splitlines()
+            parts.append(f"On run `{target}` ({mine['target_dataset'][0]}):\n\n" + "\n".join(f"- {x}" for x in lines))
+    if positions.exists():
+        figure = analysis_path(paths.root, "entity_positions_figure")
+        parts.append("Probes at the statement's last token and at its subject's (`clearflow entity-positions`, table"
+                     f" `entity_positions`): {positions_summary(read_table(positions))}.")
+        if figure.exists():
+            parts.append(f"![Test AUROC per layer at both positions]({figure.relative_to(paths.root)})")
+    return "\n\n".join(["## Probe analyses", *parts]) if parts else None

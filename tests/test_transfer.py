@@ -166,3 +166,10 @@ def test_one_command_makes_the_other_source_and_the_catalog_queries_the_table(ru
     section = section_analyses(runs["a"])
     assert "On run `mq` (mquake):" in section
     assert all(f"- {line}" in section for line in transfer_summary(runs["a"], expected).splitlines())
+    kinds = sorted(expected["probe"].unique().to_list())
+    assert "| layer | " + " | ".join(f"{k} {s}" for k in kinds for s in ("all", "unseen")) + " |" in section
+    at_layer_3 = {(r["probe"], r["subset"]): r["auroc"] for r in expected.filter(
+        (pl.col("layer") == 3) & (pl.col("fitted_on") == "train")).iter_rows(named=True)}
+    cells = ["n/a" if at_layer_3.get((k, s)) is None else f"{at_layer_3[(k, s)]:.3f}"
+             for k in kinds for s in ("all", "unseen")]
+    assert "| 3 | " + " | ".join(cells) + " |" in section

@@ -11,7 +11,6 @@ import pyarrow as pa
 import torch
 
 from schemas.tables import LFD_LAYERS
-
 from tasks.core.chat import render
 from tasks.core.prompts import item_question
 from tasks.core.storage import RunPaths, read_table, write_parquet

@@ -117,9 +117,10 @@ def _kept_answers(cache: AnswerCache | None, cfg: RunConfig, m: Method, prompts:
     from tasks.evaluate.decoding import decoding_inputs, restore_tables
 
     found = cache.entry(cfg, m, prompts, decoding_inputs(m, tok, paths))
-    if found is not None:
-        restore_tables(m, found.get("tables", {}), paths)
-    return None if found is None else found["answers"]
+    if found is None:
+        return None
+    restore_tables(m, found.get("tables", {}), paths)
+    return found["answers"]
 
 
 def _keep_answers(cache: AnswerCache, cfg: RunConfig, m: Method, prompts: list[str], answers: list[str], tok,

@@ -30,6 +30,11 @@ def saved_config(paths: RunPaths) -> dict[str, Any]:
     return config
 
 
+def recorded_config(paths: RunPaths) -> RunConfig:
+    """A finished run's config as its manifest records it, placed where the run directory is."""
+    return RunConfig.model_validate(saved_config(paths) | {"run": paths.root.name, "runs_dir": str(paths.root.parent)})
+
+
 def target_config(source: dict[str, Any], given: dict[str, Any], target: str, runs_dir: Path) -> RunConfig:
     """The statements run's config: the source run's model, activation and decomposition options, the seed, and the
     dataset options given (the others at their defaults)."""
@@ -74,8 +79,7 @@ def entity_positions(run: str, runs_dir: Path) -> tuple[Path, pl.DataFrame]:
     from tasks.probes.entity_positions import compare_positions
 
     paths = RunPaths(Path(runs_dir) / run)
-    cfg = RunConfig.model_validate(saved_config(paths) | {"run": run, "runs_dir": str(runs_dir)})
-    table = compare_positions(cfg, paths)
+    table = compare_positions(recorded_config(paths), paths)
     _refresh_catalog(paths)
     _refresh_report(paths)
     return analysis_path(paths.root, "entity_positions"), table
@@ -89,8 +93,7 @@ def _refresh_report(paths: RunPaths) -> None:
     from flows.runner import record_stage, timed
     from flows.stages import STAGES
 
-    cfg = RunConfig.model_validate(saved_config(paths) | {"run": paths.root.name, "runs_dir": str(paths.root.parent)})
-    stage = STAGES["report"]
+    cfg, stage = recorded_config(paths), STAGES["report"]
     _, seconds = timed(stage.function(), stage.view(cfg), paths)
     record_stage(stage, cfg, paths, seconds, {})
 

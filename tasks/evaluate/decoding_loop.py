@@ -164,21 +164,24 @@ class Stream:
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Feed each row's chosen token; `logits` then predict the token after it."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
-        positions = self.mask.sum(-1, keepdim=True) - 1
-        self._forward(input_ids=tokens[:, None], position_ids=positions, cache=self.cache)
+        self._feed(tokens[:, None], torch.ones_like(tokens[:, None]))
 
     def feed_block(self, block: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Feed each row several tokens at once (`valid` marks the real ones; the others are masked out) and return
         the scores after each [rows, tokens, vocab]; `settle` then says how many of them each row keeps."""
         if self.capture is not None:
             raise ValueError("a stream that captures a hidden state per step cannot take several tokens at once")
+        self._feed(block, valid)
+        return self.block
+
+    def _feed(self, block: torch.Tensor, valid: torch.Tensor) -> None:
+        """Append columns to every row (`valid` 0 = masked out), each at the position after its row's last real
+        token, with the scores after each column kept."""
         start = self.mask.shape[1]
         self.mask = torch.cat([self.mask, valid.to(self.mask)], dim=1)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, start:]  # masked-out columns never count
         self._forward(input_ids=block.to(self.mask.device), position_ids=positions, cache=self.cache,
                       logits_to_keep=block.shape[1])
-        return self.block
 
     def settle(self, kept: torch.Tensor) -> None:
         """After `feed_block`: row r keeps its first `kept[r] + 1` tokens; the rest stay in the cache masked out

@@ -3,12 +3,15 @@ passes, batching against batch size 1, the IKS layer choice, and the evaluate st
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import polars as pl
 import pytest
 import torch
 from scipy.special import log_softmax
 
+import tasks.evaluate.decoding_loop as dl
 import tasks.evaluate.stage as ev
 from schemas.suites import SUITES
 from schemas.tables import ITEMS, LFD_LAYERS
@@ -105,23 +108,28 @@ def test_lfd_fused_distribution_is_the_hand_computation(lm):
 
 
 @pytest.mark.parametrize("method", ["cad", "lfd"])
-def test_batches_give_the_answers_of_batch_one(lm, method):
+def test_batches_give_the_answers_of_batch_one(lm, method, monkeypatch):
+    """At batch 3 a prompt joins rows still answering; at batch 4 each prompt length is fed as its own group and
+    the groups joined (CAD's two streams, LFD's captured hidden states): no answer or score changes."""
     model, tok = lm
     with_ctx, without = _prompts(tok)
+    monkeypatch.setattr(dl, "length_groups", partial(dl.length_groups, slack=0, least=1))
     runs = []
-    for batch_size in (1, 3):
+    for batch_size in (1, 3, 4):
         trace: dict = {}
         if method == "cad":
             answers = decode_cad(model, tok, with_ctx, without, 0.5, 6, batch_size, trace=trace)
         else:
             answers = decode_lfd(model, tok, with_ctx, LAYER, 6, batch_size, trace=trace)
         runs.append((answers, trace))
-    (one, trace_one), (batched, trace_batched) = runs
-    assert batched == one and len(set(one)) > 1  # distinct answers: each row kept its own prompt
-    for i in range(len(with_ctx)):
-        assert len(trace_batched[i]) == len(trace_one[i])
-        for a, b in zip(trace_batched[i], trace_one[i]):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    (one, trace_one), *batched_runs = runs
+    assert len(set(one)) > 1  # distinct answers: each row kept its own prompt
+    for batched, trace_batched in batched_runs:
+        assert batched == one
+        for i in range(len(with_ctx)):
+            assert len(trace_batched[i]) == len(trace_one[i])
+            for a, b in zip(trace_batched[i], trace_one[i]):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
 def test_iks_layer_choice_is_the_lowest_of_the_latter_half():

@@ -154,12 +154,25 @@ def test_generate_equals_one_prompt_at_a_time_generate(tiny_model, monkeypatch):
     expected = _hf_first_lines(model, tok, prompts, 6)
     assert len(set(expected)) > 1  # the prompts get different answers: an order mix-up would show
     merges, merge = [], dl.Stream.merge
-    monkeypatch.setattr(dl.Stream, "merge", lambda self, other: merges.append(len(other.logits)) or merge(self, other))
+    monkeypatch.setattr(dl.Stream, "merge", lambda self, *others: merges.append(len(others)) or merge(self, *others))
+    groups, grouping = [], dl.length_groups
+    monkeypatch.setattr(dl, "length_groups", lambda lengths: groups.append(grouping(lengths)) or groups[-1])
     trace: dict = {}
     for batch_size in (1, 2, 4, 6):
         assert dl.generate(model, tok, prompts, 6, batch_size, trace=trace) == expected
     assert merges  # at batch 2 (or 4), a prompt joined a row still answering
+    assert any(len(g) > 1 for g in groups)  # at batch 6, the long prompt was fed apart from the short ones
     assert len({len(steps) for steps in trace.values()}) > 1  # rows ended at different steps: some left early
+
+
+def test_length_groups_bound_the_padding_fed():
+    """Hand-worked: in [10, 10, 10, 10, 11, 20, 20] the fifth row would pad 4 of 55 positions (7% > 5%) to a group of
+    4 rows, so it starts a new one; that group, under 4 rows, takes the 20s whatever they pad."""
+    assert dl.length_groups([10, 10, 10, 10, 11, 20, 20]) == [[0, 1, 2, 3], [4, 5, 6]]
+    assert dl.length_groups([10, 10, 10, 10, 10, 10.5]) == [list(range(6))]  # 0.5 of 63 padded: under 5%
+    assert dl.length_groups([10, 30, 50]) == [[0, 1, 2]]
+    assert dl.length_groups([3, 5, 8], least=1) == [[0], [1], [2]]
+    assert dl.length_groups([]) == []
 
 
 def test_prompt_lookup_drafts_the_continuation_of_the_latest_matching_ngram():

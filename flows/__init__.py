@@ -7,6 +7,8 @@ flow module imports it; anything the user exported wins.
 import os
 from pathlib import Path
 
+import tasks  # noqa: F401  (sets the OpenMP thread policy before anything loads torch: tasks/core/threads.py)
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

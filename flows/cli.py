@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -12,7 +13,8 @@ from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, CliVariadicArg, SettingsConfigDict
 
 import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
-from flows.presets import PRESETS, deep_update, preset_config, preset_help
+from flows.children import tie_prefect_server_to_this_process
+from flows.presets import PRESETS, deep_update, preset_config, preset_help, without_remote_code
 from flows.stages import ORDER, STAGES
 from tasks.core.config import IngestConfig, RunConfig
 
@@ -21,6 +23,7 @@ StageName = Literal["ingest", "decompose", "activations", "probes", "finetune", 
 assert set(StageName.__args__) == set(ORDER), "StageName must list every stage"
 
 
+NO_FLOW = {"sql", "presets", "datasets", "stages", "--help", "-h"}  # subcommands that never start a Prefect flow
 PRESET_HELP = "Named set of options applied before the options given (`clearflow presets`): " + preset_help()
 
 
@@ -90,7 +93,7 @@ class Stage(RunConfig):
         saved = load_manifest(paths_of(base)).get("config")
         if saved is None and STAGES[self.name].upstream:
             raise FileNotFoundError(f"no run {self.run!r} under {base.runs_dir}: start one with `clearflow run`")
-        saved = saved or {}
+        saved = without_remote_code(saved or {})
         cfg = RunConfig.model_validate(deep_update(saved, given))
         outputs = stage_flows()[self.name](cfg=cfg, force=self.force)
         for name, path in outputs.items():
@@ -259,6 +262,7 @@ class Clearflow(BaseSettings):
 
     model_config = SettingsConfigDict(
         cli_prog_name="clearflow",
+        case_sensitive=True,  # the case-insensitive pre-pass cuts an argument "-- comment\nSELECT ..." at its newline
         cli_kebab_case=True,
         cli_implicit_flags=True,
         cli_avoid_json=True,
@@ -296,19 +300,39 @@ def main(argv: list[str] | None = None) -> None:
     if not debug:  # a failed run is reported once, as the line below: not as Prefect's flow and task tracebacks
         for which in ("FLOW_RUNS", "TASK_RUNS"):
             os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{which}_LEVEL", "CRITICAL")
+    if args[:1] and args[0] not in NO_FLOW:  # importing Prefect's server module costs ~4 s: only where needed
+        tie_prefect_server_to_this_process()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         CliApp.run(Clearflow, cli_args=args)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:
         if debug:
             raise
         print(f"clearflow: error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Terminated:
+        print("clearflow: stopped by SIGTERM; the same command resumes (finished stages are kept)", file=sys.stderr)
+        raise SystemExit(143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that cleanup runs as for Ctrl-C: Prefect marks the run crashed, and
+    the temporary Prefect server and any other child process are stopped on the way out (a default SIGTERM
+    would end the process at once and leave them running)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def one_line(exc: Exception) -> str:
-    """An error as one line: pydantic's multi-line report of bad options becomes its messages, '; '-joined."""
+    """An error as one line: pydantic's multi-line report of bad options becomes its messages, '; '-joined; any other
+    message keeps its first line (a library's advice after it is not the user's problem)."""
     if not isinstance(exc, ValidationError):
-        return str(exc)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return lines[0] if lines else type(exc).__name__
     parts = []
     for err in exc.errors():
         cause = (err.get("ctx") or {}).get("error")  # a validator's own message, without pydantic's prefix

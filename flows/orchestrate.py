@@ -22,6 +22,7 @@ from flows.runner import (
 from flows.stages import STAGES
 from tasks.core.config import RunConfig
 from tasks.core.storage import RunPaths
+from tasks.core.threads import set_threads
 
 log = logging.getLogger("clearflow")
 
@@ -30,6 +31,7 @@ log = logging.getLogger("clearflow")
 def stage_work(stage_name: str, cfg: RunConfig) -> None:
     """The stage's plain function from tasks/, given only the config sections it declares."""
     stage = STAGES[stage_name]
+    set_threads(cfg.threads)
     stage.function()(stage.view(cfg), paths_of(cfg))
 
 

@@ -95,3 +95,9 @@ def preset_config(name: str | None, given: dict[str, Any]) -> RunConfig:
 def with_preset(name: str | None, cfg: RunConfig) -> RunConfig:
     """`cfg` with the preset's options under the options it sets explicitly (a RunConfig knows which it was given)."""
     return cfg if name is None else preset_config(name, cfg.model_dump(mode="json", exclude_unset=True))
+
+
+def without_remote_code(saved: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config with trust_remote_code off: running a model's own code is asked for on each command, never
+    inherited from a run directory (which anyone who can write there could have edited)."""
+    return {**saved, "model": {**saved.get("model", {}), "trust_remote_code": False}}

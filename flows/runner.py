@@ -35,8 +35,10 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
 
 
 def paths_of(cfg: RunConfig) -> RunPaths:
+    """The run's directory, which must be a directory directly under --runs-dir (never outside it)."""
     if not cfg.run:
         raise ValueError("the run has no name: call resolve_run first")
+    RunConfig._one_directory(cfg.run)  # a config built by model_copy skipped validation
     return RunPaths(Path(cfg.runs_dir) / cfg.run)
 
 

@@ -25,7 +25,7 @@ from flows.presets import with_preset
 from flows.runner import PROVENANCE, fingerprint, is_current, load_manifest, now, paths_of, resolve_run, start_manifest
 from flows.stages import ORDER, STAGES, Stage
 from schemas.layout import LAYOUT
-from tasks.core.config import RunConfig
+from tasks.core.config import MAX_SEED, RunConfig
 from tasks.core.storage import RunPaths, write_json
 from tasks.evaluate.seeds import SweepPaths, write_aggregate
 
@@ -39,6 +39,8 @@ def check_seeds(seeds: list[int]) -> list[int]:
         raise ValueError("a sweep needs at least one seed: give --seeds 0 1 2")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds lists a seed twice: {list(seeds)}; give each seed once")
+    if any(not 0 <= s <= MAX_SEED for s in seeds):
+        raise ValueError(f"--seeds must lie in 0..{MAX_SEED}: got {list(seeds)}")
     return list(seeds)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 
-from flows.presets import deep_update
+from flows.presets import deep_update, without_remote_code
 from flows.runner import load_manifest
 from tasks.core.config import IngestConfig, RunConfig
 from tasks.core.storage import RunPaths
@@ -27,7 +27,7 @@ def saved_config(paths: RunPaths) -> dict[str, Any]:
     if config is None:
         raise FileNotFoundError(f"no run {paths.root.name!r} under {paths.root.parent} (no manifest.json): name a run"
                                 " made by `clearflow run`")
-    return config
+    return without_remote_code(config)
 
 
 def recorded_config(paths: RunPaths) -> RunConfig:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,7 +249,8 @@ def _refusal(stmt: Any) -> str | None:
 
 
 def check_read_only(sql: str) -> list[Any]:
-    """Parse sql and return its statements, or raise ReadOnlyQueryError naming the first refused one."""
+    """Parse sql and return its one statement (as a list), or raise ReadOnlyQueryError naming the first refused
+    statement, or saying there is more than one."""
     try:
         statements = duckdb.extract_statements(sql)
     except ValueError as err:  # a statement type the Python API cannot even name
@@ -262,16 +264,21 @@ def check_read_only(sql: str) -> list[Any]:
                 f"clearflow sql is read-only: {reason} statements are refused (only SELECT, EXPLAIN, DESCRIBE, "
                 "SHOW and SUMMARIZE run)"
             )
+    if len(statements) > 1:
+        raise ReadOnlyQueryError(f"clearflow sql runs one statement; the SQL given holds {len(statements)} (split it"
+                                 " into separate calls)")
     return statements
 
 
 def _readable_dirs(runs_dir: Path) -> list[str]:
-    """Directories a query may read: runs_dir and any activation store a run links to elsewhere."""
+    """Directories a query may read: runs_dir, and the model stores (`model=*` directories holding a finished
+    store's meta.json) of an activations/ directory a run links to elsewhere: never the link's target as a whole,
+    which could be any directory (a link to / would open the whole file system)."""
     dirs = {runs_dir.as_posix() + "/"}
     for run in list_runs(runs_dir):
         target = (run.root / "activations").resolve()
         if target.is_dir() and not target.is_relative_to(runs_dir):
-            dirs.add(target.as_posix() + "/")
+            dirs.update(s.dir.resolve().as_posix() + "/" for s in ActivationStore.tree(target) if s.complete())
     return sorted(dirs)
 
 
@@ -287,14 +294,14 @@ def _connect_read_only(db_path: Path, runs_dir: Path) -> duckdb.DuckDBPyConnecti
 
 
 def query(sql: str, runs_dir: Path, run: str | None = None) -> tuple[list[str], list[tuple]]:
-    """Answer read-only SQL over the runs catalog; returns (column names, rows) of the last statement."""
-    statements = check_read_only(sql)
+    """Answer one read-only SQL statement over the runs; returns (column names, rows). The catalog is built in a
+    private temporary directory, so a query writes nothing under runs_dir (a read-only share can be queried, and
+    two queries never race on one catalog file)."""
+    (stmt,) = check_read_only(sql)
     runs_dir = Path(runs_dir).resolve()
-    db_path = build_catalog(runs_dir, run=run)
-    columns: list[str] = []
-    rows: list[tuple] = []
-    with _connect_read_only(db_path, runs_dir) as con:
-        for stmt in statements:
+    with tempfile.TemporaryDirectory(prefix="clearflow-sql-") as tmp:
+        db_path = build_catalog(runs_dir, db_path=Path(tmp) / "catalog.duckdb", run=run)
+        with _connect_read_only(db_path, runs_dir) as con:
             cur = con.execute(stmt)
             columns = [d[0] for d in cur.description] if cur.description else []
             rows = cur.fetchall() if cur.description else []

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+RUN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$"  # one path component: no separator, no '..', no hidden directory
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -196,7 +200,7 @@ class FinetuneConfig(BaseModel):
         " the same items, budget and seed (names registered in tasks/finetune/arms/, checked when the stage starts)."
     )
     seed: int | None = Field(
-        None, description="Seed of the fine-tuning's random choices (train-item sample, LoRA init, data order);"
+        None, ge=0, le=MAX_SEED, description="Seed of the fine-tuning's random choices (train-item sample, LoRA init, data order);"
         " None = the run's seed. `clearflow sweep` varies it, so the stages before fine-tuning are shared."
     )
 
@@ -263,12 +267,20 @@ class InsideOutConfig(BaseModel):
 class RunConfig(BaseModel):
     """Everything one pipeline run needs; hashed into the manifest."""
 
-    run: str | None = Field(None, description="Run name (directory under runs_dir); default: a timestamp.")
+    run: str | None = Field(
+        None, description="Run name: one directory under runs_dir (letters, digits, '.', '_', '-'; not starting"
+        " with '.'); default: a timestamp."
+    )
     runs_dir: Path = Field(Path("data/runs"), description="Where run directories live.")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads for the run's compute; default: the CPUs this process may use"
+        " (OMP_NUM_THREADS when exported). Changes no result, only speed."
+    )
     dataset: str = Field("known-facts", description="Benchmark name.")
     data_path: Path | None = Field(None, description="Input file (or directory) of the dataset (known-facts: bundled).")
     limit: int | None = Field(None, ge=1, description="Use at most this many records (quick runs).")
-    seed: int = Field(0, description="Seed of every random choice (splits, counterfactuals, training).")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random choice (splits, counterfactuals,"
+                      " training), 0 to 2**32-1.")
     ingest: IngestConfig = IngestConfig()
     decompose: DecomposeConfig = DecomposeConfig()
     model: ModelConfig = ModelConfig()
@@ -277,6 +289,15 @@ class RunConfig(BaseModel):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvalConfig = EvalConfig()
     insideout: InsideOutConfig = InsideOutConfig()
+
+    @field_validator("run")
+    @classmethod
+    def _one_directory(cls, run: str | None) -> str | None:
+        """A run is one directory right under runs_dir: a path that leads elsewhere (../x, /abs, a/b) is refused."""
+        if run is not None and (len(run) > 128 or not re.fullmatch(RUN_NAME, run)):
+            raise ValueError(f"{run!r} is not a run name: one directory under --runs-dir, of letters, digits, '.',"
+                             " '_' and '-', not starting with '.', at most 128 characters")
+        return run
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -295,7 +316,7 @@ class RunConfig(BaseModel):
 
     def digest(self, *sections: str) -> str:
         """Hash of the named sections (all when none) so a stage knows if its inputs changed."""
-        data = self.model_dump(mode="json", exclude={"run", "runs_dir"})
+        data = self.model_dump(mode="json", exclude={"run", "runs_dir", "threads"})
         del data["evaluate"]["answer_cache"]  # where answers are kept changes no answer
         if data["finetune"]["seed"] is None:  # None = the run's seed: hashed as before the option existed
             del data["finetune"]["seed"]

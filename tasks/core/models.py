@@ -76,13 +76,30 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def _pretrained(auto, cfg: ModelConfig, **kwargs):
+    """`auto.from_pretrained` on the configured model, or one line naming it when it cannot be found or read."""
+    path = resolve_model_path(cfg.name)
+    local = Path(path).expanduser()
+    pickled = local.is_dir() and any(any(local.glob(p)) for p in PICKLE_WEIGHTS)
+    if pickled and not any(local.glob("*.safetensors")):
+        raise ValueError(f"model {cfg.name!r}: its weights are pickle files only ({', '.join(PICKLE_WEIGHTS)}), which"
+                         " clearflow does not load; save the model with safetensors (save_pretrained does by default)")
+    try:
+        return auto.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except OSError as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        offline = " (the hub is off: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise FileNotFoundError(f"model {cfg.name!r} cannot be loaded{offline}: {first}") from exc
+
+
 def load_tokenizer(cfg: ModelConfig):
     """Tokenizer with a pad token and left padding (batched generation needs it)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        resolve_model_path(cfg.name), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    tok = _pretrained(AutoTokenizer, cfg)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -94,13 +111,7 @@ def load_model(cfg: ModelConfig, attn_implementation: str | None = None) -> nn.M
     from transformers import AutoModelForCausalLM
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(cfg.name),
-        revision=cfg.revision,
-        dtype=DTYPES[cfg.dtype],
-        trust_remote_code=cfg.trust_remote_code,
-        **kwargs,
-    )
+    model = _pretrained(AutoModelForCausalLM, cfg, dtype=DTYPES[cfg.dtype], **kwargs)
     return model.to(resolve_device(cfg.device)).eval()
 
 
@@ -152,9 +163,7 @@ def model_config(cfg: ModelConfig):
     """The model's (text) config, read without loading any weights."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(
-        resolve_model_path(cfg.name), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    config = _pretrained(AutoConfig, cfg)
     return getattr(config, "text_config", None) or config
 
 

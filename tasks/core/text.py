@@ -10,8 +10,14 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def _strip_punctuation(text: str) -> str:
-    """Drop every Unicode punctuation character (SQuAD deletes them rather than spacing them)."""
-    return "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    """Drop every Unicode punctuation and format character (SQuAD deletes punctuation rather than spacing it; format
+    characters such as a zero-width space are invisible and must not make two answers or questions differ)."""
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] != "P" and unicodedata.category(ch) != "Cf")
+
+
+def visible(text: str) -> str:
+    """The text without its invisible format characters (zero-width spaces and joiners, BOMs, soft hyphens)."""
+    return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
 
 
 def normalize(text: str) -> str:

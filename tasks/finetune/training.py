@@ -8,6 +8,7 @@ the shuffle has its own seeded generator, so an arm's adapter does not depend on
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import os
@@ -199,6 +200,15 @@ def history_summary(hist: History) -> dict:
     }
 
 
+def _sort_target_modules(config: Path) -> None:
+    """peft holds target_modules as a set and saves it in hash order, which differs between processes: sorted, two
+    identical runs write identical adapter bytes."""
+    data = json.loads(config.read_text())
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def save_adapter_atomically(model: nn.Module, target: Path, log_obj: dict) -> Path:
     """Write the adapter and its log into a temp dir beside `target`, then swap it in whole."""
     target = Path(target)
@@ -208,6 +218,7 @@ def save_adapter_atomically(model: nn.Module, target: Path, log_obj: dict) -> Pa
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        _sort_target_modules(tmp / "adapter_config.json")
         write_json(log_obj, tmp / TRAIN_LOG)
         if target.exists():
             os.replace(target, old)  # os.replace cannot overwrite a non-empty directory

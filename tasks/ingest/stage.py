@@ -30,6 +30,7 @@ from tasks.ingest.sources import Source, run_sources
 from tasks.core.storage import RunPaths, write_json, write_parquet
 
 log = logging.getLogger(__name__)
+QUESTION_TOKENS = PROMPT_RESERVE - 64  # of the prompt's reserve, what the system line and the answer leave a question
 
 __all__ = [
     "KNOWN_FACTS_PATH", "RELATION_TEMPLATES", "Ingested", "ingest", "make_question", "make_sentence",
@@ -74,6 +75,8 @@ def read_options(cfg: RunConfig) -> ReadOptions:
         max_context_tokens=limit,
         truncation=cfg.ingest.truncation,
         count_tokens=TokenCounter(cfg.model, limit) if limit else None,
+        max_question_tokens=QUESTION_TOKENS if limit else None,
+        count_question=TokenCounter(cfg.model, QUESTION_TOKENS) if limit else None,
         known_facts=known_facts_options.from_config(cfg.ingest),
     )
 
@@ -89,18 +92,25 @@ def merge(results: list[Ingested]) -> Ingested:
     out = Ingested(dataset=main.dataset, items=main.items, statements=results[-1].statements,
                    n_read=main.n_read, n_kept=main.n_kept)
     out.rejects = [r for res in results for r in res.rejects]
-    if not out.items:
-        raise ValueError(f"{main.dataset}: no usable items, every record was refused ({main.summary()})")
-    if not out.statements:
+    return out
+
+
+def check_usable(results: list[Ingested], rejects_at: Path | None = None) -> None:
+    """Stop a run that has nothing to work on, saying why (and where the refused records' reasons are)."""
+    main, where = results[0], f"; the reasons are in {rejects_at}" if rejects_at else ""
+    if not main.items:
+        raise ValueError(f"{main.dataset}: no usable items, every record was refused ({main.summary()}){where}")
+    if not results[-1].statements:
         raise ValueError(
             f"{results[-1].dataset}: no probe statements; set --ingest.probe-dataset known-facts (bundled) or mquake"
         )
-    return out
 
 
 def ingest(cfg: RunConfig) -> Ingested:
     """Read the configured dataset and its probe statements into one set of rows."""
-    return merge(read_sources(run_sources(cfg), read_options(cfg)))
+    results = read_sources(run_sources(cfg), read_options(cfg))
+    check_usable(results)
+    return merge(results)
 
 
 def _counts(res: Ingested) -> dict[str, Any]:
@@ -113,7 +123,6 @@ def _write_tables(result: Ingested, paths: RunPaths) -> dict[str, Path]:
     return {
         "items": write_parquet(result.items, paths.table("items"), ITEMS),
         "statements": write_parquet(result.statements, paths.table("statements"), STATEMENTS),
-        "rejects": write_parquet(result.rejects, paths.table("rejects"), REJECTS),
     }
 
 
@@ -128,7 +137,10 @@ def run_ingest(cfg: RunConfig, paths: RunPaths) -> None:
         log.info("ingest: cache hit %s, no file parsed", prov["cache_key"])
     else:
         results = read_sources(sources, read_options(cfg))
-        tables = _write_tables(merge(results), paths)
+        merged = merge(results)
+        rejects = write_parquet(merged.rejects, paths.table("rejects"), REJECTS)  # kept even when the run stops here
+        check_usable(results, rejects)
+        tables = {**_write_tables(merged, paths), "rejects": rejects}
         summary = {"lines": [r.summary() for r in results], "counts": {r.dataset: _counts(r) for r in results}}
         cache.store(tables, summary)
     prov["counts"] = summary["counts"]

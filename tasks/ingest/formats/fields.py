@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from schemas.rejects import EMPTY_ANSWERS, EMPTY_FIELD, MISSING_FIELD, SAME_ANSWER, WRONG_TYPE
-from tasks.core.text import normalize
+from tasks.core.text import normalize, visible
 
 
 class RecordReject(Exception):
@@ -43,8 +43,9 @@ def get_text(rec: dict, name: str, empty_reason: str = EMPTY_FIELD) -> str:
     value = get_field(rec, name)
     if not isinstance(value, str):
         raise RecordReject(WRONG_TYPE, f"field {name!r} is a {type(value).__name__}, not a string")
-    if not value.strip():
-        raise RecordReject(empty_reason, f"field {name!r} is empty")
+    if not visible(value).strip():
+        invisible = " (only invisible characters)" if value.strip() else ""
+        raise RecordReject(empty_reason, f"field {name!r} is empty{invisible}")
     return value.strip()
 
 
@@ -53,7 +54,7 @@ def _dedupe(values: Iterable[str]) -> list[str]:
     out: list[str] = []
     for v in values:
         v = v.strip()
-        if v and v not in out:
+        if visible(v).strip() and v not in out:
             out.append(v)
     return out
 

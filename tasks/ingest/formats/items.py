@@ -11,8 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.rejects import CONTEXT_TOO_LONG
+from schemas.rejects import CONTEXT_TOO_LONG, QUESTION_TOO_LONG, RESERVED_MARKER
 from schemas.tables import ITEMS
+from tasks.core.prompts import CLOSE, OPEN
 from tasks.core.splitter import split_sentences
 from tasks.core.text import normalize
 from tasks.ingest.formats.fields import RecordReject, check_same_answer
@@ -31,6 +32,8 @@ class ReadOptions:
     max_context_tokens: int | None = None
     truncation: str = "reject"
     count_tokens: Callable[[str], int] | None = None
+    max_question_tokens: int | None = None  # with count_question: longer questions would crowd the prompt out
+    count_question: Callable[[str], int] | None = None
     known_facts: KnownFactsOptions = KnownFactsOptions()  # the offline generator's options
 
     def __post_init__(self) -> None:
@@ -140,9 +143,21 @@ def substitution_labels(context: str, answers: list[str], orig_context: str | No
     return labels
 
 
+def _window(context: str, budget: int, count: Callable[[str], int]) -> int:
+    """Characters of the context that can hold a fitting prefix: doubled from 4 per budget token until their tokens
+    exceed the budget (sentence splitting is superlinear: a 10 MB context must not be split whole)."""
+    chars = 4 * budget
+    while chars < len(context) and count(context[:chars]) <= budget:
+        chars *= 2
+    return min(chars, len(context))
+
+
 def _fitting_prefix(context: str, budget: int, count: Callable[[str], int]) -> str | None:
     """The longest run of leading whole sentences within the budget (binary search), or None."""
-    ends = [end for _, _, end in split_sentences(context)]
+    window = _window(context, budget, count)
+    ends = [end for _, _, end in split_sentences(context[:window])]
+    if window < len(context):
+        ends = ends[:-1]  # the window may end inside its last sentence; beyond the window nothing fits
     lo, hi, best = 0, len(ends) - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
@@ -167,6 +182,18 @@ def fit_context(context: str, opts: ReadOptions) -> tuple[str, bool]:
     if prefix is None:
         raise RecordReject(CONTEXT_TOO_LONG, f"not even the first sentence of the context fits {budget} tokens")
     return prefix, True
+
+
+def check_texts(question: str, context: str, opts: ReadOptions) -> None:
+    """Refuse a question over its token budget, and text holding the tags the marking methods add (a context's own
+    <conflict> would read as the probe's flag)."""
+    for name, text in (("question", question), ("context", context)):
+        lowered = text.lower()
+        if OPEN in lowered or CLOSE in lowered:
+            raise RecordReject(RESERVED_MARKER, f"the {name} holds {OPEN} or {CLOSE}, the tags of the marking methods")
+    limit, count = opts.max_question_tokens, opts.count_question
+    if limit is not None and count is not None and (n := count(question)) > limit:
+        raise RecordReject(QUESTION_TOO_LONG, f"question has {n} tokens, over the {limit} the prompt leaves it")
 
 
 def item_row(dataset: str, **fields: Any) -> dict:

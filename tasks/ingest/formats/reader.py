@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas.rejects import DUPLICATE_ID, NOT_AN_OBJECT, UNDECODABLE
+from schemas.rejects import DUPLICATE_ID, MALFORMED_JSON, NOT_AN_OBJECT, UNDECODABLE
 from tasks.core.config import IngestConfig
 from tasks.ingest.formats.fields import RecordReject
 from tasks.ingest.formats.items import (
     Parsed,
     ReadOptions,
+    check_texts,
     content_hash,
     fit_context,
     item_row,
@@ -30,7 +31,7 @@ from tasks.ingest.formats.items import (
     substitution_labels,
     target_sentence,
 )
-from tasks.ingest.formats.records import RawRecord, has_surrogates, load_format, require_path
+from tasks.ingest.formats.records import MAX_DEPTH, RawRecord, has_surrogates, load_format, nesting, require_path
 
 
 @dataclass
@@ -125,6 +126,7 @@ def _record_id(dataset: str, raw: Any, id_field: str | None) -> str | None:
 def _finish_item(dataset: str, parsed: Parsed, opts: ReadOptions) -> tuple[str, dict]:
     """(dedupe key, item row) of a parsed record: id, token budget, target sentence."""
     item = dict(parsed.item)
+    check_texts(item["question"], item["context"], opts)
     key = parsed.source_id or content_hash(item["question"], item["context"], item["answers"])
     context, truncated = fit_context(item["context"], opts)
     target = target_sentence(context, item["answers"], item.get("orig_context")) if parsed.locate_target else None
@@ -182,6 +184,8 @@ def _check_one(
         raise RecordReject(*rec.reject)
     if not isinstance(rec.value, dict):
         raise RecordReject(NOT_AN_OBJECT, f"record is a {type(rec.value).__name__}, not a JSON object")
+    if nesting(rec.value) > MAX_DEPTH:
+        raise RecordReject(MALFORMED_JSON, f"record nested more than {MAX_DEPTH} levels deep")
     if has_surrogates(rec.value):
         raise RecordReject(UNDECODABLE, "a string of the record holds bytes that are not valid UTF-8")
     parsed = parse(rec.value)

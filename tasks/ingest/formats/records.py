@@ -22,6 +22,7 @@ from schemas.rejects import MALFORMED_JSON, UNDECODABLE
 JSON_SUFFIXES = (".json",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+MAX_DEPTH = 64  # levels of nesting a record may have: every format's records are a few levels deep
 
 
 class FormatError(ValueError):
@@ -51,15 +52,26 @@ def require_path(path: Path | None, dataset: str, source: str) -> Path:
     return path
 
 
+def _walk(value: Any):
+    """(depth, node) of every node of a JSON value, without recursion (a record may be nested ~1000 deep)."""
+    stack = [(1, value)]
+    while stack:
+        depth, node = stack.pop()
+        yield depth, node
+        if isinstance(node, dict):
+            stack.extend((depth + 1, x) for kv in node.items() for x in kv)
+        elif isinstance(node, (list, tuple)):
+            stack.extend((depth + 1, x) for x in node)
+
+
+def nesting(value: Any) -> int:
+    """How many levels of lists and objects a JSON value nests (a scalar: 1)."""
+    return max(depth for depth, _ in _walk(value))
+
+
 def has_surrogates(value: Any) -> bool:
     """Whether any string in a record holds a lone surrogate (undecodable bytes, or an escaped lone half)."""
-    if isinstance(value, str):
-        return any("\ud800" <= ch <= "\udfff" for ch in value)
-    if isinstance(value, dict):
-        return any(has_surrogates(k) or has_surrogates(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(has_surrogates(v) for v in value)
-    return False
+    return any(isinstance(node, str) and any("\ud800" <= ch <= "\udfff" for ch in node) for _, node in _walk(value))
 
 
 def _decode(data: bytes) -> str:
@@ -80,13 +92,19 @@ def _jsonl_records(text: str, path: Path, dataset: str) -> list[RawRecord]:
         if not line.strip():
             continue
         try:
-            records.append(RawRecord(json.loads(line)))
-            n_parsed += 1
+            value = json.loads(line)
+            deep = nesting(value) > MAX_DEPTH
         except json.JSONDecodeError as exc:
             bad_bytes = has_surrogates(line)
             reason = UNDECODABLE if bad_bytes else MALFORMED_JSON
             detail = f"line {lineno} is not valid UTF-8" if bad_bytes else f"line {lineno}: {exc.msg}"
             records.append(RawRecord(line, (reason, detail)))
+            continue
+        except RecursionError:  # nested too deep for the parser itself
+            deep = True
+        n_parsed += 1
+        too_deep = (MALFORMED_JSON, f"line {lineno}: nested more than {MAX_DEPTH} levels deep")
+        records.append(RawRecord(line, too_deep) if deep else RawRecord(value))
     if records and not n_parsed:
         raise format_error(path, dataset, "JSON Lines (one JSON object per line)", "no line that parses as JSON")
     return records
@@ -106,6 +124,8 @@ def _json_records(path: Path, dataset: str, nested_squad: bool) -> list[RawRecor
     text = _decode(path.read_bytes())
     try:
         doc = json.loads(text)
+    except RecursionError:
+        raise format_error(path, dataset, "a JSON list of records", "JSON nested too deep to parse") from None
     except json.JSONDecodeError as exc:
         if _looks_like_jsonl(text):  # HF `to_json` writes JSON Lines under a .json name
             return _jsonl_records(text, path, dataset)

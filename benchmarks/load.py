@@ -1,0 +1,112 @@
+"""Benchmark of extraction under load (issue 12, item 1); run by hand, never in CI.
+
+Each measurement is a fresh child process (the OpenMP policy is fixed when torch loads) that extracts the same N
+fact sentences with clearflow's store extraction (benchmarks/activations.py: `clearflow_extract`, all layers)
+and reports sentences/s of its fastest of --repeats runs. Four children run, alone and beside one CPU-bound
+background process (a pure-Python busy loop, the "other job" of a shared machine):
+
+  old policy: the libraries' own defaults (CLEARFLOW_THREAD_POLICY=default: OpenMP spin-waits, threads = cores);
+  new policy: clearflow's default (tasks/core/threads.py: passive waiting, threads = the CPUs this process may use).
+
+It prints each policy's slowdown beside the busy process (alone / beside); issue 12's target is <= 2.5x for the
+new policy, against 18x measured for the old one on 2 cores.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/load.py [--n 96] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+POLICIES = {"old": {"CLEARFLOW_THREAD_POLICY": "default"}, "new": {}}
+TARGET = 2.5  # the new policy's slowdown beside one busy process, at most
+HERE = Path(__file__).resolve().parent
+
+
+def child(n: int, repeats: int, batch_size: int) -> None:
+    """Time extraction in this process (its policy was set by the environment it started with); print JSON."""
+    import torch
+
+    from activations import clearflow_extract, fact_sentences  # benchmarks/activations.py
+    from tasks.core.config import RunConfig
+    from tasks.core.models import load_model, load_tokenizer
+
+    cfg = RunConfig()
+    model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
+    texts = fact_sentences(n)
+    layers = list(range(model.config.num_hidden_layers))
+    best = float("inf")
+    with tempfile.TemporaryDirectory() as scratch, torch.inference_mode():
+        clearflow_extract(model, tok, texts[:batch_size], layers, batch_size, Path(scratch) / "warm")
+        for i in range(repeats):
+            start = time.perf_counter()
+            clearflow_extract(model, tok, texts, layers, batch_size, Path(scratch) / f"run{i}")
+            best = min(best, time.perf_counter() - start)
+    print(json.dumps({"rate": n / best, "threads": torch.get_num_threads(),
+                      "wait_policy": os.environ.get("OMP_WAIT_POLICY", "(library default)")}))
+
+
+def measure(policy: str, busy: bool, args: argparse.Namespace) -> dict:
+    """Sentences/s of one child under `policy`, alone or beside one busy process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env |= POLICIES[policy] | {"PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        out = subprocess.run([sys.executable, str(Path(__file__)), "--child", "--n", str(args.n),
+                              "--repeats", str(args.repeats), "--batch-size", str(args.batch_size)],
+                             env=env, capture_output=True, text=True, check=True)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=96, help="fact sentences extracted per run")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per child; the fastest counts")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", type=Path, help="write every figure here")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        return child(args.n, args.repeats, args.batch_size)
+    from timing import machine_note  # benchmarks/timing.py
+
+    start_note = machine_note()
+    print(f"n={args.n} batch={args.batch_size} repeats={args.repeats}; cpus usable {len(os.sched_getaffinity(0))};"
+          f" {start_note}")
+    runs = {(p, busy): measure(p, busy, args) for p in POLICIES for busy in (False, True)}
+    print("\n| policy | threads | OMP_WAIT_POLICY | alone (sent/s) | beside a busy process | slowdown |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    report: dict = {"n": args.n, "machine_start": start_note, "policies": {}}
+    for p in POLICIES:
+        alone, beside = runs[(p, False)], runs[(p, True)]
+        slowdown = alone["rate"] / beside["rate"]
+        report["policies"][p] = {"alone": alone, "beside": beside, "slowdown": slowdown}
+        print(f"| {p} | {alone['threads']} | {alone['wait_policy']} | {alone['rate']:.1f} | {beside['rate']:.1f} |"
+              f" {slowdown:.2f}x |")
+    new = report["policies"]["new"]["slowdown"]
+    print(f"{'PASS' if new <= TARGET else 'FAIL'} new policy beside one busy process: {new:.2f}x slower than alone"
+          f" (target <= {TARGET}x); old policy: {report['policies']['old']['slowdown']:.2f}x")
+    report["machine_end"] = machine_note()
+    print(f"at start: {start_note}\nat end:   {report['machine_end']} (the busy loop is this benchmark's own)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -313,6 +313,11 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated:
         print("clearflow: stopped by SIGTERM; the same command resumes (finished stages are kept)", file=sys.stderr)
         raise SystemExit(143) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("clearflow: interrupted; the same command resumes (finished stages are kept)", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -151,6 +151,8 @@ def test_run_finetune_end_to_end(tiny_cfg, run_paths):
     adapter = run_paths.arm_adapter("clear")
     assert adapter == run_paths.root / "adapters" / "clear" and run_paths.train_log == adapter.parent / "train_log.json"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
+    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert len(targets) > 1 and targets == sorted(targets)  # peft's set, saved in one order: identical runs, same bytes
     log = json.loads((adapter / "train_log.json").read_text())
     assert json.loads(run_paths.train_log.read_text()) == {"clear": log}  # every arm's log, here one
     assert log["n_items"] == 4 and log["steps"] == 8 and log["n_truncated"] == 0 and log["n_marked"] == 4

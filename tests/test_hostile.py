@@ -262,3 +262,16 @@ def test_sql_writes_nothing_under_the_runs_directory(one_run):
 def test_multiple_statements_are_refused_before_any_runs(one_run):
     with pytest.raises(ReadOnlyQueryError, match="holds 2"):
         query("select 1; select 2", one_run)
+
+
+def test_tables_get_the_mode_the_umask_gives(tmp_path):
+    """Analysts sharing a runs directory can read each other's tables: not the 0600 of a temp file."""
+    import os
+
+    from schemas.tables import REJECTS
+    from tasks.core.storage import write_parquet
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = write_parquet([], tmp_path / "t.parquet", REJECTS)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -1,19 +1,26 @@
-"""Thread policy of the compute libraries, set before torch loads: one busy neighbour must cost a fair share, not 18x.
+"""Thread policy of the compute libraries: one busy neighbour must cost a fair share, not 18x.
 
-OpenMP's default is to spin-wait between parallel regions. On a shared machine a spinning thread competes with
-the other process for the core its partner waits on, and a SmolLM2 forward pass on 2 cores beside one busy
-process ran 18x slower than alone (issue 12). Passive waiting (threads sleep instead) and a thread count taken
-from the CPUs this process may actually use (its affinity mask and cgroup quota, not the host's core count)
-bring that down to the fair share. Whatever the user exported (OMP_WAIT_POLICY, OMP_NUM_THREADS) wins, and
-CLEARFLOW_THREAD_POLICY=default keeps the libraries' own defaults; the
-`--threads N` option sets torch's thread count for a run.
+OpenMP's default is to spin-wait between parallel regions, and every parallel region waits for its slowest
+thread. On a shared machine the scheduler parks one of them for the neighbour, and a SmolLM2 forward pass on 2
+cores beside one busy process ran 18x slower than alone (issue 12). So, before torch loads, clearflow sets passive
+waiting (threads sleep instead of spinning) and a thread count from the CPUs this process may use (its affinity
+mask and cgroup quota, not the host's core count); and when a stage starts it uses as many threads as CPUs the
+other processes leave free at that moment (`set_threads`). Whatever the user exported (OMP_WAIT_POLICY,
+OMP_NUM_THREADS) wins, `--threads N` fixes the count for a run, and CLEARFLOW_THREAD_POLICY=default keeps the
+libraries' own defaults.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+_user_set_threads = False  # OMP_NUM_THREADS was exported before clearflow set it: the user's count stands
 
 
 def usable_cpus() -> int:
@@ -35,15 +42,41 @@ def apply_env_policy() -> None:
     """Passive OpenMP waiting and a thread count that fits the process's CPUs, unless the user set them (or set
     CLEARFLOW_THREAD_POLICY=default: the libraries' own defaults); must run before torch (or anything else that
     loads OpenMP) is imported to take effect."""
+    global _user_set_threads
+    _user_set_threads = "OMP_NUM_THREADS" in os.environ
     if os.environ.get("CLEARFLOW_THREAD_POLICY") == "default":
         return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OMP_NUM_THREADS", str(usable_cpus()))
 
 
-def set_threads(threads: int | None) -> None:
-    """torch's intra-op threads for this run (`--threads`); None keeps the policy's count."""
-    if threads is not None:
-        import torch
+def free_cpus(sample_seconds: float = 0.2) -> int:
+    """CPUs of this process's share that other processes are not keeping busy right now (at least one)."""
+    import psutil
 
+    others = [p for p in psutil.process_iter() if p.pid != os.getpid()]
+    for p in others:
+        with contextlib.suppress(psutil.Error):
+            p.cpu_percent(None)  # starts each process's sample
+    time.sleep(sample_seconds)
+    busy = 0.0
+    for p in others:
+        with contextlib.suppress(psutil.Error):
+            busy += p.cpu_percent(None) / 100
+    return max(1, usable_cpus() - round(busy))
+
+
+def set_threads(threads: int | None) -> int:
+    """torch's intra-op threads for the work about to start: `--threads` when given, else (unless
+    CLEARFLOW_THREAD_POLICY=default, or OMP_NUM_THREADS was exported) the CPUs other processes leave free now:
+    threads that must meet at every parallel region run at the pace of the one the scheduler parks."""
+    import torch
+
+    if threads is None and os.environ.get("CLEARFLOW_THREAD_POLICY") != "default" and not _user_set_threads:
+        threads = free_cpus()
+        if threads < torch.get_num_threads():
+            log.info("threads: %d (other processes keep %d of %d CPUs busy)", threads, usable_cpus() - threads,
+                     usable_cpus())
+    if threads is not None:
         torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -21,7 +21,7 @@ from flows.runner import (
 )
 from flows.stages import STAGES
 from tasks.core.config import RunConfig
-from tasks.core.storage import RunPaths
+from tasks.core.storage import RunPaths, key_lock
 from tasks.core.threads import set_threads
 
 log = logging.getLogger("clearflow")
@@ -44,9 +44,16 @@ def quality_check(stage_name: str, run_dir: str) -> dict:
 
 
 def run_stage(stage_name: str, cfg: RunConfig, force: bool = False) -> dict[str, str]:
-    """Run a stage unless its outputs are current; check them; record them in the manifest; returns their paths."""
-    stage = STAGES[stage_name]
+    """Run a stage unless its outputs are current; check them; record them in the manifest; returns their paths.
+    A second process on the same run waits for the first's stage to end (a lock file beside the run directory)."""
     paths = paths_of(cfg)
+    with key_lock(paths.root.parent / f".{paths.root.name}.lock", f"run {paths.root.name}"):
+        return _run_stage_locked(stage_name, cfg, paths, force)
+
+
+def _run_stage_locked(stage_name: str, cfg: RunConfig, paths: RunPaths, force: bool) -> dict[str, str]:
+    """run_stage's work, while this process alone writes the run directory."""
+    stage = STAGES[stage_name]
     missing = missing_upstream(stage, load_manifest(paths))
     if missing:
         raise RuntimeError(

@@ -298,3 +298,32 @@ def test_kill_9_mid_extraction_then_rerun_completes_without_duplicates(tiny_cfg,
         assert table["key"].n_unique() == table.height
     kept = [p for p, ino in survived.items() if p.exists() and p.stat().st_ino == ino]
     assert len(kept) >= len(survived) - len(layers)  # finished shards were not recomputed (one may have been partial)
+
+
+def test_two_extractions_of_one_key_at_once_build_one_store(tiny_cfg, tmp_path):
+    """Two runs extracting the same key at the same moment: the second waits for the first's lock (and says so),
+    then finds the store complete; the store is whole, verified, with no duplicate and no temp file."""
+    statements = [f"Fact number {i} says that river {i % 97} flows to the north." for i in range(2000)]
+    cfg = with_act(tiny_cfg, batch_size=1, shard_rows=100, layers=[1, 2])  # slow enough for the two to overlap
+    env = {**os.environ, "CLEARFLOW_STORE": str(tmp_path / "store"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    procs = []
+    for run in ("a", "b"):
+        run_cfg = cfg.model_copy(update={"run": run})
+        write_run(RunPaths(Path(run_cfg.runs_dir) / run), CONTEXTS, statements)
+        cfg_file = tmp_path / f"{run}.json"
+        cfg_file.write_text(run_cfg.model_dump_json())
+        procs.append(subprocess.Popen([sys.executable, "-c", _LOGGED_CHILD, str(cfg_file)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert sum("another process is writing it; waiting" in out for out in outputs) == 1, outputs
+    assert sum("store hit" in out for out in outputs) == 1, outputs  # the waiter loaded no model
+    (key,) = [d.name for d in (tmp_path / "store").iterdir() if d.is_dir()]  # one store directory
+    store = ActivationStore(tmp_path / "store", key)
+    assert store.complete() and not list((tmp_path / "store").rglob("*.tmp"))
+    for layer in (1, 2):
+        table = pl.from_arrow(pq.read_table(store.layer_dir(layer)))
+        assert table["key"].n_unique() == table.height >= len(statements)
+
+
+_LOGGED_CHILD = "import logging\nlogging.basicConfig(level=logging.INFO, format='%(message)s')\n" + _CHILD

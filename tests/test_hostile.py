@@ -275,3 +275,64 @@ def test_tables_get_the_mode_the_umask_gives(tmp_path):
     os.umask(mask)
     path = write_parquet([], tmp_path / "t.parquet", REJECTS)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_fine_tune_that_changes_only_middle_bytes_gets_another_fingerprint(tmp_path, monkeypatch):
+    """The model fingerprint hashes every byte of the weights (the activation store's key depends on it), and
+    each file version is hashed once: the digest is remembered by path, inode, size and mtime."""
+    import tasks.core.storage as storage
+    from tasks.core.models import model_fingerprint
+
+    monkeypatch.setenv("CLEARFLOW_CACHE", str(tmp_path / "cache"))
+    weights = bytearray(range(256)) * (3 * 4096 * 2)  # 6 MiB: the old fingerprint read only the first and last MiB
+    fingerprints = []
+    for name, middle in (("base", 0), ("tuned", 1)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text('{"model_type": "llama"}')
+        changed = bytearray(weights)
+        changed[len(changed) // 2] ^= middle
+        (d / "model.safetensors").write_bytes(bytes(changed))
+        fingerprints.append(model_fingerprint(ModelConfig(name=str(d)))["local"])
+    assert fingerprints[0] != fingerprints[1]
+    hashed: list[Path] = []
+    real = storage.file_sha256
+    monkeypatch.setattr(storage, "file_sha256", lambda p: hashed.append(p) or real(p))
+    assert model_fingerprint(ModelConfig(name=str(tmp_path / "base")))["local"] == fingerprints[0]
+    assert hashed == []  # remembered: no byte read again
+    (tmp_path / "base" / "model.safetensors").write_bytes(bytes(weights) + b"x")  # a new version is hashed anew
+    assert model_fingerprint(ModelConfig(name=str(tmp_path / "base")))["local"] != fingerprints[0]
+    assert [p.name for p in hashed] == ["model.safetensors"]
+
+
+def test_a_second_process_on_the_same_run_waits_for_the_first(tiny_cfg, prefect_harness, tmp_path, monkeypatch):
+    """Two processes writing one run: the second waits (and says so) until the first lets the run go."""
+    import logging
+    import subprocess
+    import sys
+
+    from flows.orchestrate import run_stage
+
+    lock, released = Path(tiny_cfg.runs_dir) / f".{tiny_cfg.run}.lock", tmp_path / "released"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    hold = (f"import time, pathlib; from filelock import FileLock; held = FileLock({str(lock)!r}); held.acquire();"
+            f" print('held', flush=True); time.sleep(1); pathlib.Path({str(released)!r}).touch()")  # then exits
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    said: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = said.append
+    logger = logging.getLogger("tasks.core.storage")
+    level = logger.level
+    monkeypatch.setattr(logger, "disabled", False)  # a logging setup (Prefect's) may have disabled it
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        outputs = run_stage("ingest", tiny_cfg)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert released.exists()  # the stage ran only after the holder had finished
+    assert holder.wait(timeout=30) == 0 and Path(outputs["items"]).exists()
+    assert [r.getMessage().split(" (lock")[0] for r in said] == [f"run {tiny_cfg.run}: another process is writing it;"
+                                                                 " waiting"]

@@ -282,10 +282,11 @@ def run_activations(cfg: RunConfig, paths: RunPaths) -> None:
     if not inputs.keys:
         raise ValueError("no statements or sentences to extract activations for")
     store, layers, dim = open_store(cfg, inputs)
-    if store.complete():
-        log.info("activations: store hit %s (%d rows x %d layers): no model loaded", store.key,
-                 store.meta()["n_rows"], len(layers))
-    else:
-        build_store(cfg, store, inputs, layers, dim)
+    with store.lock():  # a second run of the same key waits here, then finds the store complete
+        if store.complete():
+            log.info("activations: store hit %s (%d rows x %d layers): no model loaded", store.key,
+                     store.meta()["n_rows"], len(layers))
+        else:
+            build_store(cfg, store, inputs, layers, dim)
     store.link_into(paths.activations, model_slug(cfg.model.name))
 

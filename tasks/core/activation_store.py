@@ -29,7 +29,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from schemas.tables import activations_schema
-from tasks.core.storage import atomic_path, model_slug, write_json
+from tasks.core.storage import atomic_path, key_lock, model_slug, write_json
 
 STORE_FORMAT = 1  # bump when the layout or the meaning of a stored vector changes
 VALUE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -280,6 +280,10 @@ class ActivationStore:
     def shard_done(self, shard: Shard, layers: Sequence[int]) -> bool:
         """Every layer's file of the shard exists (each was renamed into place whole)."""
         return all((self.layer_dir(layer) / shard.name).exists() for layer in layers)
+
+    def lock(self):
+        """The store's writer lock (a file beside its directory): one process builds a key at a time."""
+        return key_lock(self.root / f".{self.key}.lock", f"activation store {self.key}")
 
     def sweep_partials(self) -> int:
         """Remove temp files a killed writer left behind; returns how many."""

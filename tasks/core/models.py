@@ -191,14 +191,20 @@ def model_shape(cfg: ModelConfig) -> tuple[int, int]:
     return n_layers, width
 
 
-def _file_digest(path: Path, edge: int = 1 << 20) -> str:
-    """Cheap content fingerprint of a weights file: its size and first and last MiB (hashing GBs takes long)."""
-    h = hashlib.sha256(str(path.stat().st_size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(edge))
-        f.seek(max(path.stat().st_size - edge, 0))
-        h.update(f.read(edge))
-    return h.hexdigest()
+def _file_digest(path: Path) -> str:
+    """sha256 of a weights file's whole content (a fine-tune may change only middle tensors), remembered on disk by
+    path, inode, size and mtime, so each version of a file is hashed once."""
+    from tasks.core.storage import atomic_path, file_sha256
+
+    st = path.stat()
+    stamp = hashlib.sha256(f"{path.resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    memo = cache_root() / "digests" / stamp
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = file_sha256(path)
+    with atomic_path(memo) as tmp:
+        tmp.write_text(digest + "\n")
+    return digest
 
 
 def model_fingerprint(cfg: ModelConfig) -> dict[str, str | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ import pyarrow.parquet as pq
 
 from schemas.layout import LAYOUT, artifact
 from schemas.tables import TABLES
+
+log = logging.getLogger(__name__)
 
 
 def text_key(text: str) -> str:
@@ -42,6 +45,25 @@ def _umask() -> int:
 
 
 _UMASK = _umask()
+
+
+@contextlib.contextmanager
+def key_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock file across processes while building a shared cache entry, so a second run on the
+    same key waits for the first (saying so) and then finds the entry complete instead of racing it."""
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), is_singleton=True)  # one object per path in a process: nested holds re-enter
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: another process is writing it; waiting (lock %s)", what, path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager

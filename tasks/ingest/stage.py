@@ -27,7 +27,7 @@ from tasks.ingest.provenance import (
     provenance_of,
 )
 from tasks.ingest.sources import Source, run_sources
-from tasks.core.storage import RunPaths, write_json, write_parquet
+from tasks.core.storage import RunPaths, key_lock, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 QUESTION_TOKENS = PROMPT_RESERVE - 64  # of the prompt's reserve, what the system line and the answer leave a question
@@ -126,23 +126,29 @@ def _write_tables(result: Ingested, paths: RunPaths) -> dict[str, Path]:
     }
 
 
+def _ingest_or_restore(cfg: RunConfig, sources: list[Source], cache: IngestCache, paths: RunPaths) -> dict[str, Any]:
+    """The run's tables from the cache entry, or read from the sources and stored in it; returns the summary."""
+    if cache.hit():
+        cache.restore({t: paths.table(t) for t in cache.tables()})
+        log.info("ingest: cache hit %s, no file parsed", cache.key)
+        return cache.summary()
+    results = read_sources(sources, read_options(cfg))
+    merged = merge(results)
+    rejects = write_parquet(merged.rejects, paths.table("rejects"), REJECTS)  # kept even when the run stops here
+    check_usable(results, rejects)
+    tables = {**_write_tables(merged, paths), "rejects": rejects}
+    summary = {"lines": [r.summary() for r in results], "counts": {r.dataset: _counts(r) for r in results}}
+    cache.store(tables, summary)
+    return summary
+
+
 def run_ingest(cfg: RunConfig, paths: RunPaths) -> None:
     """Write items, statements and rejects (from the cache when the same inputs were read before)."""
     sources = run_sources(cfg)
     prov = provenance_of(cfg, sources)
     cache = IngestCache.for_key(prov["cache_key"])
-    if cache.hit():
-        cache.restore({t: paths.table(t) for t in cache.tables()})
-        summary = cache.summary()
-        log.info("ingest: cache hit %s, no file parsed", prov["cache_key"])
-    else:
-        results = read_sources(sources, read_options(cfg))
-        merged = merge(results)
-        rejects = write_parquet(merged.rejects, paths.table("rejects"), REJECTS)  # kept even when the run stops here
-        check_usable(results, rejects)
-        tables = {**_write_tables(merged, paths), "rejects": rejects}
-        summary = {"lines": [r.summary() for r in results], "counts": {r.dataset: _counts(r) for r in results}}
-        cache.store(tables, summary)
+    with key_lock(cache.root.with_name(f".{cache.key}.lock"), f"ingest cache {cache.key}"):
+        summary = _ingest_or_restore(cfg, sources, cache, paths)
     prov["counts"] = summary["counts"]
     write_json(prov, paths.ingest_provenance)
     for line in summary["lines"]:

@@ -138,6 +138,13 @@ def test_a_directory_as_data_path_is_named_as_a_directory(tmp_path):
         READERS["squad"].read(tmp_path, WORDS)
 
 
+def test_a_directory_as_data_path_is_named_as_a_directory_by_the_stage(tmp_path):
+    """The stage (which records the input file's hash first) says 'is a directory', not 'does not exist'."""
+    cfg = RunConfig(dataset="squad", data_path=tmp_path, run="r", runs_dir=tmp_path / "runs")
+    with pytest.raises(FileNotFoundError, match=f"file {tmp_path} is a directory: give the dataset's file itself"):
+        run_ingest(cfg, RunPaths(tmp_path / "runs" / "r"))
+
+
 def test_every_record_refused_still_writes_the_rejects(tmp_path):
     """When no record is usable the run stops, and the rejects table holding every reason is there to read."""
     path = tmp_path / "all_bad.jsonl"

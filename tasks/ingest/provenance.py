@@ -35,6 +35,8 @@ def _sha256_of(path: str, inode: int, size: int, mtime_ns: int) -> str:
 def file_record(path: Path, role: str) -> dict[str, Any]:
     """Provenance of one input file: its resolved path, size and sha256."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise FileNotFoundError(f"{role} file {path} is a directory: give the dataset's file itself")
     if not path.is_file():
         raise FileNotFoundError(f"{role} file {path} does not exist")
     st = path.stat()

@@ -343,3 +343,32 @@ def test_a_second_process_on_the_same_run_waits_for_the_first(tiny_cfg, prefect_
     assert holder.wait(timeout=30) == 0 and Path(outputs["items"]).exists()
     assert [r.getMessage().split(" (lock")[0] for r in said] == [f"run {tiny_cfg.run}: another process is writing it;"
                                                                  " waiting"]
+
+
+def test_a_full_disk_keeps_the_old_table_and_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """ENOSPC while a table is written: the previous table stays whole, no temp file is left, and the command ends
+    with one line naming the error (exit 2)."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    import flows.cli as cli
+    from schemas.tables import REJECTS
+    from tasks.core.storage import write_parquet
+
+    path = write_parquet([], tmp_path / "rejects.parquet", REJECTS)
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_parquet([{"source": "s", "record": 1, "record_id": None, "reason": "x", "detail": "d", "raw": "{}"}],
+                      path, REJECTS)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["rejects.parquet"]
+    monkeypatch.setattr(cli.CliApp, "run", lambda *a, **k: disk_full(None, path))
+    with pytest.raises(SystemExit) as ended:
+        main(["presets"])
+    err = capsys.readouterr().err.strip()
+    assert ended.value.code == 2 and err == f"clearflow: error: [Errno 28] No space left on device: '{path}'"

@@ -323,9 +323,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is so that cleanup runs as for Ctrl-C: Prefect marks the run crashed, and
-    the temporary Prefect server and any other child process are stopped on the way out (a default SIGTERM
-    would end the process at once and leave them running)."""
+    """SIGTERM, raised where the program is so that cleanup runs as for Ctrl-C: `atexit` hooks run on the way out,
+    Prefect's among them, which stops its temporary server (a default SIGTERM would end the process at once and
+    leave the server running)."""
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -201,7 +201,7 @@ class Stream:
     @property
     def mergeable(self) -> bool:
         """Plain growing caches only: a sliding-window or other cache keeps state that left padding would break."""
-        return all(type(layer) in (DynamicLayer, SlabLayer) for layer in self.cache.layers)
+        return _growing(self.cache.layers)
 
     def merge(self, *others: Stream) -> None:
         """Append other streams' rows after this one's, in order: masks and caches left-padded to one length and
@@ -362,10 +362,16 @@ def length_groups(lengths: Sequence[int], slack: float = 0.05, least: int = 4) -
     return groups
 
 
+def _growing(layers) -> bool:
+    """Whether cache layers only grow (no window, no other state), so rows of different forward passes can be
+    left-padded and joined."""
+    return all(type(layer) in (DynamicLayer, SlabLayer) for layer in layers)
+
+
 def _plain_cache(model) -> bool:
-    """Whether the model's KV cache is a plain growing one, whose rows from different forward passes can be joined."""
+    """Whether the model's KV cache will be a growing one, known before any forward pass (from its config)."""
     config = getattr(model, "config", None)
-    return config is not None and all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+    return config is not None and _growing(DynamicCache(config=config).layers)
 
 
 @torch.inference_mode()

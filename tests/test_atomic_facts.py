@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
+import subprocess
+import sys
+import threading
 import time
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +214,73 @@ def test_local_chat_sampling_is_seeded(tiny_cfg):
     first = chat.complete_many(batch)
     assert chat.complete_many(batch) == first and len(first) == 2
     assert chat.identity()["seed"] == 3
+
+
+class _CountingBackend:
+    """A backend that answers by echo and counts what it was asked."""
+
+    def __init__(self):
+        self.asked = 0
+
+    def identity(self) -> dict:
+        return {"kind": "echo"}
+
+    def complete_many(self, batch):
+        self.asked += len(batch)
+        return [m[-1]["content"].upper() for m in batch]
+
+
+_LOCK_HOLDER = """
+import json, sys
+from pathlib import Path
+from filelock import FileLock
+from tasks.core.storage import write_json
+lock = FileLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+sys.stdin.readline()  # the test says when the other process is waiting
+for path, record in json.loads(sys.argv[2]):
+    write_json(record, Path(path))
+lock.release()
+"""
+
+
+def test_a_second_process_asking_the_same_replies_waits_and_then_hits_the_cache(tmp_path):
+    """While another process holds the lock of a batch of missing replies, a call for the same batch waits (saying
+    so) and then reads the replies that process stored: the backend is never asked."""
+    backend = _CountingBackend()
+    chat = CachedChat(backend, tmp_path / "llm")
+    batch = [[{"role": "user", "content": f"question {i}"}] for i in range(3)]
+    keys = [chat.key(m) for m in batch]
+    entries = [(str(chat._path(k)), {"backend": backend.identity(), "messages": m, "reply": f"stored {i}"})
+               for i, (k, m) in enumerate(zip(keys, batch))]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(chat._lock_path(keys)), json.dumps(entries)],
+                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    waiting = threading.Event()
+
+    class _Seen(logging.Handler):
+        def emit(self, record):
+            if "waiting" in record.getMessage():
+                waiting.set()
+
+    logger = logging.getLogger("tasks.core.storage")
+    handler, level, disabled = _Seen(), logger.level, logger.disabled
+    logger.addHandler(handler), logger.setLevel(logging.INFO)
+    logger.disabled = False
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result: list = []
+        caller = threading.Thread(target=lambda: result.append(chat.complete_many(batch)))
+        caller.start()
+        assert waiting.wait(120), "the second call must wait for the lock"
+        holder.communicate("go\n", timeout=60)
+        caller.join(120)
+    finally:
+        logger.removeHandler(handler), logger.setLevel(level)
+        logger.disabled = disabled
+        holder.kill()
+    assert holder.returncode == 0
+    assert result == [["stored 0", "stored 1", "stored 2"]]
+    assert backend.asked == 0 and (chat.hits, chat.misses) == (3, 0)
+    assert chat.complete_many(batch + [[{"role": "user", "content": "new"}]])[-1] == "NEW" and backend.asked == 1

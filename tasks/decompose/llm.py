@@ -16,7 +16,7 @@ import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from tasks.core.config import LLMConfig, ModelConfig
-from tasks.core.storage import write_json
+from tasks.core.storage import key_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -271,15 +271,30 @@ class CachedChat:
         keys = [self.key(m) for m in batch]
         out = [self._lookup(k) for k in keys]
         todo = [i for i, r in enumerate(out) if r is None]
+        if todo:
+            with key_lock(self._lock_path([keys[i] for i in todo]), "llm cache"):
+                for i in todo:  # another process may have answered them while this one waited
+                    out[i] = self._lookup(keys[i])
+                todo = [i for i in todo if out[i] is None]
+                self._ask(batch, keys, todo, out)
         self.hits += len(batch) - len(todo)
         self.misses += len(todo)
-        if todo:
-            replies = self.backend.complete_many([batch[i] for i in todo])
-            for i, reply in zip(todo, replies):
-                record = {"backend": self.backend.identity(), "messages": batch[i], "reply": reply}
-                write_json(record, self._path(keys[i]))
-                out[i] = reply
         return out  # type: ignore[return-value]
+
+    def _lock_path(self, keys: list[str]) -> Path:
+        """One lock per set of missing replies: two runs asking the same batch share it, others do not wait."""
+        digest = hashlib.sha256("\n".join(sorted(keys)).encode("ascii")).hexdigest()
+        return self.cache_dir / ".locks" / f"{digest}.lock"
+
+    def _ask(self, batch: list[Messages], keys: list[str], todo: list[int], out: list[str | None]) -> None:
+        """Ask the backend for the `todo` replies in one batch and store each."""
+        if not todo:
+            return
+        replies = self.backend.complete_many([batch[i] for i in todo])
+        for i, reply in zip(todo, replies):
+            record = {"backend": self.backend.identity(), "messages": batch[i], "reply": reply}
+            write_json(record, self._path(keys[i]))
+            out[i] = reply
 
     def summary(self) -> str:
         """One phrase for a stage's summary line."""

@@ -135,10 +135,13 @@ class Sql(BaseModel):
         from tasks.catalog.views import format_table, query
 
         try:
-            columns, rows = query(self.sql(), self.runs_dir, run=self.run)
+            columns, rows = query(self.sql(), self.runs_dir, run=self.run, confine=_OWNS_PROCESS)
         except duckdb.Error as exc:  # the analyst's SQL: say what DuckDB said, no traceback
             raise ValueError(f"query failed: {exc}") from None
         print(format_table(columns, rows))
+
+
+_OWNS_PROCESS = False  # set by main(): whether this process ends with the command (then it may confine itself)
 
 
 def _number_or_text(value: str) -> str | float:
@@ -288,7 +291,11 @@ class Clearflow(BaseSettings):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors for the user's mistakes, tracebacks only with --debug."""
+    """Console entry point: one-line errors for the user's mistakes, tracebacks only with --debug. Called with no
+    argv it is the process's command (`clearflow ...`), which lets `sql` confine the whole process's writes; called
+    with argv (from Python) it leaves the caller's process as it was."""
+    global _OWNS_PROCESS
+    _OWNS_PROCESS = argv is None
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for ours in ("clearflow", "tasks", "flows"):
         logging.getLogger(ours).setLevel(logging.INFO)

@@ -5,6 +5,9 @@ code 2, and nothing written outside the run."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -264,6 +267,53 @@ def test_sql_writes_nothing_under_the_runs_directory(one_run):
     columns, rows = query("select count(*) from runs", one_run)
     assert rows == [(1,)]
     assert sorted(p.relative_to(one_run) for p in one_run.rglob("*")) == before
+
+
+_UNCHECKED_QUERY = """
+import sys
+from pathlib import Path
+import duckdb
+import tasks.catalog.views as views
+views.check_read_only = duckdb.extract_statements  # as if the statement check had a hole
+sql, runs, how = sys.argv[1:]
+if how == "command":  # the `clearflow sql` process itself
+    from flows.cli import main
+    sys.argv = ["clearflow", "sql", sql, "--runs-dir", runs]
+    main()
+    sys.exit(0)
+try:
+    views.query(sql, Path(runs), confine=how == "confined")
+except duckdb.Error as exc:
+    print(exc)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("how", ["command", "confined", "open"])
+def test_the_sql_process_cannot_write_even_past_the_statement_check(one_run, tmp_path, how):
+    """Under the statement check, the kernel (Landlock) refuses the `clearflow sql` process every write outside
+    its scratch space: a COPY that got through the check still writes nothing in the runs dir. The unconfined
+    control shows that the DuckDB connection alone would have written it."""
+    target = one_run / "real" / "written.csv"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "CLEARFLOW_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", _UNCHECKED_QUERY, f"COPY (SELECT 42 AS x) TO '{target}'",
+                           str(one_run), how], env=env, capture_output=True, text=True, timeout=120)
+    said = done.stdout + done.stderr
+    if how == "open":
+        assert done.returncode == 0, said
+        assert target.read_text().split() == ["x", "42"]
+        return
+    assert done.returncode == (2 if how == "command" else 1) and "Permission denied" in said, said
+    assert not target.exists() and list((tmp_path / "cache" / "sql").iterdir()) == []
+
+
+def test_the_sql_command_answers_confined(one_run, tmp_path):
+    env = {**os.environ, "CLEARFLOW_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "sql", "select count(*) as n from runs", "--runs-dir",
+                           str(one_run)], env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.splitlines()[2].split() == ["1"], done.stderr
+    assert list((tmp_path / "cache" / "sql").iterdir()) == []  # the query's scratch directory is gone
 
 
 def test_multiple_statements_are_refused_before_any_runs(one_run):

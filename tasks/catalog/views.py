@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 import tempfile
 from dataclasses import dataclass
@@ -23,8 +24,11 @@ import duckdb
 from schemas.layout import ANALYSES
 from schemas.tables import TABLES
 from tasks.core.activation_store import DUCKDB_HIVE, ActivationStore, tree_glob
-from tasks.core.storage import RunPaths, atomic_path
+from tasks.core.sandbox import confine_writes
+from tasks.core.storage import RunPaths, atomic_path, cache_root
 from tasks.evaluate.seeds import SweepPaths
+
+log = logging.getLogger(__name__)
 
 ACTIVATION_GLOB = tree_glob(RunPaths(Path()).activations)  # every model's shards, relative to a run directory
 _READ_TYPES = {"SELECT", "EXPLAIN"}  # DESCRIBE / SHOW / SUMMARIZE parse as SELECT
@@ -293,19 +297,35 @@ def _connect_read_only(db_path: Path, runs_dir: Path) -> duckdb.DuckDBPyConnecti
     return con
 
 
-def query(sql: str, runs_dir: Path, run: str | None = None) -> tuple[list[str], list[tuple]]:
+def query(sql: str, runs_dir: Path, run: str | None = None, confine: bool = False) -> tuple[list[str], list[tuple]]:
     """Answer one read-only SQL statement over the runs; returns (column names, rows). The catalog is built in a
     private temporary directory, so a query writes nothing under runs_dir (a read-only share can be queried, and
-    two queries never race on one catalog file)."""
+    two queries never race on one catalog file). With `confine` (the CLI's process, which ends after the query) the
+    kernel then refuses this process every file write outside that scratch space (tasks/core/sandbox.py)."""
     (stmt,) = check_read_only(sql)
     runs_dir = Path(runs_dir).resolve()
-    with tempfile.TemporaryDirectory(prefix="clearflow-sql-") as tmp:
+    scratch = _scratch_root() if confine else None
+    with tempfile.TemporaryDirectory(prefix="clearflow-sql-", dir=scratch) as tmp:
         db_path = build_catalog(runs_dir, db_path=Path(tmp) / "catalog.duckdb", run=run)
+        if scratch is not None:  # before DuckDB starts the threads that will run the query: they inherit it
+            confine_writes(scratch)
         with _connect_read_only(db_path, runs_dir) as con:
             cur = con.execute(stmt)
             columns = [d[0] for d in cur.description] if cur.description else []
             rows = cur.fetchall() if cur.description else []
     return columns, rows
+
+
+def _scratch_root() -> Path | None:
+    """The user's own directory for query scratch space (the parent must be writable too, to remove a query's
+    directory after it), or None when it cannot be made, and then the query runs unconfined."""
+    root = cache_root() / "sql"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.debug("sql: no scratch directory %s (%s); the query runs without write confinement", root, exc)
+        return None
+    return root
 
 
 def _cell(value: Any) -> str:

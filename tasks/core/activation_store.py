@@ -29,7 +29,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from schemas.tables import activations_schema
-from tasks.core.storage import atomic_path, key_lock, model_slug, write_json
+from tasks.core.storage import atomic_path, cache_root, key_lock, model_slug, write_json
 
 STORE_FORMAT = 1  # bump when the layout or the meaning of a stored vector changes
 VALUE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -112,7 +112,6 @@ def plan_shards(inputs: StoreInputs, positions: Sequence[str], shard_rows: int) 
 
 def store_root(configured: Path | None = None) -> Path:
     """Where stores live: the configured path, $CLEARFLOW_STORE, or the clearflow cache."""
-    from tasks.core.models import cache_root  # torch comes with it: readers of a store never need it
 
     if configured is not None:
         return Path(configured).expanduser()

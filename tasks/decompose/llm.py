@@ -16,7 +16,7 @@ import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from tasks.core.config import LLMConfig, ModelConfig
-from tasks.core.storage import key_lock, write_json
+from tasks.core.storage import cache_root, key_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,6 @@ class CachedChat:
     """Content-addressed reply cache in front of a backend: the same request never reaches the model twice."""
 
     def __init__(self, backend: ChatBackend, cache_dir: Path | str | None = None):
-        from tasks.core.models import cache_root
-
         self.backend = backend
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "llm"
         self.hits = self.misses = 0

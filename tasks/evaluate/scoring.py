@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from scipy.signal import fftconvolve
-from scipy.stats import binom, binomtest
 
 from schemas.tables import CONDITIONS, KNOWLEDGE, METRICS
 from tasks.core.text import normalize
@@ -186,6 +184,8 @@ def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> tuple[float, int, int]:
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or not np.isin(a, (0, 1)).all() or not np.isin(b, (0, 1)).all():
         raise ValueError("McNemar's test needs two 0/1 outcome vectors over the same items")
+    from scipy.stats import binomtest  # scipy costs a second to import: readers of tables never pay it
+
     better, worse = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
     if better + worse == 0:
         return 1.0, better, worse
@@ -203,6 +203,9 @@ def sign_flip_exact(a: np.ndarray, b: np.ndarray, seeds: int) -> tuple[float, in
     units = np.rint(d * seeds).astype(np.int64)
     if d.ndim != 1 or not np.allclose(units, d * seeds, atol=1e-9):
         raise ValueError(f"the sign-flip test needs per-item means of 0/1 outcomes over {seeds} seeds")
+    from scipy.signal import fftconvolve
+    from scipy.stats import binom
+
     better, worse = int((units > 0).sum()), int((units < 0).sum())
     sizes = np.abs(units[units != 0])
     if sizes.size == 0:

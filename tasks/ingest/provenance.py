@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.config import RunConfig
-from tasks.core.models import cache_root
+from tasks.core.storage import cache_root
 from tasks.core.storage import atomic_path, file_sha256, write_json
 from tasks.ingest.formats import known_facts_options
 from tasks.ingest.sources import Source, run_sources

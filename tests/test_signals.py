@@ -1,9 +1,11 @@
-"""Stopping a `clearflow run` from outside (issue 12): SIGTERM ends it with one line and exit code 143, and neither
-SIGTERM nor `kill -9` leaves its temporary Prefect server (or any other child) running or holding its port."""
+"""Stopping a `clearflow run` from outside (issue 12): SIGTERM ends it with one line and exit code 143, neither
+SIGTERM nor `kill -9` leaves its temporary Prefect server (or any other child) running or holding its port, and a
+run killed mid-stage then run again ends with the tables a run never killed writes."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,9 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import psutil
 import pytest
+from polars.testing import assert_frame_equal
 
+from tasks.core.activation_store import ActivationStore
 from tasks.core.storage import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +74,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGTERM"])  # SIGKILL: the kill -9 test below
 def test_stopping_a_run_leaves_no_child_alive(tiny_model, tmp_path, how):
     runs = tmp_path / "runs"
     proc = _start_run(tiny_model, runs)
@@ -89,3 +95,92 @@ def test_stopping_a_run_leaves_no_child_alive(tiny_model, tmp_path, how):
     assert _all_gone(children, within=10) == []
     assert _port_free(port)
     assert not list(runs.rglob("*.tmp")) and not list(runs.rglob(".*.partial-*"))  # no half-written table left
+
+
+# every stage small, one thread (results do not depend on timing), shards of 10 texts (a kill lands between them)
+_OPTS = ["--limit", "60", "--threads", "1", "--activations.batch-size", "1", "--activations.shard-rows", "10",
+         "--no-finetune.compile"]
+
+
+class _Watched:
+    """A `clearflow run` whose merged output is read as it comes (progress bars' carriage returns end a line too),
+    so the test can act on what the run says it is doing and shows all of it when something goes wrong."""
+
+    def __init__(self, tiny_model: str, runs: Path, caches: Path):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "CLEARFLOW_STORE": str(caches / "store"),
+               "CLEARFLOW_CACHE": str(caches / "cache")}
+        cmd = [sys.executable, "-m", "flows.cli", "run", "--run", "r", "--runs-dir", str(runs),
+               "--model.name", tiny_model, *_OPTS]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines: list[str] = []
+
+    def kill_at(self, pattern: str) -> list[psutil.Process]:
+        """Read until a line matches, then kill -9 the run at once; its descendants at that moment."""
+        buffer = b""
+        while chunk := self.proc.stdout.read1(4096):
+            buffer += chunk
+            *done, buffer = re.split(rb"[\r\n]", buffer)
+            self.lines += [d.decode(errors="replace") for d in done]
+            if done and any(re.search(pattern, line) for line in self.lines[-len(done):]):
+                children = psutil.Process(self.proc.pid).children(recursive=True)
+                self.proc.kill()
+                self.proc.wait(60)
+                return children
+        raise AssertionError(f"the run ended before {pattern!r}:\n" + self.said())
+
+    def finish(self) -> None:
+        out, _ = self.proc.communicate(timeout=600)
+        self.lines += out.decode(errors="replace").splitlines()
+        assert self.proc.returncode == 0, self.said()
+
+    def said(self) -> str:
+        return "\n".join(self.lines[-60:])
+
+
+def _tables(run: Path) -> dict[str, pl.DataFrame]:
+    return {str(p.relative_to(run)): pl.read_parquet(p) for p in sorted(run.rglob("*.parquet"))}
+
+
+def _store_rows(store_root: Path) -> dict[int, pl.DataFrame]:
+    (key,) = [d.name for d in store_root.iterdir() if d.is_dir()]
+    store = ActivationStore(store_root, key)
+    assert store.complete()
+    return {int(d.name.split("=")[1]): pl.read_parquet(d).sort("key", "position")
+            for d in sorted(store.dir.glob("layer=*"))}
+
+
+def test_kill_9_mid_stage_then_the_same_command_equals_a_clean_run(tiny_model, tmp_path):
+    """kill -9 during activations (no child outlives it, the port is freed), again during fine-tuning, then the
+    same command: every table (and the shared store, and the adapter's bytes) equals a run that was never killed
+    (its own store and caches, so nothing is shared with the killed one), with no duplicate row and no temp file."""
+    killed = _Watched(tiny_model, tmp_path / "runs", tmp_path / "a")
+    children = killed.kill_at(r"activations:\s+\d+%.*\b[1-9]\d*/\d+")  # a shard or more written, not all
+    assert _all_gone(children, within=10) == [], killed.said()
+    stores = [d for d in (tmp_path / "a" / "store").iterdir() if d.is_dir()]
+    assert len(stores) == 1 and not (stores[0] / "meta.json").exists(), "the kill must land mid-extraction:\n" + \
+        killed.said()
+    again = _Watched(tiny_model, tmp_path / "runs", tmp_path / "a")
+    again.kill_at(r"finetune clear:\s+\d+%.*\b[1-9]\d*/\d+")  # a training step or more done, not all
+    assert not (tmp_path / "runs" / "r" / "adapters" / "clear").exists(), "the kill must land mid-training:\n" + \
+        again.said()
+    _Watched(tiny_model, tmp_path / "runs", tmp_path / "a").finish()
+    _Watched(tiny_model, tmp_path / "clean", tmp_path / "b").finish()
+
+    resumed, clean = tmp_path / "runs" / "r", tmp_path / "clean" / "r"
+    got, want = _tables(resumed), _tables(clean)
+    assert got.keys() == want.keys() and "predictions.parquet" in got
+    for name, table in got.items():
+        assert_frame_equal(table, want[name], check_exact=False, rtol=1e-5, atol=1e-6)
+        assert not table.is_duplicated().any(), name
+    adapter = Path("adapters", "clear", "adapter_model.safetensors")
+    assert (resumed / adapter).read_bytes() == (clean / adapter).read_bytes()
+    resumed_store, clean_store = _store_rows(tmp_path / "a" / "store"), _store_rows(tmp_path / "b" / "store")
+    assert resumed_store.keys() == clean_store.keys()
+    for layer, rows in resumed_store.items():
+        assert rows.select("key", "position").is_duplicated().sum() == 0
+        assert rows["key"].to_list() == clean_store[layer]["key"].to_list()
+        np.testing.assert_allclose(np.stack(rows["vector"].to_numpy()), np.stack(clean_store[layer]["vector"]
+                                                                                 .to_numpy()), rtol=1e-5, atol=1e-6)
+    leftovers = [p for where in (tmp_path / "runs", tmp_path / "a" / "store")
+                 for p in where.rglob("*") if p.name.endswith(".tmp") or ".partial" in p.name]
+    assert leftovers == []

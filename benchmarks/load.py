@@ -11,10 +11,12 @@ ML job; `--hog python`: a one-core pure-Python loop):
   new: clearflow's default (tasks/core/threads.py: passive waiting, and when the work starts as many threads as
        CPUs other processes leave free, as a stage does).
 
-It prints each policy's slowdown beside the busy process (alone / beside); issue 12's target is <= 2.5x for the
-new policy, against 18x measured for the old one on 2 cores.
+Each policy is measured alone and then beside the busy process, --rounds times, the policies taking turns, so a
+drift of the (noisy, shared) machine's speed hits them alike. It prints each policy's slowdown beside the busy
+process (alone / beside), the median over rounds and its range; issue 12's target is <= 2.5x for the new policy,
+against 18x measured for the old one on 2 cores.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/load.py [--n 96] [--repeats 2]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/load.py [--n 96] [--repeats 2] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,6 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=96, help="fact sentences extracted per run")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per child; the fastest counts")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alone/beside pairs per policy, interleaved; the median pair's slowdown counts")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--hog", choices=sorted(HOGS), default="torch",
                    help="the busy process: a torch matmul loop with torch's default threads (another ML job), or a"
@@ -97,6 +102,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def rounds(args: argparse.Namespace) -> dict[str, list[tuple[dict, dict]]]:
+    """(alone, beside) pairs per policy, interleaved round by round so that a drift of the machine's speed hits
+    every policy alike and each pair's two runs sit next to each other in time."""
+    runs: dict[str, list[tuple[dict, dict]]] = {p: [] for p in POLICIES}
+    for r in range(args.rounds):
+        for p in POLICIES:
+            runs[p].append((measure(p, False, args), measure(p, True, args)))
+            alone, beside = runs[p][-1]
+            print(f"  round {r + 1}/{args.rounds} {p}: {alone['rate']:.1f} alone, {beside['rate']:.1f} beside,"
+                  f" {alone['rate'] / beside['rate']:.2f}x", flush=True)
+    return runs
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -104,21 +122,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     from timing import machine_note  # benchmarks/timing.py
 
     start_note = machine_note()
-    print(f"n={args.n} batch={args.batch_size} repeats={args.repeats} hog={args.hog};"
+    print(f"n={args.n} batch={args.batch_size} repeats={args.repeats} rounds={args.rounds} hog={args.hog};"
           f" cpus usable {len(os.sched_getaffinity(0))}; {start_note}")
-    runs = {(p, busy): measure(p, busy, args) for p in POLICIES for busy in (False, True)}
-    print("\n| policy | threads alone / beside | OMP_WAIT_POLICY | alone (sent/s) | beside a busy process | slowdown |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    report: dict = {"n": args.n, "hog": args.hog, "machine_start": start_note, "policies": {}}
-    for p in POLICIES:
-        alone, beside = runs[(p, False)], runs[(p, True)]
-        slowdown = alone["rate"] / beside["rate"]
-        report["policies"][p] = {"alone": alone, "beside": beside, "slowdown": slowdown}
-        print(f"| {p} | {alone['threads']} / {beside['threads']} | {alone['wait_policy']} | {alone['rate']:.1f} |"
-              f" {beside['rate']:.1f} | {slowdown:.2f}x |")
+    runs = rounds(args)
+    print("\n| policy | threads alone / beside | OMP_WAIT_POLICY | alone (sent/s, median) | beside a busy process |"
+          " slowdown (median of rounds) | range |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    report: dict = {"n": args.n, "hog": args.hog, "rounds": args.rounds, "machine_start": start_note, "policies": {}}
+    for p, pairs in runs.items():
+        ratios = [a["rate"] / b["rate"] for a, b in pairs]
+        alone, beside = pairs[-1]
+        report["policies"][p] = {"pairs": pairs, "slowdowns": ratios, "slowdown": statistics.median(ratios)}
+        print(f"| {p} | {alone['threads']} / {beside['threads']} | {alone['wait_policy']} |"
+              f" {statistics.median(a['rate'] for a, _ in pairs):.1f} |"
+              f" {statistics.median(b['rate'] for _, b in pairs):.1f} | {statistics.median(ratios):.2f}x |"
+              f" {min(ratios):.2f}-{max(ratios):.2f}x |")
     new = report["policies"]["new"]["slowdown"]
     print(f"{'PASS' if new <= TARGET else 'FAIL'} new policy beside one busy process: {new:.2f}x slower than alone"
-          f" (target <= {TARGET}x); old policy: {report['policies']['old']['slowdown']:.2f}x")
+          f" (median of {args.rounds} rounds; target <= {TARGET}x); old policy: "
+          f"{report['policies']['old']['slowdown']:.2f}x")
     report["machine_end"] = machine_note()
     print(f"at start: {start_note}\nat end:   {report['machine_end']} (the busy loop is this benchmark's own)")
     if args.json:

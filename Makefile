@@ -7,7 +7,7 @@ ARGS    ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run compare test setup clean-runs
+.PHONY: run compare test setup browser clean-runs
 
 setup: $(STAMP)
 
@@ -31,8 +31,18 @@ SEEDS   ?= 0 1 2
 compare: $(STAMP)
 	$(BIN)/clearflow sweep --run compare --seeds $(SEEDS) --preset full $(ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+# The trace page's test drives a real headless browser: Debian's chromium and its chromedriver, installed here when
+# missing (as root, or through sudo), so the test never skips for want of one.
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing chromium and chromium-driver (Debian packages) for the trace page's browser test"; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || { \
+	    $(SUDO) apt-get update -q >/dev/null && \
+	    $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }; }
+
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 clean-runs:
 	rm -rf data/runs

@@ -141,6 +141,20 @@ class Sql(BaseModel):
         print(format_table(columns, rows))
 
 
+class _TerminalFilter(logging.Filter):
+    """What the terminal shows: clearflow's lines and every warning. Prefect's flow and task run lines (states,
+    tracebacks) still reach the Prefect API, where the UI shows them; a failed run is reported here once, as one
+    line (all of them with --debug). GX sets some of its module loggers to INFO at import."""
+
+    debug = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return self.debug
+        return record.levelno >= logging.WARNING or not record.name.startswith("great_expectations")
+
+
+_TERMINAL = _TerminalFilter()
 _OWNS_PROCESS = False  # set by main(): whether this process ends with the command (then it may confine itself)
 
 
@@ -299,14 +313,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for ours in ("clearflow", "tasks", "flows"):
         logging.getLogger(ours).setLevel(logging.INFO)
-    for handler in logging.getLogger().handlers:  # GX sets some of its module loggers to INFO at import
-        handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.name.startswith("great_expectations"))
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
-    if not debug:  # a failed run is reported once, as the line below: not as Prefect's flow and task tracebacks
-        for which in ("FLOW_RUNS", "TASK_RUNS"):
-            os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{which}_LEVEL", "CRITICAL")
+    _TERMINAL.debug = debug
+    for handler in logging.getLogger().handlers:
+        if _TERMINAL not in handler.filters:
+            handler.addFilter(_TERMINAL)
     if args[:1] and args[0] not in NO_FLOW:  # importing Prefect's server module costs ~4 s: only where needed
         tie_prefect_server_to_this_process()
     previous = signal.signal(signal.SIGTERM, _terminate)

@@ -7,6 +7,7 @@ import time
 
 from prefect import flow
 
+from flows.observe import pipeline_run_name
 from flows.presets import with_preset
 from flows.runner import load_manifest, now, paths_of, resolve_run
 from flows.stages import ORDER
@@ -30,7 +31,7 @@ def finish_run(cfg: RunConfig, seconds: float) -> None:
     write_run_catalog(paths)
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", log_prints=True, flow_run_name=pipeline_run_name)
 def pipeline_flow(cfg: RunConfig = RunConfig(), force: bool = False, preset: str | None = None) -> str:
     """Ingest, decompose, activations, probes, finetune, evaluate, report (the preset's options under those `cfg`
     sets); returns the report's path."""

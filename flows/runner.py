@@ -27,11 +27,13 @@ def now() -> str:
 
 
 def resolve_run(cfg: RunConfig) -> RunConfig:
-    """Give an unnamed run a timestamp name, so every stage of it writes to one directory."""
+    """Give an unnamed run a timestamp name (its flow run's scheduled start), so every stage of it writes to one
+    directory and the flow run's name says which."""
     if cfg.run:
         return cfg
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return cfg.model_copy(update={"run": stamp})
+    from flows.observe import run_stamp
+
+    return cfg.model_copy(update={"run": run_stamp()})
 
 
 def paths_of(cfg: RunConfig) -> RunPaths:

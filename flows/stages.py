@@ -106,8 +106,8 @@ STAGES: dict[str, Stage] = {
         Stage("report", "tasks.report:run_report",
               reads=("items", "sentences", "probe_metrics", "probe_localisation", "best_probe", "sentence_scores",
                      "train_log", "predictions", "metrics", "comparisons", "lfd_layers", "insideout_layers"),
-              writes=("report", "figures"), config=("dataset", "limit", "seed", "model", "evaluate"),
-              summary="write report.md and its figures"),
+              writes=("report", "figures", "trace"), config=("dataset", "limit", "seed", "model", "evaluate"),
+              summary="write report.md, its figures and the per-item trace page"),
     )
 }
 ORDER = list(STAGES)

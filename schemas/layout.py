@@ -62,6 +62,8 @@ LAYOUT: dict[str, Artifact] = {
                  " share per layer, the layer chosen on dev"),
         Artifact("report", "report.md", "file", "the run's report"),
         Artifact("figures", "figures", "dir", "the report's figures"),
+        Artifact("trace", "trace.html", "file", "per-item trace page: each evaluated item's units coloured by"
+                 " p_conflict, the marked ones boxed, and every method's answer (opens from the file system)"),
         Artifact("quality", "quality", "dir", "Great Expectations results, one JSON per checked table"),
         Artifact("manifest", "manifest.json", "json", "config, code, environment and every stage's outputs"),
         Artifact("catalog", "catalog.duckdb", "file", "DuckDB views over the run's tables"),

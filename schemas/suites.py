@@ -453,7 +453,8 @@ def _lfd_layers(gxe: ModuleType) -> list[Any]:
 def _prepare_lfd_layers(df: pl.DataFrame) -> pl.DataFrame:
     """Whether the table names exactly one chosen layer and whether that layer is a candidate of lowest IKS."""
     lowest = df.filter(pl.col("candidate"))["iks"].min()
-    chosen_ok = (~pl.col("chosen") | (pl.col("candidate") & (pl.col("iks") == lowest))).fill_null(False)
+    is_lowest = pl.lit(False) if lowest is None else pl.col("iks") == lowest  # no candidate: none may be chosen
+    chosen_ok = (~pl.col("chosen") | (pl.col("candidate") & is_lowest)).fill_null(False)
     return df.with_columns(one_chosen=pl.lit(int(df["chosen"].sum()) == 1), chosen_is_lowest_candidate=chosen_ok)
 
 

@@ -31,6 +31,7 @@ from tasks.probes.crossfit import marker_line
 from tasks.probes.kinds import strength_text
 from tasks.probes.localisation import LABELS, localisation_by_target, localisation_units
 from tasks.probes.localisation_report import layer_localisation_figure, section_layer_localisation
+from tasks.trace import write_trace_page
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +345,8 @@ def plot_methods(metrics: pl.DataFrame, path: Path) -> Path:
 
 
 def run_report(cfg: RunConfig, paths: RunPaths) -> None:
-    """Write report.md and figures/{probe_layers,localisation_layers,methods}.png from the run's tables."""
+    """Write report.md, figures/{probe_layers,localisation_layers,methods}.png and trace.html from the run's
+    tables."""
     conf = run_config(cfg, paths)
     items = read_table(paths.table("items"))
     metrics = with_subset_columns(read_table(paths.table("metrics")))
@@ -366,6 +368,8 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
     evaluated, references = overall_metrics["method"].to_list(), list(conf.evaluate.references)
     sections = [
         f"# clearflow report: {paths.root.name}",
+        "Every evaluated item, its context coloured by p_conflict and every method's answer: [trace.html](trace.html)"
+        " (opens in a browser from the file system).",
         section_what_ran(conf, items, overall_metrics, train_log),
         section_probes(probe_metrics, best),
         section_localisation(
@@ -382,3 +386,5 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
     ]
     with atomic_path(paths.report) as tmp:
         tmp.write_text("\n\n".join(filter(None, sections)) + "\n", encoding="utf-8")
+    facts = {"model": conf.model.name, "dataset": conf.dataset, "limit": conf.limit, "seed": conf.seed}
+    write_trace_page(paths, facts, conf.evaluate.split, paths.artifact("trace"))

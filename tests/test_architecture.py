@@ -47,7 +47,7 @@ def test_contracts_catch_a_backward_import(tmp_path: Path, module: str, line: st
                  "evaluate"))):
         (tmp_path / pkg).mkdir(parents=True, exist_ok=True)
         (tmp_path / pkg / "__init__.py").write_text("")
-    for name in ("tasks/report.py", "tasks/core/storage.py", "tasks/probes/stage.py", "tasks/evaluate/scoring.py",
+    for name in ("tasks/report.py", "tasks/trace.py", "tasks/core/storage.py", "tasks/probes/stage.py", "tasks/evaluate/scoring.py",
                  "schemas/suites.py"):
         (tmp_path / name).write_text("")
     (tmp_path / module).write_text(line + "\n")

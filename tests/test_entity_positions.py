@@ -180,13 +180,14 @@ def test_report_section_and_refresh_after_the_command(kf_run, monkeypatch):
         rendered.append(p)
         p.report.write_text("rendered again")
         p.figures.mkdir(exist_ok=True)
+        p.artifact("trace").write_text("<html></html>")
 
     monkeypatch.setattr(tasks.report, "run_report", fake_report)
     paths.report.write_text("an older report")
     main(["entity-positions", "--run", "kf", "--runs-dir", str(cfg.runs_dir)])
     assert rendered == [paths]
     record = json.loads(paths.manifest.read_text())["stages"]["report"]
-    assert set(record["outputs"]) == {"report", "figures"} and paths.report.read_text() == "rendered again"
+    assert set(record["outputs"]) == {"report", "figures", "trace"} and paths.report.read_text() == "rendered again"
     paths.report.unlink()
 
 

@@ -385,7 +385,7 @@ def test_a_second_process_on_the_same_run_waits_for_the_first(tiny_cfg, prefect_
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
-        outputs = run_stage("ingest", tiny_cfg)
+        outputs, _ = run_stage("ingest", tiny_cfg)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)

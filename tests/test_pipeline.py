@@ -96,8 +96,9 @@ def test_runner_gives_a_stage_only_its_declared_sections(tiny_run, prefect_harne
         return real(view, run_paths)
 
     monkeypatch.setattr(tasks.report, "run_report", spy)
-    outputs = run_stage("report", cfg, force=True)
-    assert outputs == {"report": str(paths.report), "figures": str(paths.figures)}
+    outputs, skipped = run_stage("report", cfg, force=True)
+    assert outputs == {"report": str(paths.report), "figures": str(paths.figures),
+                       "trace": str(paths.artifact("trace"))} and not skipped
     assert isinstance(seen[0], ConfigView) and seen[0].sections == STAGES["report"].config
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tasks.core.progress import tqdm
 
 from tasks.core.models import decoder_layers
 

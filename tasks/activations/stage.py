@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from tqdm.auto import tqdm
+from tasks.core.progress import tqdm
 
 from tasks.core.activation_store import (
     CTX_POSITIONS,

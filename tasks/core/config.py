@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 RUN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$"  # one path component: no separator, no '..', no hidden directory
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
@@ -16,7 +16,14 @@ MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 DEFAULT_MODEL = "smollm2-135m"
 
 
-class IngestConfig(BaseModel):
+class Options(BaseModel):
+    """Base of every options model: an unknown name is an error (a typo in a deployment's parameters, a flow call or
+    a JSON config would otherwise be dropped without a word and the default used)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class IngestConfig(Options):
     """How a benchmark is read: its probe statements, the context budget, the offline benchmark's contexts."""
 
     n_distractors: int = Field(
@@ -64,7 +71,7 @@ class IngestConfig(BaseModel):
     )
 
 
-class LLMConfig(BaseModel):
+class LLMConfig(Options):
     """The chat LLM that rewrites contexts into atomic facts (docs/METHOD.md stage 1)."""
 
     backend: Literal["local", "openai"] = Field(
@@ -78,6 +85,10 @@ class LLMConfig(BaseModel):
         None, description="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1 (env CLEARFLOW_LLM_BASE_URL)."
     )
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
+    api_key_block: str | None = Field(
+        None, description="openai: name of a Prefect Secret block holding the API key (read when the stage starts;"
+        " wins over api_key_env). Only the name is a parameter: the key never enters the config or the manifest."
+    )
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature (reference 0.9; 0 = greedy).")
     max_new_tokens: int = Field(384, ge=16, description="Token budget of one rewrite.")
     batch_size: int = Field(16, ge=1, description="local: conversations per generate call.")
@@ -85,7 +96,7 @@ class LLMConfig(BaseModel):
     max_retries: int = Field(4, ge=0, description="openai: retries on timeouts, 429 and 5xx before failing.")
 
 
-class DecomposeConfig(BaseModel):
+class DecomposeConfig(Options):
     """How contexts become the units that are probed and marked."""
 
     method: Literal["sentences", "llm"] = Field(
@@ -99,7 +110,7 @@ class DecomposeConfig(BaseModel):
     )
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(Options):
     """Which causal LM to load and how."""
 
     name: str = Field(DEFAULT_MODEL, description="Alias, Hugging Face id or local directory of a causal LM.")
@@ -109,7 +120,7 @@ class ModelConfig(BaseModel):
     trust_remote_code: bool = Field(False, description="Run model code from the hub (off unless asked).")
 
 
-class ActivationConfig(BaseModel):
+class ActivationConfig(Options):
     """Which hidden states to cache."""
 
     layers: list[int] | None = Field(None, description="Decoder layers to keep (0-based); None = all.")
@@ -137,7 +148,7 @@ class ActivationConfig(BaseModel):
                                " $CLEARFLOW_STORE or <cache>/activations.")
 
 
-class ProbeConfig(BaseModel):
+class ProbeConfig(Options):
     """Per-layer probes on the statements' hidden states."""
 
     kinds: list[str] = Field(
@@ -176,7 +187,7 @@ class ProbeConfig(BaseModel):
     )
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(Options):
     """Conflict-aware LoRA fine-tuning (docs/METHOD.md stage 3)."""
 
     max_items: int = Field(200, ge=1, description="Train-split items used (the reference uses the whole train set).")
@@ -205,7 +216,7 @@ class FinetuneConfig(BaseModel):
     )
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(Options):
     """Generation-based evaluation of the methods."""
 
     methods: list[str] | None = Field(
@@ -245,7 +256,7 @@ class EvalConfig(BaseModel):
     )
 
 
-class InsideOutConfig(BaseModel):
+class InsideOutConfig(Options):
     """Inside-Out knowledge scores (Gekhman et al. 2025): K of the model's own probabilities vs a probe's."""
 
     enabled: bool = Field(
@@ -264,7 +275,7 @@ class InsideOutConfig(BaseModel):
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples of items for the confidence intervals.")
 
 
-class RunConfig(BaseModel):
+class RunConfig(Options):
     """Everything one pipeline run needs; hashed into the manifest."""
 
     run: str | None = Field(

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
-from tqdm.auto import tqdm
+from tasks.core.progress import tqdm
 
 Messages = list[dict[str, str]]
 MAX_STEPS = 8  # a rambling reply is not a plan; the relevance filter keeps top-k per step

@@ -299,6 +299,19 @@ class CachedChat:
         return f"llm: {self.misses} calls, {self.hits} cached"
 
 
+def api_key(llm: LLMConfig) -> str | None:
+    """The endpoint's API key: from the Prefect Secret block named in the config, else from the environment
+    variable it names (or none). Read here, at the call, so the key lives in no config, parameter or manifest."""
+    if llm.api_key_block:
+        from prefect.blocks.system import Secret  # only when a block is asked for: Prefect is the orchestrator's
+
+        try:
+            return str(Secret.load(llm.api_key_block).get())
+        except ValueError as err:  # Prefect's "Unable to find block document named ..."
+            raise LLMError(f"decompose.llm.api_key_block {llm.api_key_block!r}: {err}") from None
+    return os.environ.get(llm.api_key_env)
+
+
 def make_chat(llm: LLMConfig, model: ModelConfig, seed: int, cache_dir: Path | str | None = None) -> CachedChat:
     """The configured chat backend behind the reply cache; everything it depends on is an argument."""
     if llm.backend == "local":
@@ -310,6 +323,6 @@ def make_chat(llm: LLMConfig, model: ModelConfig, seed: int, cache_dir: Path | s
         raise LLMError(f"no base_url: set decompose.llm.base_url or {BASE_URL_ENV}")
     if not llm.model:
         raise LLMError(f"no model for the endpoint {base_url}: set decompose.llm.model to the served model's name")
-    backend = OpenAIChat(base_url, llm.model, os.environ.get(llm.api_key_env), llm.temperature,
+    backend = OpenAIChat(base_url, llm.model, api_key(llm), llm.temperature,
                          llm.max_new_tokens, llm.timeout_s, llm.max_retries)
     return CachedChat(backend, cache_dir)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm.auto import tqdm
+from tasks.core.progress import tqdm
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -26,7 +26,7 @@ import logging
 from collections import Counter
 
 import polars as pl
-from tqdm.auto import tqdm
+from tasks.core.progress import tqdm
 
 from schemas.tables import SENTENCES
 from tasks.core.config import RunConfig

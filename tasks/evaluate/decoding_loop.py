@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tasks.core.progress import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 

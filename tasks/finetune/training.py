@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tasks.core.progress import tqdm
 
 from tasks.core.config import FinetuneConfig, ModelConfig
 from tasks.core.models import decoder_layers, load_model

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import polars as pl
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
+from tasks.core.progress import tqdm
 
 from schemas.tables import INSIDEOUT_K, INSIDEOUT_LAYERS, INSIDEOUT_SCORES
 from tasks.core.config import ProbeConfig, RunConfig

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
+from tasks.core.progress import tqdm
 
 from schemas.tables import PROBE_LOCALISATION, PROBE_METRICS, SENTENCE_SCORES
 from tasks.activations.stage import fed_text, probed_sentences

@@ -60,7 +60,8 @@ def trace_items(paths: RunPaths, split: str) -> list[dict[str, Any]]:
     units = _units(read_table(paths.table("sentences")), _optional(paths.table("sentence_scores")))
     answers = _answers(_optional(paths.table("predictions")))
     return [
-        {"id": r["item_id"], "question": r["question"], "condition": r["condition"], "answers": r["answers"],
+        {"id": r["item_id"], "question": r["question"], "condition": r["condition"],
+         "counterfactual": bool(r["counterfactual"]), "answers": r["answers"],
          "orig_answers": r["orig_answers"] or [], "units": units.get(r["item_id"], []),
          "methods": answers.get(r["item_id"], [])}
         for r in items.sort("item_id").iter_rows(named=True)

@@ -55,3 +55,13 @@ def tie_prefect_server_to_this_process() -> None:
     start = SubprocessASGIServer._run_uvicorn_command
     if not getattr(start, "__clearflow_parent_death__", False):
         SubprocessASGIServer._run_uvicorn_command = _with_parent_death(start)
+
+
+def prepare_orchestrator() -> None:
+    """Call before the first flow of a command: without a Prefect server to talk to (no PREFECT_API_URL), Prefect
+    starts a temporary one, which must die with this process. Importing Prefect's server module costs seconds, so
+    only commands about to run a flow pay it."""
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        tie_prefect_server_to_this_process()

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, CliVariadicArg, SettingsConfigDict
 
 import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
-from flows.children import tie_prefect_server_to_this_process
+from flows.children import prepare_orchestrator
 from flows.presets import PRESETS, deep_update, preset_config, preset_help, without_remote_code
 from flows.stages import ORDER, STAGES
 from tasks.core.config import IngestConfig, RunConfig
@@ -23,7 +23,6 @@ StageName = Literal["ingest", "decompose", "activations", "probes", "finetune", 
 assert set(StageName.__args__) == set(ORDER), "StageName must list every stage"
 
 
-NO_FLOW = {"sql", "presets", "datasets", "stages", "--help", "-h"}  # subcommands that never start a Prefect flow
 PRESET_HELP = "Named set of options applied before the options given (`clearflow presets`): " + preset_help()
 
 
@@ -38,10 +37,17 @@ class Run(RunConfig):
         return self.model_dump(mode="json", exclude_unset=True, exclude={"force", "preset", "seeds"})
 
     def cli_cmd(self) -> None:
-        from flows.pipeline import pipeline_flow
+        from flows.runner import paths_of, pipeline_current
 
         cfg = preset_config(self.preset, self.given())
-        report = pipeline_flow(cfg=cfg, force=self.force)
+        if not self.force and pipeline_current(cfg):  # nothing to do: no orchestrator to start
+            log.info("run %r: every stage is up to date, nothing ran (--force runs them again)", cfg.run)
+            report = str(paths_of(cfg).report)
+        else:
+            from flows.pipeline import pipeline_flow
+
+            prepare_orchestrator()
+            report = pipeline_flow(cfg=cfg, force=self.force)
         print(f"\nreport: {report}")
         print(f"query it: clearflow sql \"select * from metrics\" --runs-dir {cfg.runs_dir}")
 
@@ -59,6 +65,7 @@ class Sweep(Run):
 
         preset_config(self.preset, self.given())  # a bad preset or option fails here, before any flow starts
         check_seeds(self.seeds)
+        prepare_orchestrator()
         given = RunConfig.model_validate(self.given())  # knows which options were given: the preset fills the rest
         report = Path(sweep_flow(cfg=given, seeds=self.seeds, preset=self.preset, force=self.force))
         print(f"\nsweep report: {report}")
@@ -83,7 +90,6 @@ class Stage(RunConfig):
     force: bool = Field(True, description="Run even if the stage's outputs are current.")
 
     def cli_cmd(self) -> None:
-        from flows.pipeline import stage_flows
         from flows.runner import load_manifest, paths_of
 
         if not self.run:
@@ -95,7 +101,15 @@ class Stage(RunConfig):
             raise FileNotFoundError(f"no run {self.run!r} under {base.runs_dir}: start one with `clearflow run`")
         saved = without_remote_code(saved or {})
         cfg = RunConfig.model_validate(deep_update(saved, given))
-        outputs = stage_flows()[self.name](cfg=cfg, force=self.force)
+        if os.environ.get("PREFECT_API_URL"):  # a server to record it: the stage's flow, seen in the UI
+            from flows.pipeline import stage_flows
+
+            outputs = stage_flows()[self.name](cfg=cfg, force=self.force)
+        else:  # no server: the same work and checks in this process, with no orchestrator to import or start
+            from flows.execute import run_stage_with
+
+            log.info("%-11s runs locally (no PREFECT_API_URL: start a Prefect server to see it in the UI)", self.name)
+            outputs, _ = run_stage_with(self.name, cfg, self.force)
         for name, path in outputs.items():
             print(f"{name}: {path}")
 
@@ -216,8 +230,10 @@ class Transfer(BaseModel):
 
     def cli_cmd(self) -> None:
         from flows.transfer import DATASET_OPTIONS, transfer
-        from tasks.probes.transfer import transfer_summary
         from tasks.core.storage import RunPaths
+        from tasks.probes.transfer import transfer_summary
+
+        prepare_orchestrator()
 
         given = self.model_dump(mode="json", exclude_unset=True, include=set(DATASET_OPTIONS))
         path, rows = transfer(self.run, self.statements_run, self.runs_dir, given)
@@ -237,6 +253,8 @@ class EntityPositions(BaseModel):
     def cli_cmd(self) -> None:
         from flows.transfer import entity_positions
         from tasks.probes.entity_positions import summary
+
+        prepare_orchestrator()
 
         path, table = entity_positions(self.run, self.runs_dir)
         print(summary(table))
@@ -320,8 +338,6 @@ def main(argv: list[str] | None = None) -> None:
     for handler in logging.getLogger().handlers:
         if _TERMINAL not in handler.filters:
             handler.addFilter(_TERMINAL)
-    if args[:1] and args[0] not in NO_FLOW:  # importing Prefect's server module costs ~4 s: only where needed
-        tie_prefect_server_to_this_process()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         CliApp.run(Clearflow, cli_args=args)

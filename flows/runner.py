@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.stages import WRITER, Stage
+from flows.stages import ORDER, STAGES, WRITER, Stage
 from schemas.layout import LAYOUT
 from tasks.core.config import RunConfig
 from tasks.core.storage import RunPaths, file_sha256, write_json
@@ -118,15 +118,18 @@ def code_version() -> dict[str, Any]:
 
 
 def environment() -> dict[str, Any]:
-    import torch
-    import transformers
+    """The software the run used. Versions come from package metadata, so a stage that needs no torch (the report)
+    never imports it for its manifest; the GPU is named when torch is already loaded (by a stage that uses it)."""
+    import sys
+    from importlib.metadata import version
 
+    torch = sys.modules.get("torch")
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "cuda": torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else None,
     }
 
 
@@ -170,3 +173,15 @@ def timed(fn, *args) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - t0
+
+
+def pipeline_current(cfg: RunConfig) -> bool:
+    """Whether a named run finished and every stage's outputs are current for `cfg`: then a run has nothing to do,
+    and the CLI says so without starting an orchestrator (the test flows/execute.py applies to each stage)."""
+    if not cfg.run:
+        return False
+    paths = paths_of(cfg)
+    manifest = load_manifest(paths)
+    if not manifest.get("finished_at"):
+        return False
+    return all(is_current(STAGES[name], cfg, paths, manifest) for name in ORDER)

@@ -65,6 +65,50 @@ def test_second_run_resumes_without_redoing_stages(tiny_run):
     assert {s: r["finished_at"] for s, r in after.items()} == {s: r["finished_at"] for s, r in before.items()}
 
 
+def test_an_unchanged_run_starts_no_orchestrator_and_force_does(tiny_run, monkeypatch, capsys):
+    """`clearflow run` with the options of a finished run has nothing to do: it says so without starting Prefect (no
+    flow, no temporary server); --force runs the pipeline flow."""
+    import flows.children
+    import flows.pipeline
+    from flows.cli import Run
+
+    cfg, paths, _ = tiny_run
+    flows.pipeline.pipeline_flow(cfg=cfg)  # current again, whatever another test changed
+    started = []
+    monkeypatch.setattr(flows.pipeline, "pipeline_flow", lambda **kw: started.append(kw) or str(paths.report))
+    monkeypatch.setattr(flows.children, "tie_prefect_server_to_this_process", lambda: started.append("server"))
+    Run.model_validate(cfg.model_dump()).cli_cmd()
+    assert started == [] and f"report: {paths.report}" in capsys.readouterr().out
+    Run.model_validate(cfg.model_dump() | {"force": True}).cli_cmd()
+    assert started == ["server", {"cfg": cfg, "force": True}]
+
+
+def test_a_stage_without_a_server_runs_in_process_and_with_one_as_a_flow(tiny_run, monkeypatch, capsys):
+    """`clearflow stage` with no PREFECT_API_URL runs the stage's work and checks as plain calls (no temporary
+    server to start); with one, it runs the stage's flow, which the server records."""
+    import flows.pipeline
+    from flows.runner import load_manifest
+
+    cfg, paths, _ = tiny_run
+    flows_run = []
+    real = flows.pipeline.stage_flows
+
+    def recording():
+        return {name: (lambda f: lambda **kw: flows_run.append(kw) or f(**kw))(f) for name, f in real().items()}
+
+    monkeypatch.setattr(flows.pipeline, "stage_flows", recording)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    before = load_manifest(paths)["stages"]["report"]["finished_at"]
+    main(["stage", "report", "--run", "tiny", "--runs-dir", str(cfg.runs_dir)])
+    assert flows_run == [] and f"report: {paths.report}" in capsys.readouterr().out
+    assert load_manifest(paths)["stages"]["report"]["finished_at"] >= before
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the session's test server
+    main(["stage", "report", "--run", "tiny", "--runs-dir", str(cfg.runs_dir)])
+    assert len(flows_run) == 1
+
+
 def test_stage_rerun_with_new_option_makes_downstream_stale(tiny_run, capsys):
     from flows.runner import is_current, load_manifest
     from flows.stages import STAGES

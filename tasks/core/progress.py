@@ -5,7 +5,6 @@ told where a long loop stands. tasks/ knows nothing of Prefect: flows/ registers
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from tqdm.auto import tqdm as _tqdm
 

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -70,13 +71,21 @@ def set_threads(threads: int | None) -> int:
     """torch's intra-op threads for the work about to start: `--threads` when given, else (unless
     CLEARFLOW_THREAD_POLICY=default, or OMP_NUM_THREADS was exported) the CPUs other processes leave free now:
     threads that must meet at every parallel region run at the pace of the one the scheduler parks."""
-    import torch
-
     if threads is None and os.environ.get("CLEARFLOW_THREAD_POLICY") != "default" and not _user_set_threads:
         threads = free_cpus()
-        if threads < torch.get_num_threads():
+        if threads < current_threads():
             log.info("threads: %d (other processes keep %d of %d CPUs busy)", threads, usable_cpus() - threads,
                      usable_cpus())
     if threads is not None:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+        else:  # torch reads it when it loads: a stage that never needs torch (the report) does not pay its import
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+    return current_threads()
+
+
+def current_threads() -> int:
+    """torch's intra-op thread count, or the count it will take when it loads."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    return int(os.environ.get("OMP_NUM_THREADS") or usable_cpus())

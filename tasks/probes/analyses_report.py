@@ -8,8 +8,6 @@ import polars as pl
 from schemas.layout import analysis_path
 from tasks.core.markdown import fmt, md_table
 from tasks.core.storage import RunPaths, read_table
-from tasks.probes.entity_positions import summary as positions_summary
-from tasks.probes.transfer import transfer_summary
 
 
 def section_analyses(paths: RunPaths) -> str | None:
@@ -17,6 +15,8 @@ def section_analyses(paths: RunPaths) -> str | None:
     transfer, positions = analysis_path(paths.root, "probe_transfer"), analysis_path(paths.root, "entity_positions")
     parts = []
     if transfer.exists():
+        from tasks.probes.transfer import transfer_summary  # the analyses' modules load sklearn and torch: only here
+
         rows = read_table(transfer)
         parts.append("Probes on another source (`clearflow transfer`, table `probe_transfer`): AUROC on its statements"
                      " and on those whose subject and text the probe never saw.")
@@ -26,6 +26,8 @@ def section_analyses(paths: RunPaths) -> str | None:
             parts.append(f"On run `{target}` ({mine['target_dataset'][0]}):\n\n" + "\n".join(f"- {x}" for x in lines))
             parts.append(transfer_layer_table(mine))
     if positions.exists():
+        from tasks.probes.entity_positions import summary as positions_summary
+
         figure = analysis_path(paths.root, "entity_positions_figure")
         parts.append("Probes at the statement's last token and at its subject's (`clearflow entity-positions`, table"
                      f" `entity_positions`): {positions_summary(read_table(positions))}.")

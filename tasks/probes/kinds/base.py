@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from tasks.core.config import ProbeConfig
 
@@ -46,6 +45,8 @@ def dev_auroc(probe: Probe, X: np.ndarray, y: np.ndarray) -> float:
     """Dev AUROC used for every choice (-inf where dev lacks a label, so it never wins)."""
     if len(np.unique(y)) < 2:
         return -math.inf
+    from sklearn.metrics import roc_auc_score  # sklearn loads in ~1.5 s: the report, which reads kinds, never does
+
     return float(roc_auc_score(y, probe.predict_proba(X)))
 
 

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 
 from tasks.core.storage import atomic_path, write_json
 
@@ -75,6 +73,9 @@ def _fold(coef: np.ndarray, intercept: float, mean: np.ndarray, scale: np.ndarra
 
 def standardised_logistic(X: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
     """(weight, bias) of an L2 logistic regression fitted on standardised X, folded back to raw X."""
+    from sklearn.linear_model import LogisticRegression  # at fitting time only (see base.py)
+    from sklearn.preprocessing import StandardScaler
+
     scaler = StandardScaler().fit(X)
     clf = LogisticRegression(C=l2, max_iter=MAX_ITER).fit(scaler.transform(X), y)
     return _fold(clf.coef_[0], clf.intercept_[0], scaler.mean_, scaler.scale_)

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
-from sklearn.preprocessing import StandardScaler
 
 from tasks.core.config import ProbeConfig
 from tasks.core.storage import atomic_path, write_json
@@ -126,6 +125,7 @@ def train_mlp(
     tensor and batches are index slices of a seeded permutation: no DataLoader, no copies per epoch.
     """
     import torch
+    from sklearn.preprocessing import StandardScaler  # at fitting time only (see base.py)
 
     check_labels(y)
     scaler = StandardScaler().fit(X)

@@ -167,6 +167,11 @@ def test_prefect_yaml_deployments_run_on_a_process_worker_with_logs_and_artifact
     daily = deployments[("pipeline", "daily")]
     assert [s["schedule"]["cron"] for s in daily["schedules"]] == ["0 3 * * *"]
     assert daily["global_concurrency_limit"]["limit"] == 1 and daily["parameters"] == {}  # no default frozen in
+    for bad, said in (({"limit": 0}, "Validation failed for field 'cfg.limit'"), ({"limitt": 5}, "limitt")):
+        refused = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "pipeline/daily", "--params",
+                                  json.dumps({"cfg": bad})], env=env, cwd=REPO, capture_output=True, text=True,
+                                 timeout=120)
+        assert said in refused.stdout + refused.stderr and "UUID" not in refused.stdout, refused.stdout  # no run made
 
     worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "clearflow"], env=env,
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

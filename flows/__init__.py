@@ -18,6 +18,7 @@ os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "INFO")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # stage code run outside a flow
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
-    _cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clearflow"
-    os.environ["PREFECT_HOME"] = str(Path(os.environ.get("CLEARFLOW_CACHE", _cache)) / "prefect")
+    from tasks.core.storage import cache_root
+
+    os.environ["PREFECT_HOME"] = str(cache_root() / "prefect")
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level

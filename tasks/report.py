@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from tasks.core.config import ConfigView, RunConfig
 from tasks.core.marking import relevance_filtered
 from tasks.core.markdown import fmt, md_table, missing
-from tasks.core.storage import RunPaths, atomic_path, read_table
+from tasks.core.storage import RunPaths, atomic_path, read_optional_table, read_table
 from tasks.evaluate.comparison import (
     METRIC_LABELS, headline_mr, metric_cells, overall, section_paired, section_paired_subsets, section_subsets,
     with_subset_columns,
@@ -39,11 +39,6 @@ N_EXAMPLES = 3
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def _optional_table(path: Path) -> pl.DataFrame | None:
-    """A table a report can do without (its section then says the stage did not run)."""
-    return read_table(path) if Path(path).exists() else None
 
 
 def _optional_json(path: Path) -> Any:
@@ -351,18 +346,18 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
     items = read_table(paths.table("items"))
     metrics = with_subset_columns(read_table(paths.table("metrics")))
     overall_metrics = overall(metrics)
-    predictions = _optional_table(paths.table("predictions"))
-    probe_metrics = _optional_table(paths.table("probe_metrics"))
+    predictions = read_optional_table(paths.table("predictions"))
+    probe_metrics = read_optional_table(paths.table("probe_metrics"))
     best = _optional_json(paths.best_probe)
     train_log = _optional_json(paths.train_log)
-    per_layer = _optional_table(paths.table("probe_localisation"))
+    per_layer = read_optional_table(paths.table("probe_localisation"))
     if probe_metrics is not None:
         plot_probe_layers(probe_metrics, best, paths.figures / "probe_layers.png")
     if per_layer is not None and per_layer.height:
         _save(layer_localisation_figure(per_layer, best), paths.figures / "localisation_layers.png")
     plot_methods(overall_metrics, paths.figures / "methods.png")
-    comparisons = _optional_table(paths.table("comparisons"))
-    insideout = _optional_table(paths.table("insideout_layers"))
+    comparisons = read_optional_table(paths.table("comparisons"))
+    insideout = read_optional_table(paths.table("insideout_layers"))
     if insideout is not None and insideout.filter(pl.col("split") == "test").height:
         _save(plot_insideout(insideout), paths.figures / INSIDEOUT_FIGURE)
     evaluated, references = overall_metrics["method"].to_list(), list(conf.evaluate.references)
@@ -373,12 +368,12 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
         section_what_ran(conf, items, overall_metrics, train_log),
         section_probes(probe_metrics, best),
         section_localisation(
-            _optional_table(paths.table("sentences")), _optional_table(paths.table("sentence_scores")), items,
-            predictions, best, conf.evaluate.split, per_layer,
+            read_optional_table(paths.table("sentences")), read_optional_table(paths.table("sentence_scores")),
+            items, predictions, best, conf.evaluate.split, per_layer,
         ),
         section_methods(overall_metrics, metrics),
         section_paired(comparisons, evaluated, references),
-        *lfd_lines(_optional_table(paths.table("lfd_layers"))),
+        *lfd_lines(read_optional_table(paths.table("lfd_layers"))),
         section_subsets(metrics),
         section_paired_subsets(comparisons, references),
         section_insideout(insideout),

@@ -14,14 +14,10 @@ from typing import Any
 
 import polars as pl
 
-from tasks.core.storage import RunPaths, atomic_path, read_table
+from tasks.core.storage import RunPaths, atomic_path, read_optional_table, read_table
 from tasks.evaluate.methods import method_label
 
 _METRIC_COLUMNS = ("method", "n", "em", "f1", "ps", "po", "mr")
-
-
-def _optional(path: Path) -> pl.DataFrame | None:
-    return read_table(path) if path.exists() else None
 
 
 def _units(sentences: pl.DataFrame, scores: pl.DataFrame | None) -> dict[str, list[dict[str, Any]]]:
@@ -57,8 +53,8 @@ def _answers(predictions: pl.DataFrame | None) -> dict[str, list[dict[str, Any]]
 def trace_items(paths: RunPaths, split: str) -> list[dict[str, Any]]:
     """The evaluated split's items with everything the page shows of each."""
     items = read_table(paths.table("items")).filter(pl.col("split") == split)
-    units = _units(read_table(paths.table("sentences")), _optional(paths.table("sentence_scores")))
-    answers = _answers(_optional(paths.table("predictions")))
+    units = _units(read_table(paths.table("sentences")), read_optional_table(paths.table("sentence_scores")))
+    answers = _answers(read_optional_table(paths.table("predictions")))
     return [
         {"id": r["item_id"], "question": r["question"], "condition": r["condition"],
          "counterfactual": bool(r["counterfactual"]), "answers": r["answers"],
@@ -81,8 +77,8 @@ def _header(run: str, facts: dict[str, Any], metrics: pl.DataFrame | None, best:
 def write_trace_page(paths: RunPaths, facts: dict[str, Any], split: str, out: Path) -> Path:
     """Write the page for the run's evaluated split (`facts`: the options its header shows); returns its path."""
     best = json.loads(paths.best_probe.read_text()) if paths.best_probe.exists() else None
-    data = {"header": _header(paths.root.name, facts, _optional(paths.table("metrics")), best), "split": split,
-            "items": trace_items(paths, split)}
+    header = _header(paths.root.name, facts, read_optional_table(paths.table("metrics")), best)
+    data = {"header": header, "split": split, "items": trace_items(paths, split)}
     blob = json.dumps(data, ensure_ascii=False, default=str)
     blob = blob.replace("</", "<\\/").replace("<!--", "<\\u0021--")  # nothing in it can end the script element
     page = _TEMPLATE.read_text(encoding="utf-8").replace("/*DATA*/null", blob)

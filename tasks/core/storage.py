@@ -124,6 +124,11 @@ def read_table(path: Path) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
+def read_optional_table(path: Path) -> pl.DataFrame | None:
+    """A table its reader can do without (a stage that did not run), or None when it is absent."""
+    return read_table(path) if Path(path).exists() else None
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Where each artifact of a run lives: the paths of schemas/layout.py under one run directory."""

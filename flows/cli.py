@@ -102,9 +102,9 @@ class Stage(RunConfig):
         saved = without_remote_code(saved or {})
         cfg = RunConfig.model_validate(deep_update(saved, given))
         if os.environ.get("PREFECT_API_URL"):  # a server to record it: the stage's flow, seen in the UI
-            from flows.pipeline import stage_flows
+            from flows.pipeline import stage_flow
 
-            outputs = stage_flows()[self.name](cfg=cfg, force=self.force)
+            outputs = stage_flow(self.name)(cfg=cfg, force=self.force)
         else:  # no server: the same work and checks in this process, with no orchestrator to import or start
             from flows.execute import run_stage_with
 

@@ -15,9 +15,15 @@ from tasks.core.config import RunConfig
 from tasks.core.storage import write_json
 
 
+def stage_flow(name: str):
+    """The stage's Prefect flow, from flows/<name>.py (the deployments' entrypoint); importing one stage's module
+    builds only that flow (each costs a parameter schema)."""
+    return getattr(importlib.import_module(f"flows.{name}"), f"{name}_flow")
+
+
 def stage_flows() -> dict:
-    """name -> its Prefect flow (each lives in flows/<name>.py, the deployments' entrypoints)."""
-    return {name: getattr(importlib.import_module(f"flows.{name}"), f"{name}_flow") for name in ORDER}
+    """name -> its Prefect flow, in pipeline order."""
+    return {name: stage_flow(name) for name in ORDER}
 
 
 def finish_run(cfg: RunConfig, seconds: float) -> None:
@@ -37,7 +43,7 @@ def pipeline_flow(cfg: RunConfig = RunConfig(), force: bool = False, preset: str
     sets); returns the report's path."""
     cfg = resolve_run(with_preset(preset, cfg))
     t0 = time.perf_counter()
-    for stage_flow in stage_flows().values():
-        stage_flow(cfg=cfg, force=force)
+    for run_stage_flow in stage_flows().values():
+        run_stage_flow(cfg=cfg, force=force)
     finish_run(cfg, time.perf_counter() - t0)
     return str(paths_of(cfg).report)

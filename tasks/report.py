@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from pydantic import ValidationError
 
 from tasks.core.config import ConfigView, RunConfig
+from tasks.core.figures import save_figure
 from tasks.core.marking import relevance_filtered
 from tasks.core.markdown import fmt, md_table, missing
 from tasks.core.storage import RunPaths, atomic_path, read_optional_table, read_table
@@ -32,6 +30,9 @@ from tasks.probes.kinds import strength_text
 from tasks.probes.localisation import LABELS, localisation_by_target, localisation_units
 from tasks.probes.localisation_report import layer_localisation_figure, section_layer_localisation
 from tasks.trace import write_trace_page
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -276,19 +277,14 @@ def lfd_lines(lfd_layers: pl.DataFrame | None) -> list[str]:
             f" layers {candidates['layer'][0]}-{candidates['layer'][-1]} ({values}; every layer: `lfd_layers.parquet`)."]
 
 
-# ---------------------------------------------------------------- figures
+# ---------------------------------------------------------------- figures (matplotlib imported only to draw one)
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    """Render a figure to PNG with the Agg canvas, atomically."""
-    FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    return Path(path)
-
-
-def plot_probe_layers(probe_metrics: pl.DataFrame, best: dict | None, path: Path) -> Path:
+def draw_probe_layers(probe_metrics: pl.DataFrame, best: dict | None) -> Figure:
     """AUROC and accuracy per layer, dev solid and test dashed, one colour per probe kind and position."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2, sharex=True)
     probe_metrics = with_position(probe_metrics)
@@ -310,11 +306,13 @@ def plot_probe_layers(probe_metrics: pl.DataFrame, best: dict | None, path: Path
         ax.set_title(f"probe {name} per layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save(fig, path)
+    return fig
 
 
-def plot_methods(metrics: pl.DataFrame, path: Path) -> Path:
+def draw_methods(metrics: pl.DataFrame) -> Figure:
     """Grouped bars of EM, F1, p_s, p_o, MR per method with their 95% CI error bars."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(10, 4))
     ax = fig.subplots()
     names = list(METRIC_LABELS)
@@ -333,7 +331,7 @@ def plot_methods(metrics: pl.DataFrame, path: Path) -> Path:
     ax.set_ylabel("fraction (MR: ratio)")
     ax.set_title("methods on the evaluated split (95% bootstrap CIs)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save(fig, path)
+    return fig
 
 
 # ---------------------------------------------------------------- stage
@@ -352,14 +350,14 @@ def run_report(cfg: RunConfig, paths: RunPaths) -> None:
     train_log = _optional_json(paths.train_log)
     per_layer = read_optional_table(paths.table("probe_localisation"))
     if probe_metrics is not None:
-        plot_probe_layers(probe_metrics, best, paths.figures / "probe_layers.png")
+        save_figure(draw_probe_layers, paths.figures / "probe_layers.png", probe_metrics, best)
     if per_layer is not None and per_layer.height:
-        _save(layer_localisation_figure(per_layer, best), paths.figures / "localisation_layers.png")
-    plot_methods(overall_metrics, paths.figures / "methods.png")
+        save_figure(layer_localisation_figure, paths.figures / "localisation_layers.png", per_layer, best)
+    save_figure(draw_methods, paths.figures / "methods.png", overall_metrics)
     comparisons = read_optional_table(paths.table("comparisons"))
     insideout = read_optional_table(paths.table("insideout_layers"))
     if insideout is not None and insideout.filter(pl.col("split") == "test").height:
-        _save(plot_insideout(insideout), paths.figures / INSIDEOUT_FIGURE)
+        save_figure(plot_insideout, paths.figures / INSIDEOUT_FIGURE, insideout)
     evaluated, references = overall_metrics["method"].to_list(), list(conf.evaluate.references)
     sections = [
         f"# clearflow report: {paths.root.name}",

@@ -117,11 +117,11 @@ def test_serve_registers_scheduled_pipeline_and_runs_a_stage_on_demand(prefect_s
 
 
 def _prefect(env: dict, *args: str) -> str:
-    """A `prefect` CLI command as the README gives it, run in the repository; its output."""
+    """A `prefect` CLI command as the README gives it, run in the repository; its output (stdout, then stderr)."""
     done = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=180)
     assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-    return done.stdout
+    return done.stdout + done.stderr
 
 
 def _post(api: str, path: str, body: dict) -> list | dict:
@@ -159,6 +159,11 @@ def test_prefect_yaml_deployments_run_on_a_process_worker_with_logs_and_artifact
     env = {**env, "PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
     repo_before = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True,
                                  text=True).stdout
+    early = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=180)  # before the pool exists: refused, said why
+    said = " ".join((early.stdout + early.stderr).split())
+    assert early.returncode != 0 and "references work pool 'clearflow' which does not exist" in said, said[-2000:]
+    assert not [d for d in _post(api, "/deployments/filter", {}) if d.get("work_pool_name") == "clearflow"]
     _prefect(env, "work-pool", "create", "clearflow", "--type", "process")
     _prefect(env, "--no-prompt", "deploy", "--all")
     deployments = {(httpx.get(f"{api}/flows/{d['flow_id']}", timeout=5).json()["name"], d["name"]): d
@@ -206,3 +211,13 @@ def test_prefect_yaml_deployments_run_on_a_process_worker_with_logs_and_artifact
     assert (tmp_path / "runs" / "w" / "report.md").exists()
     assert subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True,
                           text=True).stdout == repo_before
+
+
+def test_a_worker_started_before_the_server_says_so_and_exits(tmp_path):
+    """The README's mistakes table: `prefect worker start` with no server at PREFECT_API_URL ends with one clear line
+    (the timeout only guards against a hang)."""
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api", "PREFECT_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", "clearflow"], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    said = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0 and "Unable to reach the Prefect API" in said, said[-2000:]

@@ -16,7 +16,7 @@ import polars as pl
 
 from schemas.suites import ACTIVATION_FACTS, ACTIVATION_METAS, ACTIVATION_POSITIONS, suite_for
 from tasks.core.activation_store import DUCKDB_HIVE, ActivationStore
-from tasks.core.storage import RunPaths, read_table, write_json
+from tasks.core.storage import RunPaths, read_optional_table, read_table, write_json
 
 _EXAMPLES = 5  # unexpected values quoted per failing expectation
 _LOCK = threading.Lock()  # one GX context per process; its registry is not thread-safe
@@ -105,7 +105,7 @@ def suite_frame(table: str, paths: RunPaths) -> pl.DataFrame:
     def load(name: str) -> pl.DataFrame:
         return loaded[name] if name in loaded else read_table(paths.table(name))
 
-    present = [read_table(paths.table(n)) if paths.table(n).exists() else None for n in suite.reads_if_present]
+    present = [read_optional_table(paths.table(n)) for n in suite.reads_if_present]
     return suite.frame(load(table), *map(load, suite.reads), *present)
 
 

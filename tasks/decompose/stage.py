@@ -31,7 +31,7 @@ from tasks.core.progress import tqdm
 from schemas.tables import SENTENCES
 from tasks.core.config import RunConfig
 from tasks.core.splitter import split_sentences
-from tasks.core.storage import RunPaths, read_table, text_key, write_parquet
+from tasks.core.storage import RunPaths, read_optional_table, read_table, text_key, write_parquet
 from tasks.decompose.labels import Truth, labels_by_text, truth_by_key, unit_labels
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,7 @@ def _summary(items: pl.DataFrame, rows: list[dict], n_target: int, extra: list[s
 def run_decompose(cfg: RunConfig, paths: RunPaths) -> None:
     """Decompose every item's context into the `sentences` table, labelled from the benchmark and statements."""
     items = read_table(paths.table("items"))
-    stmt_path = paths.table("statements")
-    statements = read_table(stmt_path) if stmt_path.exists() else None
+    statements = read_optional_table(paths.table("statements"))
     spans = split_contexts(items)
     chat = None
     if cfg.decompose.method == "llm":

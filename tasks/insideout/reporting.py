@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import polars as pl
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from tasks.core.markdown import fmt, md_table
 from tasks.insideout.ranking import EXTERNAL, INTERNAL
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FIGURE = "insideout.png"
 SPLIT = "test"
@@ -58,6 +61,9 @@ def _band(ax, x: np.ndarray, part: pl.DataFrame, column: str, label: str, colour
 def plot_insideout(layers: pl.DataFrame) -> Figure:
     """Test-split mean K per layer (internal, CI band) against the external K (a line with its band), and the
     hidden-knowledge share per layer; the layer chosen on dev marked."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     test = layers.filter(pl.col("split") == SPLIT)
     internal = test.filter(pl.col("scorer") == INTERNAL).sort("layer")
     ext = test.filter(pl.col("scorer") == EXTERNAL).row(0, named=True)

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from tasks.probes.kinds import KINDS, Probe
 
@@ -68,6 +66,10 @@ def unit_groups(
 def fold_keys(groups: Iterable[str], links: Sequence[Sequence[str]]) -> dict[str, str]:
     """group -> its fold key: groups that one unit derives from are joined (connected components, named by their
     smallest group), so a single fold holds them all."""
+    # scipy costs a second to import: the report imports this module (marker_line) and never calls this function
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     names = sorted(set(groups) | {g for linked in links for g in linked})
     index = {g: i for i, g in enumerate(names)}
     edges = [(index[linked[0]], index[g]) for linked in links for g in linked[1:]]

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from threadpoolctl import threadpool_limits
@@ -28,8 +27,9 @@ from schemas.tables import ENTITY_POSITIONS
 from tasks.activations.stage import fed_text
 from tasks.activations.subject import subject_span
 from tasks.core.activation_store import SUBJECT_LAST, ActivationStore
+from tasks.core.figures import write_png
 from tasks.core.config import RunConfig
-from tasks.core.storage import RunPaths, atomic_path, model_slug, read_table, write_parquet
+from tasks.core.storage import RunPaths, model_slug, read_table, write_parquet
 from tasks.probes.kinds import probe_kinds
 from tasks.probes.stage import check_splits, select_best, train_layer
 
@@ -109,7 +109,4 @@ def plot_positions(table: pl.DataFrame, path: Path) -> Path:
            title="conflict probe at the subject's vs the statement's last token")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8, loc="lower right")
-    FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    return path
+    return write_png(fig, path)

@@ -3,12 +3,15 @@ against `conflicting`, with and without relevance pruning, as a table and a figu
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import polars as pl
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from schemas.tables import PRUNINGS
 from tasks.core.markdown import fmt, md_table
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PRUNING_LABELS = {"none": "no pruning", "filter": "relevance filter", "gold": "gold relevance"}
 PRUNING_STYLES = {"none": "-", "filter": "--", "gold": ":"}
@@ -67,6 +70,9 @@ def section_layer_localisation(table: pl.DataFrame | None, best: dict | None) ->
 
 def layer_localisation_figure(table: pl.DataFrame, best: dict | None) -> Figure:
     """Precision, recall and F1 per layer: one colour per position, one line style per pruning."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     fig = Figure(figsize=(13, 4))
     axes = fig.subplots(1, 3, sharex=True)
     colours = dict(zip(sorted(set(table["position"])), [f"C{i}" for i in range(10)]))

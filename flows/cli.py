@@ -16,7 +16,7 @@ import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is i
 from flows.children import prepare_orchestrator
 from flows.presets import PRESETS, deep_update, preset_config, preset_help, without_remote_code
 from flows.stages import ORDER, STAGES
-from tasks.core.config import IngestConfig, RunConfig
+from tasks.core.config import EXECUTION, IngestConfig, RunConfig
 
 log = logging.getLogger("clearflow")
 StageName = Literal["ingest", "decompose", "activations", "probes", "finetune", "evaluate", "insideout", "report"]
@@ -24,6 +24,15 @@ assert set(StageName.__args__) == set(ORDER), "StageName must list every stage"
 
 
 PRESET_HELP = "Named set of options applied before the options given (`clearflow presets`): " + preset_help()
+
+
+def before_flows(cfg: RunConfig) -> None:
+    """What a command checks and starts before its flows: the Dask scheduler it names, then Prefect."""
+    if cfg.executor == "dask":
+        from flows.scale import check_scheduler
+
+        check_scheduler(cfg)
+    prepare_orchestrator()
 
 
 class Run(RunConfig):
@@ -46,7 +55,7 @@ class Run(RunConfig):
         else:
             from flows.pipeline import pipeline_flow
 
-            prepare_orchestrator()
+            before_flows(cfg)
             report = pipeline_flow(cfg=cfg, force=self.force)
         print(f"\nreport: {report}")
         print(f"query it: clearflow sql \"select * from metrics\" --runs-dir {cfg.runs_dir}")
@@ -63,9 +72,8 @@ class Sweep(Run):
     def cli_cmd(self) -> None:
         from flows.sweep import check_seeds, sweep_flow
 
-        preset_config(self.preset, self.given())  # a bad preset or option fails here, before any flow starts
         check_seeds(self.seeds)
-        prepare_orchestrator()
+        before_flows(preset_config(self.preset, self.given()))  # a bad preset, option or address fails here
         given = RunConfig.model_validate(self.given())  # knows which options were given: the preset fills the rest
         report = Path(sweep_flow(cfg=given, seeds=self.seeds, preset=self.preset, force=self.force))
         print(f"\nsweep report: {report}")
@@ -99,11 +107,12 @@ class Stage(RunConfig):
         saved = load_manifest(paths_of(base)).get("config")
         if saved is None and STAGES[self.name].upstream:
             raise FileNotFoundError(f"no run {self.run!r} under {base.runs_dir}: start one with `clearflow run`")
-        saved = without_remote_code(saved or {})
+        saved = {k: v for k, v in without_remote_code(saved or {}).items() if k not in EXECUTION}  # how it ran
         cfg = RunConfig.model_validate(deep_update(saved, given))
-        if os.environ.get("PREFECT_API_URL"):  # a server to record it: the stage's flow, seen in the UI
-            from flows.pipeline import stage_flow
+        if os.environ.get("PREFECT_API_URL") or cfg.executor == "dask":  # the stage's flow, seen in the UI (Dask
+            from flows.pipeline import stage_flow  # workers report their task runs to a server: a temporary one here)
 
+            before_flows(cfg)
             outputs = stage_flow(self.name)(cfg=cfg, force=self.force)
         else:  # no server: the same work and checks in this process, with no orchestrator to import or start
             from flows.execute import run_stage_with

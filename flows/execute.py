@@ -15,17 +15,28 @@ from flows.runner import is_current, load_manifest, missing_upstream, paths_of, 
     start_manifest, timed
 from flows.stages import STAGES
 from tasks.core.config import RunConfig
+from tasks.core.fanout import Mapper, mapping_with
 from tasks.core.storage import RunPaths, key_lock
 from tasks.core.threads import set_threads
 
 log = logging.getLogger("clearflow")
 
 
+def fanout_mapper(cfg: RunConfig) -> Mapper | None:
+    """Where the stage's fanned-out jobs run: here (None), or on Dask (flows/scale.py, imported only then)."""
+    if cfg.executor == "local":
+        return None
+    from flows.scale import dask_mapper
+
+    return dask_mapper(cfg)
+
+
 def do_stage_work(stage_name: str, cfg: RunConfig) -> None:
     """The stage's plain function from tasks/, given only the config sections it declares."""
     stage = STAGES[stage_name]
     set_threads(cfg.threads)
-    stage.function()(stage.view(cfg), paths_of(cfg))
+    with mapping_with(fanout_mapper(cfg)):
+        stage.function()(stage.view(cfg), paths_of(cfg))
 
 
 def do_quality_check(stage_name: str, run_dir: str) -> dict:

@@ -12,6 +12,8 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import polars as pl
@@ -32,7 +34,8 @@ from tasks.core.activation_store import (
     store_root,
     vectors_table,
 )
-from tasks.core.config import ActivationConfig, RunConfig
+from tasks.core.config import ActivationConfig, ModelConfig, RunConfig
+from tasks.core.fanout import fan_out, fanned_out
 from tasks.activations.extraction import (  # noqa: F401  (re-exported: the stage's public extraction API)
     extract,
     inner_decoder,
@@ -231,6 +234,43 @@ def extract_shards(
         _ShardBuffer.release()
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to extract wherever it runs: only its own inputs, the options and the store it writes to."""
+
+    model: ModelConfig
+    act: ActivationConfig
+    store: ActivationStore
+    inputs: StoreInputs
+    shard: Shard
+    layers: tuple[int, ...]
+
+
+@lru_cache(maxsize=1)
+def _worker_model(model_json: str):
+    """The model and tokenizer, loaded once per worker process and kept for its later shards."""
+    cfg = ModelConfig.model_validate_json(model_json)
+    return load_model(cfg), load_tokenizer(cfg)
+
+
+def run_shard_job(job: ShardJob) -> str:
+    """Extract and write one shard (a fanned-out job; it may run on another machine); returns its file name."""
+    model, tok = _worker_model(job.model.model_dump_json())
+    if not job.store.shard_done(job.shard, job.layers):  # a retried job whose first try finished writes nothing
+        extract_shards(model, tok, job.store, job.inputs, [job.shard], list(job.layers), job.act, progress=False)
+    return job.shard.name
+
+
+def _extract(cfg: RunConfig, store: ActivationStore, inputs: StoreInputs, todo: list[Shard], layers: list[int]) -> None:
+    """The missing shards: here with one model and one progress bar, or as one fanned-out job per shard."""
+    if fanned_out():
+        jobs = [ShardJob(cfg.model, cfg.activations, store, *inputs.for_shard(s), tuple(layers)) for s in todo]
+        fan_out(run_shard_job, jobs, "activation-shard")
+        return
+    model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
+    extract_shards(model, tok, store, inputs, todo, layers, cfg.activations)
+
+
 def build_store(cfg: RunConfig, store: ActivationStore, inputs: StoreInputs, layers: list[int], dim: int) -> dict:
     """Extract every shard the store lacks (resuming after a kill), verify it, mark it complete; returns meta."""
     act = cfg.activations
@@ -244,8 +284,7 @@ def build_store(cfg: RunConfig, store: ActivationStore, inputs: StoreInputs, lay
     start = time.perf_counter()
     n_rows = sum(_shard_rows(inputs, s) for s in todo)
     if todo:
-        model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
-        extract_shards(model, tok, store, inputs, todo, layers, act)
+        _extract(cfg, store, inputs, todo, layers)
     seconds = time.perf_counter() - start
     store.verify(layers, shards, expected)
     meta = {

@@ -75,6 +75,20 @@ class StoreInputs:
             h.update(f"S\0{json.dumps(self.subjects)}\n".encode())
         return h.hexdigest()
 
+    def for_shard(self, shard: Shard) -> tuple[StoreInputs, Shard]:
+        """Only what one shard reads, with the shard re-based onto it (same name): what a remote worker is sent
+        instead of every input."""
+        if shard.kind == "last":
+            part = StoreInputs(keys=self.keys[shard.start : shard.stop], texts=self.texts[shard.start : shard.stop],
+                               sources=self.sources[shard.start : shard.stop],
+                               subjects=[(row - shard.start, s, e) for row, s, e in self.subjects
+                                         if shard.start <= row < shard.stop])
+        else:
+            part = StoreInputs(context_keys=self.context_keys[shard.start : shard.stop],
+                               contexts=self.contexts[shard.start : shard.stop],
+                               units=self.units[shard.start : shard.stop])
+        return part, Shard(shard.kind, shard.index, 0, shard.stop - shard.start)
+
     def n_rows(self, positions: Sequence[str]) -> dict[str, int]:
         """Rows per position kind this input yields (per layer)."""
         n_units = sum(len(u) for u in self.units)

@@ -275,6 +275,9 @@ class InsideOutConfig(Options):
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples of items for the confidence intervals.")
 
 
+EXECUTION = ("threads", "executor", "dask_address", "dask_workers")  # where and how fast, never what: not hashed
+
+
 class RunConfig(Options):
     """Everything one pipeline run needs; hashed into the manifest."""
 
@@ -287,6 +290,12 @@ class RunConfig(Options):
         None, ge=1, description="torch threads for the run's compute; default: the CPUs this process may use"
         " (OMP_NUM_THREADS when exported). Changes no result, only speed."
     )
+    executor: Literal["local", "dask"] = Field("local", description="Where fanned-out jobs (activation shards) run:"
+        " 'local', here in turn; 'dask', as Prefect tasks on a Dask cluster (the dask extra). Changes only speed.")
+    dask_address: str | None = Field(None, description="Scheduler of a running Dask cluster (tcp://host:8786) for"
+                                     " --executor dask; default: a local cluster of --dask-workers processes.")
+    dask_workers: int | None = Field(None, ge=1, description="Processes of the local Dask cluster (one torch thread"
+                                     " each); default: the usable CPUs.")
     dataset: str = Field("known-facts", description="Benchmark name.")
     data_path: Path | None = Field(None, description="Input file (or directory) of the dataset (known-facts: bundled).")
     limit: int | None = Field(None, ge=1, description="Use at most this many records (quick runs).")
@@ -313,6 +322,9 @@ class RunConfig(Options):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         """Options that only make sense together: relevant units need the filter, probes read extracted positions."""
+        both = self.dask_address and self.dask_workers
+        if (self.dask_address or self.dask_workers) and (self.executor == "local" or both):
+            raise ValueError("--dask-address or (for a local cluster) --dask-workers, with --executor dask")
         if self.activations.sentences == "relevant" and not self.decompose.relevance:
             raise ValueError("activations.sentences='relevant' needs decompose.relevance=true")
         if "last" not in self.activations.positions:
@@ -327,7 +339,7 @@ class RunConfig(Options):
 
     def digest(self, *sections: str) -> str:
         """Hash of the named sections (all when none) so a stage knows if its inputs changed."""
-        data = self.model_dump(mode="json", exclude={"run", "runs_dir", "threads"})
+        data = self.model_dump(mode="json", exclude={"run", "runs_dir", *EXECUTION})
         del data["evaluate"]["answer_cache"]  # where answers are kept changes no answer
         if data["finetune"]["seed"] is None:  # None = the run's seed: hashed as before the option existed
             del data["finetune"]["seed"]

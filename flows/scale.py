@@ -1,0 +1,125 @@
+"""`--executor dask`: a stage's fanned-out jobs (tasks/core/fanout.py) as Prefect tasks on a Dask cluster.
+
+Each job is a task run the UI shows, retried when it fails (a worker killed mid-job: Dask reschedules it, Prefect
+retries it), run on a Dask worker with as many torch threads as the worker has threads, so workers never
+oversubscribe the cores. The cluster is the one at --dask-address, or a LocalCluster of --dask-workers processes on
+127.0.0.1 that lives as long as the stage's jobs. Nothing here starts unless a stage fans out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from tasks.core.config import RunConfig
+from tasks.core.fanout import Mapper
+from tasks.core.progress import tqdm
+from tasks.core.threads import set_threads, usable_cpus
+
+log = logging.getLogger("clearflow")
+CONNECT_TIMEOUT_S = 10  # an unreachable scheduler is said within this, never a hang
+JOB_RETRIES = 2
+
+
+def run_job(fn: Callable[[Any], Any], job: Any, threads: int) -> Any:
+    """On the worker: torch on the worker's threads, then the job."""
+    set_threads(threads)
+    return fn(job)
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API this process reports to: the configured one, or the temporary server Prefect started here."""
+    from prefect.settings import get_current_settings
+
+    if url := get_current_settings().api.url:
+        return str(url)
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the process's one temporary server (a singleton)
+    return server.api_url if server.running else None
+
+
+def _local(url: str) -> bool:
+    return "127.0.0.1" in url or "localhost" in url
+
+
+def _runner(cfg: RunConfig) -> tuple[Any, int]:
+    """The DaskTaskRunner for cfg and the torch threads each of its workers gets. The workers report their task
+    runs to this process's Prefect API."""
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as err:
+        raise RuntimeError("--executor dask needs the dask extra: pip install 'clearflow[dask]'") from err
+    api = prefect_api_url()
+    quiet = "DASK_LOGGING__DISTRIBUTED" not in os.environ
+    if quiet:  # distributed's own INFO lines (nannies, comms) only when asked for, Dask's way; its warnings always
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+    if cfg.dask_address:
+        if not _local(cfg.dask_address) and (api is None or _local(api)):
+            log.warning("the Dask workers at %s report to the Prefect API at %s: it must be reachable from them"
+                        " (set PREFECT_API_URL to a server they can reach)", cfg.dask_address, api)
+        return DaskTaskRunner(address=cfg.dask_address, client_kwargs={"timeout": CONNECT_TIMEOUT_S}), 1
+    workers = cfg.dask_workers or usable_cpus()
+    threads = max(1, usable_cpus() // workers)
+    kwargs = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
+              "dashboard_address": "127.0.0.1:0", "memory_limit": 0,
+              "env": ({"PREFECT_API_URL": api} if api else {})
+              | ({"DASK_LOGGING__DISTRIBUTED": "warning"} if quiet else {})}
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs), threads
+
+
+def _unreachable(address: str, err: BaseException) -> RuntimeError:
+    return RuntimeError(f"cannot reach the Dask scheduler at {address} within {CONNECT_TIMEOUT_S} s"
+                        f" ({type(err).__name__}): start it (`dask scheduler`), or leave out --dask-address for a"
+                        " local cluster")
+
+
+def check_scheduler(cfg: RunConfig) -> None:
+    """Before any flow starts: a TCP connection to --dask-address, so a wrong address is said in seconds."""
+    if cfg.executor != "dask" or not cfg.dask_address:
+        return
+    where = urlsplit(cfg.dask_address if "://" in cfg.dask_address else f"tcp://{cfg.dask_address}")
+    try:
+        socket.create_connection((where.hostname, where.port or 8786), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise _unreachable(cfg.dask_address, err) from None
+
+
+def _start(runner: Any, cfg: RunConfig) -> Any:
+    """Enter the runner (connect or start the cluster); an unreachable scheduler is one clear line."""
+    try:
+        started = runner.__enter__()
+        started.client  # noqa: B018  (the runner connects, or starts its cluster, on first use: here, not mid-map)
+        return started
+    except (OSError, TimeoutError) as err:
+        raise _unreachable(str(cfg.dask_address), err) from None
+
+
+def dask_mapper(cfg: RunConfig) -> Mapper:
+    """A mapper that runs each job as a Prefect task on the configured Dask cluster, results in the jobs' order."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.utilities.annotations import unmapped
+
+    def run(fn: Callable[[Any], Any], jobs: Sequence[Any], name: str) -> list[Any]:
+        runner, threads = _runner(cfg)
+        job_task = task(run_job, name=name, cache_policy=NO_CACHE, retries=JOB_RETRIES, retry_delay_seconds=1)
+        started = _start(runner, cfg)
+        try:
+            where = cfg.dask_address or f"a local cluster of {cfg.dask_workers or usable_cpus()} workers"
+            log.info("%s: %d jobs on %s (%d torch thread(s) per worker)", name, len(jobs), where, threads)
+            futures = started.map(job_task, {"fn": unmapped(fn), "job": list(jobs), "threads": unmapped(threads)})
+            results = []
+            with tqdm(total=len(jobs), desc=name, unit="job", dynamic_ncols=True) as bar:
+                for future in futures:
+                    results.append(future.result())
+                    bar.update(1)
+            return results
+        finally:
+            runner.__exit__(None, None, None)
+
+    return run

@@ -1,42 +1,89 @@
-"""Benchmark of extraction on a Dask cluster against one local process (issue 14); run by hand, never in CI.
+"""Benchmark of extraction on a Dask cluster, and of the store on S3, against one local process (issue 14); run by
+hand, never in CI.
 
 On a run of the default benchmark (ingest and decompose done once, on --limit items) it extracts the activation
 store again and again, each time into a fresh store, the variants taking turns for --rounds rounds:
   local:    `clearflow stage activations --threads 1` (one process, one torch thread: the baseline);
   dask-1:   `--executor dask --dask-workers 1` (one worker process, one thread);
-  dask-2:   `--executor dask --dask-workers 2` (two worker processes, one thread each).
-The time is the stage's own extraction time (meta.json's `seconds`: from the first missing shard to the last, so
-model loading and the cluster's start are in it; the Prefect server's start is not). It prints the median seconds of
-each variant and its speed-up over local. Issue 14's target: dask-2 >= 1.6x local on 2 cores.
+  dask-2:   `--executor dask --dask-workers 2` (two worker processes, one thread each);
+  s3:       as local, into `--activations.store s3://bench/...` on an S3-compatible server (moto, a subprocess on
+            127.0.0.1 started here): every shard uploaded as written, the store published at the end.
+Three figures per variant, medians over the rounds:
+  seconds: the stage's own extraction time (meta.json's `seconds`: from the first missing shard to the last, so
+           model loading and the cluster's start are in it; the Prefect server's start is not);
+  steady rows/s: rows written per second once every worker has written its first shard (from the shard files'
+           modification times), i.e. throughput without the one-off start: what a long extraction converges to;
+  command seconds: the whole `clearflow stage activations` command (for s3: uploads and publishing included).
+Issue 14's targets: dask-2 >= 1.6x local (seconds) on 2 cores; s3 within 1.3x of local (command seconds).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scale.py [--limit 150] [--rounds 2] [--model NAME]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scale.py [--limit 804] [--rounds 2] [--positions last,ctx_last]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 CLI = [sys.executable, "-m", "flows.cli"]
+WORKERS = {"dask-2": 2}  # worker processes of a variant (default 1)
 VARIANTS = {
     "local": ["--threads", "1"],
     "dask-1": ["--executor", "dask", "--dask-workers", "1"],
     "dask-2": ["--executor", "dask", "--dask-workers", "2"],
+    "s3": ["--threads", "1"],
 }
-TARGET = 1.6
+TARGET, S3_TARGET = 1.6, 1.3
+BUCKET = "bench"
 
 
-def clearflow(*args: str, env: dict[str, str]) -> None:
+def clearflow(*args: str, env: dict[str, str]) -> float:
+    """Run one clearflow command; its wall seconds."""
+    start = time.perf_counter()
     done = subprocess.run([*CLI, *args], cwd=HERE.parent, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"clearflow {' '.join(args[:2])} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+@contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """moto's S3 server on 127.0.0.1 with the benchmark's bucket; yields the environment that reaches it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        for _ in range(300):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            time.sleep(0.1)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="bench",
+                     aws_secret_access_key="bench", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def extraction_seconds(store: Path) -> tuple[float, int]:
@@ -45,42 +92,65 @@ def extraction_seconds(store: Path) -> tuple[float, int]:
     return float(data["seconds"]), int(data["n_rows"])
 
 
+def steady_rate(store: Path, workers: int) -> float:
+    """Rows per second after each of `workers` workers wrote its first shard (one layer's files, by mtime)."""
+    layer = sorted(p for p in next(store.glob("*/meta.json")).parent.iterdir() if p.is_dir())[0]
+    files = sorted(layer.glob("part-*.parquet"), key=lambda f: f.stat().st_mtime)
+    if len(files) <= workers:
+        return float("nan")
+    start = files[workers - 1].stat().st_mtime
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files[workers:])
+    return rows / max(files[-1].stat().st_mtime - start, 1e-9)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=150, help="items of the default benchmark")
+    parser.add_argument("--limit", type=int, default=804, help="items of the default benchmark (804: all)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default=None, help="model name or path (default: the embedded SmolLM2)")
     parser.add_argument("--shard-rows", type=int, default=64, help="rows per shard (one job per shard)")
+    parser.add_argument("--positions", default="last", help="activations.positions, comma-separated")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))
     from timing import machine_note  # benchmarks/timing.py
 
-    print(f"limit={args.limit} rounds={args.rounds} shard_rows={args.shard_rows}; {machine_note()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"HF_HUB_OFFLINE": "1"}
+    from tasks.core.remote_store import mirror_root
+
+    print(f"limit={args.limit} rounds={args.rounds} shard_rows={args.shard_rows} positions={args.positions};"
+          f" {machine_note()}")
+    with tempfile.TemporaryDirectory() as tmp, s3_server() as s3_env:
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"HF_HUB_OFFLINE": "1"} | s3_env
         run = ["--run", "bench", "--runs-dir", f"{tmp}/runs", "--limit", str(args.limit),
-               "--activations.shard-rows", str(args.shard_rows)]
+               "--activations.shard-rows", str(args.shard_rows), "--activations.positions", args.positions]
         if args.model:
             run += ["--model.name", args.model]
         clearflow("stage", "ingest", *run, env=env)
         clearflow("stage", "decompose", *run, env=env)
-        taken: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in VARIANTS}
         rows = 0
         for r in range(args.rounds):
             for name, options in VARIANTS.items():
                 store = Path(tmp) / f"store-{name}-{r}"
-                clearflow("stage", "activations", *run, "--activations.store", str(store), *options, env=env)
+                where = f"s3://{BUCKET}/{name}-{r}" if name == "s3" else str(store)
+                command = clearflow("stage", "activations", *run, "--activations.store", where, *options, env=env)
+                if name == "s3":
+                    store = mirror_root(where)
                 seconds, rows = extraction_seconds(store)
-                taken[name].append(seconds)
-                print(f"round {r + 1} {name}: {seconds:.1f} s")
-    median = {name: statistics.median(values) for name, values in taken.items()}
+                figures[name].append((seconds, steady_rate(store, WORKERS.get(name, 1)), command))
+                print(f"round {r + 1} {name}: {seconds:.1f} s, steady {figures[name][-1][1]:.1f} rows/s,"
+                      f" command {command:.1f} s")
+    med = {name: [statistics.median(column) for column in zip(*values)] for name, values in figures.items()}
     print(f"\n{rows} rows per layer; median of {args.rounds} rounds")
-    print("| variant | seconds | speed-up over local | |")
-    print("| --- | --- | --- | --- |")
-    for name, seconds in median.items():
-        ratio = median["local"] / seconds
-        verdict = ("PASS" if ratio >= TARGET else "FAIL") if name == "dask-2" else ""
-        print(f"| {name} | {seconds:.1f} | {ratio:.2f}x | {verdict} |")
+    print("| variant | seconds | speed-up | steady rows/s | steady speed-up | command s | command ratio | target |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, (seconds, rate, command) in med.items():
+        ratio, steady, slower = med["local"][0] / seconds, rate / med["local"][1], command / med["local"][2]
+        verdict = {"dask-2": "PASS" if ratio >= TARGET else "FAIL",
+                   "s3": "PASS" if slower <= S3_TARGET else "FAIL"}.get(name, "")
+        shown = "n/a" if math.isnan(steady) else f"{steady:.2f}x"
+        print(f"| {name} | {seconds:.1f} | {ratio:.2f}x | {rate:.1f} | {shown} | {command:.1f} | {slower:.2f}x |"
+              f" {verdict} |")
     print(f"at end: {machine_note()}")
 
 

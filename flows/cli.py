@@ -17,6 +17,7 @@ from flows.children import prepare_orchestrator
 from flows.presets import PRESETS, deep_update, preset_config, preset_help, without_remote_code
 from flows.stages import ORDER, STAGES
 from tasks.core.config import EXECUTION, IngestConfig, RunConfig
+from tasks.core.remote_store import check_remote, is_remote
 
 log = logging.getLogger("clearflow")
 StageName = Literal["ingest", "decompose", "activations", "probes", "finetune", "evaluate", "insideout", "report"]
@@ -27,11 +28,14 @@ PRESET_HELP = "Named set of options applied before the options given (`clearflow
 
 
 def before_flows(cfg: RunConfig) -> None:
-    """What a command checks and starts before its flows: the Dask scheduler it names, then Prefect."""
+    """What a command checks and starts before its flows: the Dask scheduler and remote store it names, then
+    Prefect (each unreachable one is a line in seconds, not a failure mid-run)."""
     if cfg.executor == "dask":
         from flows.scale import check_scheduler
 
         check_scheduler(cfg)
+    if is_remote(store := cfg.activations.store or os.environ.get("CLEARFLOW_STORE")):
+        check_remote(store)
     prepare_orchestrator()
 
 

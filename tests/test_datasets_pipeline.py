@@ -31,7 +31,7 @@ def _cfg(dataset: str, data_path, tiny_model: str, runs_dir, **extra) -> RunConf
             "data_path": str(data_path),
             "limit": 40,
             "model": {"name": tiny_model},
-            "finetune": {"max_items": 2, "max_length": 192},
+            "finetune": {"max_items": 2, "max_length": 192, "compile": False},  # compiling: tests/test_finetune.py
             "evaluate": {"max_new_tokens": 3, "bootstrap": 20, "methods": ["full_context", "clear"]},
             **extra,
         }

@@ -166,3 +166,18 @@ def test_mlp_fold_probes_reuse_the_chosen_epochs_and_seed():
     for k, probe in folds.items():
         assert probe.meta["seed"] == 4 and probe.meta["l2"] == 3.0
         assert same_tensors(probe, fit_mlp(X[pool & (fold != k)], y[pool & (fold != k)], 3, seed=4))
+
+
+def test_diffmean_on_paired_identical_vectors_is_a_chance_probe_not_an_error(tmp_path):
+    """At a subject's last token a causal model has not read the object: each true/false pair has one vector. The
+    difference of means is then zero; the probe says the train base rate for every row (chance), and reloads."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(10, 8)).astype(np.float32)
+    X, y = np.concatenate([base, base, base]), np.array([0] * 10 + [1] * 10 + [0] * 10)  # same mean per label
+    probe = KINDS["diffmean"].fit(X, y, 1.0, 0)
+    np.testing.assert_allclose(probe.predict_proba(rng.normal(size=(4, 8))), 1 / 3, rtol=0, atol=1e-6)
+    reloaded = KINDS["diffmean"].load(probe.save(tmp_path / "p.safetensors"))
+    np.testing.assert_array_equal(reloaded.predict_proba(base), probe.predict_proba(base))
+    moved = X + np.where(y[:, None] == 1, 0.5, 0.0)  # a real difference: a direction again, along the shift
+    shifted = KINDS["diffmean"].fit(moved, y, 1.0, 0)
+    np.testing.assert_allclose(shifted.weight / np.linalg.norm(shifted.weight), np.full(8, 8 ** -0.5), rtol=1e-5)

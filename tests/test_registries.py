@@ -153,7 +153,7 @@ def test_throwaway_entries_run_through_the_pipeline(throwaway_entries, tiny_mode
         "run": "throwaway", "runs_dir": str(tmp_path / "runs"), "dataset": TINY,
         "data_path": str(fixtures.write_toy(_mkdir(tmp_path / "data"))), "limit": 40, "model": {"name": tiny_model},
         "probe": {"kinds": ["logistic", "centroid"], "select_kind": "centroid"},
-        "finetune": {"max_items": 2, "max_length": 192}, "evaluate": {"max_new_tokens": 3, "bootstrap": 20},
+        "finetune": {"max_items": 2, "max_length": 192, "compile": False}, "evaluate": {"max_new_tokens": 3, "bootstrap": 20},
     })  # evaluate.methods unset: every registered method, the throwaway one included
     pipeline_flow(cfg=cfg)
     paths = RunPaths(cfg.runs_dir / "throwaway")

@@ -30,7 +30,7 @@ def _tiny_config(tiny_model: str, runs_dir: Path) -> RunConfig:
             "runs_dir": str(runs_dir),
             "limit": 60,
             "model": {"name": tiny_model},
-            "finetune": {"max_items": 4, "max_length": 256},
+            "finetune": {"max_items": 4, "max_length": 256, "compile": False},  # compiling: tests/test_finetune.py
             "evaluate": {"max_new_tokens": 4, "bootstrap": 50},
         }
     )

@@ -29,6 +29,7 @@ from tasks.core.activation_store import (
     StoreInputs,
     disk_estimate,
     human_bytes,
+    configured_store,
     plan_shards,
     store_key,
     store_root,
@@ -45,6 +46,7 @@ from tasks.activations.extraction import (  # noqa: F401  (re-exported: the stag
     resolve_layers,
 )
 from tasks.activations.subject import iter_last_and_subject, subject_spans
+from tasks.core.remote_store import is_remote
 from tasks.core.models import load_model, load_tokenizer, model_fingerprint, model_shape
 from tasks.core.storage import RunPaths, model_slug, read_table, text_key
 
@@ -277,6 +279,8 @@ def build_store(cfg: RunConfig, store: ActivationStore, inputs: StoreInputs, lay
     expected = inputs.n_rows(act.positions)
     shards = plan_shards(inputs, act.positions, act.shard_rows)
     swept = store.sweep_partials()
+    if store.remote:  # resume from the shards the remote copy holds (another machine's, or a killed run's)
+        store.mirror().pull()
     todo = [s for s in shards if not store.shard_done(s, layers)]
     _announce(store, inputs, sum(expected.values()), layers, dim, act, len(todo), len(shards))
     if swept or len(todo) < len(shards):
@@ -285,6 +289,8 @@ def build_store(cfg: RunConfig, store: ActivationStore, inputs: StoreInputs, lay
     n_rows = sum(_shard_rows(inputs, s) for s in todo)
     if todo:
         _extract(cfg, store, inputs, todo, layers)
+        if store.remote:  # shards written by workers on other machines reached only the remote copy
+            store.mirror().pull()
     seconds = time.perf_counter() - start
     store.verify(layers, shards, expected)
     meta = {
@@ -298,6 +304,8 @@ def build_store(cfg: RunConfig, store: ActivationStore, inputs: StoreInputs, lay
         "seconds": round(seconds, 3), "sentences_per_s": round(n_rows / seconds, 2) if seconds > 0 and n_rows else None,
     }
     store.finish(meta)
+    if store.remote:
+        store.mirror().publish()
     log.info("activations: %d rows in %.1f s (%.1f sentences/s)", n_rows, seconds, n_rows / max(seconds, 1e-9))
     return meta
 
@@ -312,7 +320,9 @@ def open_store(cfg: RunConfig, inputs: StoreInputs) -> tuple[ActivationStore, li
         "positions": sorted(act.positions), "storage_dtype": act.storage_dtype, "shard_rows": act.shard_rows,
         "inputs": inputs.digest(),
     }
-    return ActivationStore(store_root(act.store), store_key(identity)), layers, dim
+    where = configured_store(act.store)
+    remote = where if is_remote(where) else None
+    return ActivationStore(store_root(where), store_key(identity), remote), layers, dim
 
 
 def run_activations(cfg: RunConfig, paths: RunPaths) -> None:
@@ -322,6 +332,10 @@ def run_activations(cfg: RunConfig, paths: RunPaths) -> None:
         raise ValueError("no statements or sentences to extract activations for")
     store, layers, dim = open_store(cfg, inputs)
     with store.lock():  # a second run of the same key waits here, then finds the store complete
+        if store.remote and not store.complete():
+            store.mirror().pull()  # a store another machine finished arrives whole, meta.json last
+        if store.complete() and store.remote and not store.mirror().complete():
+            store.mirror().publish()  # finished here before the remote copy was (a run killed while publishing)
         if store.complete():
             log.info("activations: store hit %s (%d rows x %d layers): no model loaded", store.key,
                      store.meta()["n_rows"], len(layers))

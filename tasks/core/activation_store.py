@@ -29,6 +29,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from schemas.tables import activations_schema
+from tasks.core.remote_store import Remote, is_remote, mirror_root
 from tasks.core.storage import atomic_path, cache_root, key_lock, model_slug, write_json
 
 STORE_FORMAT = 1  # bump when the layout or the meaning of a stored vector changes
@@ -124,13 +125,15 @@ def plan_shards(inputs: StoreInputs, positions: Sequence[str], shard_rows: int) 
     return shards
 
 
-def store_root(configured: Path | None = None) -> Path:
-    """Where stores live: the configured path, $CLEARFLOW_STORE, or the clearflow cache."""
+def configured_store(configured: str | Path | None = None) -> str:
+    """The store root asked for: the configured path or URL, $CLEARFLOW_STORE, or the clearflow cache."""
+    return str(configured or os.environ.get("CLEARFLOW_STORE") or cache_root() / "activations")
 
-    if configured is not None:
-        return Path(configured).expanduser()
-    env = os.environ.get("CLEARFLOW_STORE")
-    return Path(env).expanduser() if env else cache_root() / "activations"
+
+def store_root(configured: str | Path | None = None) -> Path:
+    """Where stores live on this machine: the configured directory, or the local mirror of a remote store."""
+    where = configured_store(configured)
+    return mirror_root(where) if is_remote(where) else Path(where.removeprefix("file://")).expanduser()
 
 
 def store_key(identity: dict[str, Any]) -> str:
@@ -174,10 +177,13 @@ def write_shard_file(table: pa.Table, path: Path) -> None:
 @dataclass(frozen=True)
 class ActivationStore:
     """One store directory, `root/key`: a content-addressed store (key = its content key) or a run's linked copy
-    (root = the run's activations/, key = ``model=<slug>``). The writer fills it shard by shard; readers `open` it."""
+    (root = the run's activations/, key = ``model=<slug>``). The writer fills it shard by shard; readers `open` it.
+    A store with a `remote` URL is the local mirror of `<remote>/<key>` (tasks/core/remote_store.py): every shard
+    written is also uploaded."""
 
     root: Path
     key: str
+    remote: str | None = None
 
     @classmethod
     def open(cls, path: Path | str, model: str | None = None) -> ActivationStore:
@@ -308,6 +314,14 @@ class ActivationStore:
     def write_shard(self, shard: Shard, tables: dict[int, pa.Table]) -> None:
         for layer, table in tables.items():
             write_shard_file(table, self.layer_dir(layer) / shard.name)
+        if self.remote:
+            mirror = self.mirror()
+            for layer in tables:
+                mirror.push(f"layer={layer}/{shard.name}")
+
+    def mirror(self) -> Remote:
+        """The remote copy this store mirrors (a store with a remote URL)."""
+        return Remote(str(self.remote), self.key, self.dir)
 
     def verify(self, layers: Sequence[int], shards: Sequence[Shard], expected: dict[str, int]) -> None:
         """Refuse to finish a store with a missing shard, a duplicate row or a row count off the inputs."""

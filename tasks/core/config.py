@@ -6,9 +6,9 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 RUN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$"  # one path component: no separator, no '..', no hidden directory
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
@@ -144,8 +144,9 @@ class ActivationConfig(Options):
     shard_rows: int = Field(512, ge=1, description="Input rows per shard: memory holds one shard's vectors, and a"
                             " killed extraction resumes at the first unfinished shard.")
     context_batch_size: int = Field(8, ge=1, description="Contexts per forward pass for the ctx_* positions.")
-    store: Path | None = Field(None, description="Content-addressed activation store shared by runs; None ="
-                               " $CLEARFLOW_STORE or <cache>/activations.")
+    store: Annotated[str | None, BeforeValidator(lambda v: v and str(v))] = Field(
+        None, description="Content-addressed activation store shared by runs: a directory or a URL"
+        " (s3://bucket/prefix, the s3 extra); None = $CLEARFLOW_STORE or <cache>/activations.")
 
 
 class ProbeConfig(Options):

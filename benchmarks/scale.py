@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -43,8 +44,8 @@ CLI = [sys.executable, "-m", "flows.cli"]
 WORKERS = {"dask-2": 2}  # worker processes of a variant (default 1)
 VARIANTS = {
     "local": ["--threads", "1"],
-    "dask-1": ["--executor", "dask", "--dask-workers", "1"],
-    "dask-2": ["--executor", "dask", "--dask-workers", "2"],
+    "dask-1": ["--executor", "dask", "--dask-workers", "1", "--threads", "1"],
+    "dask-2": ["--executor", "dask", "--dask-workers", "2", "--threads", "1"],
     "s3": ["--threads", "1"],
 }
 TARGET, S3_TARGET = 1.6, 1.3
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model name or path (default: the embedded SmolLM2)")
     parser.add_argument("--shard-rows", type=int, default=64, help="rows per shard (one job per shard)")
     parser.add_argument("--positions", default="last", help="activations.positions, comma-separated")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants, comma-separated (local always)")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
@@ -127,12 +129,13 @@ def main() -> None:
             run += ["--model.name", args.model]
         clearflow("stage", "ingest", *run, env=env)
         clearflow("stage", "decompose", *run, env=env)
-        figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in VARIANTS}
+        chosen = {"local": VARIANTS["local"]} | {n: VARIANTS[n] for n in args.variants.split(",") if n != "local"}
+        figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in chosen}
         rows = 0
         for r in range(args.rounds):
-            for name, options in VARIANTS.items():
+            for name, options in chosen.items():
                 store = Path(tmp) / f"store-{name}-{r}"
-                where = f"s3://{BUCKET}/{name}-{r}" if name == "s3" else str(store)
+                where = f"s3://{BUCKET}/{Path(tmp).name}/{r}" if name == "s3" else str(store)
                 command = clearflow("stage", "activations", *run, "--activations.store", where, *options, env=env)
                 if name == "s3":
                     store = mirror_root(where)
@@ -140,6 +143,7 @@ def main() -> None:
                 figures[name].append((seconds, steady_rate(store, WORKERS.get(name, 1)), command))
                 print(f"round {r + 1} {name}: {seconds:.1f} s, steady {figures[name][-1][1]:.1f} rows/s,"
                       f" command {command:.1f} s")
+            shutil.rmtree(mirror_root(f"s3://{BUCKET}/{Path(tmp).name}"), ignore_errors=True)  # the s3 mirrors
     med = {name: [statistics.median(column) for column in zip(*values)] for name, values in figures.items()}
     print(f"\n{rows} rows per layer; median of {args.rounds} rounds")
     print("| variant | seconds | speed-up | steady rows/s | steady speed-up | command s | command ratio | target |")

@@ -48,8 +48,8 @@ def _local(url: str) -> bool:
 
 
 def _runner(cfg: RunConfig) -> tuple[Any, int]:
-    """The DaskTaskRunner for cfg and the torch threads each of its workers gets. The workers report their task
-    runs to this process's Prefect API."""
+    """The DaskTaskRunner for cfg and the torch threads each of its workers gets (--threads, else the CPUs shared
+    out over a local cluster's workers, else 1). The workers report their task runs to this process's Prefect API."""
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as err:
@@ -62,9 +62,9 @@ def _runner(cfg: RunConfig) -> tuple[Any, int]:
         if not _local(cfg.dask_address) and (api is None or _local(api)):
             log.warning("the Dask workers at %s report to the Prefect API at %s: it must be reachable from them"
                         " (set PREFECT_API_URL to a server they can reach)", cfg.dask_address, api)
-        return DaskTaskRunner(address=cfg.dask_address, client_kwargs={"timeout": CONNECT_TIMEOUT_S}), 1
+        return DaskTaskRunner(address=cfg.dask_address, client_kwargs={"timeout": CONNECT_TIMEOUT_S}), cfg.threads or 1
     workers = cfg.dask_workers or usable_cpus()
-    threads = max(1, usable_cpus() // workers)
+    threads = cfg.threads or max(1, usable_cpus() // workers)  # --threads: per worker
     kwargs = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
               "dashboard_address": "127.0.0.1:0", "memory_limit": 0,
               "env": ({"PREFECT_API_URL": api} if api else {})

@@ -183,7 +183,7 @@ def _remote_tables(client, prefix: str) -> dict[str, object]:
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", [])]
     (meta,) = [k for k in keys if k.endswith("/meta.json")]
     store = meta.rsplit("/", 1)[0]
-    assert not [k for k in keys if k.endswith(".tmp")], keys
+    assert not [k for k in keys if "/.tmp/" in k], keys  # every upload published, none left half-done
     return {k[len(store) + 1:]: pq.read_table(io.BytesIO(client.get_object(Bucket=BUCKET, Key=k)["Body"].read()))
             for k in sorted(keys) if k.endswith(".parquet")}
 

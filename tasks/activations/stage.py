@@ -260,6 +260,8 @@ def run_shard_job(job: ShardJob) -> str:
     model, tok = _worker_model(job.model.model_dump_json())
     if not job.store.shard_done(job.shard, job.layers):  # a retried job whose first try finished writes nothing
         extract_shards(model, tok, job.store, job.inputs, [job.shard], list(job.layers), job.act, progress=False)
+    if job.store.remote:  # the job is done once its shard is published, not merely queued
+        job.store.mirror().wait()
     return job.shard.name
 
 
@@ -289,7 +291,8 @@ def build_store(cfg: RunConfig, store: ActivationStore, inputs: StoreInputs, lay
     n_rows = sum(_shard_rows(inputs, s) for s in todo)
     if todo:
         _extract(cfg, store, inputs, todo, layers)
-        if store.remote:  # shards written by workers on other machines reached only the remote copy
+        if store.remote:  # this process's uploads done; shards workers on other machines wrote are only remote
+            store.mirror().wait()
             store.mirror().pull()
     seconds = time.perf_counter() - start
     store.verify(layers, shards, expected)

@@ -314,10 +314,8 @@ class ActivationStore:
     def write_shard(self, shard: Shard, tables: dict[int, pa.Table]) -> None:
         for layer, table in tables.items():
             write_shard_file(table, self.layer_dir(layer) / shard.name)
-        if self.remote:
-            mirror = self.mirror()
-            for layer in tables:
-                mirror.push(f"layer={layer}/{shard.name}")
+        if self.remote:  # uploaded while the next shard is computed; the writer waits before it verifies
+            self.mirror().push_later(*(f"layer={layer}/{shard.name}" for layer in tables))
 
     def mirror(self) -> Remote:
         """The remote copy this store mirrors (a store with a remote URL)."""

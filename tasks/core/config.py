@@ -288,8 +288,8 @@ class RunConfig(Options):
     )
     runs_dir: Path = Field(Path("data/runs"), description="Where run directories live.")
     threads: int | None = Field(
-        None, ge=1, description="torch threads for the run's compute; default: the CPUs this process may use"
-        " (OMP_NUM_THREADS when exported). Changes no result, only speed."
+        None, ge=1, description="torch threads for the run's compute (per worker with --executor dask); default: the"
+        " CPUs this process may use (OMP_NUM_THREADS when exported). Changes no result, only speed."
     )
     executor: Literal["local", "dask"] = Field("local", description="Where fanned-out jobs (activation shards) run:"
         " 'local', here in turn; 'dask', as Prefect tasks on a Dask cluster (the dask extra). Changes only speed.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,11 @@ from tasks.core.storage import atomic_path, cache_root
 
 log = logging.getLogger(__name__)
 S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}}  # no hang on a dead endpoint
+CHECK_READ_TIMEOUT = 5  # the first contact: an endpoint that accepts but never answers is said in ~10 s
 META = "meta.json"
+TEMP = ".tmp"  # the prefix, inside a store, of uploads not yet published
+_UPLOADER: ThreadPoolExecutor | None = None  # one upload thread per process, started by the first upload
+_PENDING: dict[str, list[Future]] = {}  # per remote store directory, its queued uploads
 
 
 def is_remote(store: str | Path | None) -> bool:
@@ -40,17 +45,21 @@ def mirror_root(url: str) -> Path:
 
 
 @lru_cache(maxsize=8)
-def _filesystem(url: str) -> tuple[Any, str]:
-    """The fsspec file system of a URL (the dependency is the s3 extra's) and the root path in it."""
+def _filesystem(url: str, read_timeout: int | None = None) -> tuple[Any, str]:
+    """The fsspec file system of a URL (the dependency is the s3 extra's) and the root path in it; a read_timeout
+    also turns off s3fs's own retries (for the first contact)."""
     try:
         from fsspec.core import url_to_fs
     except ImportError as err:  # pragma: no cover - fsspec comes with the s3 extra
         raise RuntimeError(f"{url}: a remote store needs the s3 extra: pip install 'clearflow[s3]'") from err
-    kwargs = {"config_kwargs": S3_CONFIG} if urlsplit(url).scheme in ("s3", "s3a") else {}
+    s3 = urlsplit(url).scheme in ("s3", "s3a")
+    config = S3_CONFIG | ({"read_timeout": read_timeout} if read_timeout else {})
     try:
-        fs, root = url_to_fs(url, **kwargs)
+        fs, root = url_to_fs(url, **({"config_kwargs": config} if s3 else {}))
     except ImportError as err:
         raise RuntimeError(f"{url}: {err} (the s3 extra: pip install 'clearflow[s3]')") from None
+    if s3 and read_timeout:
+        fs.retries = 1
     return fs, root.rstrip("/")
 
 
@@ -60,8 +69,9 @@ def remote_error(url: str, err: BaseException) -> RuntimeError:
     if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
         why = "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
     elif names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionError", "ConnectionRefusedError"}:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default"
-        why = f"cannot reach the endpoint ({endpoint}; set AWS_ENDPOINT_URL for another)"
+        why = f"cannot reach the endpoint ({_endpoint()}; set AWS_ENDPOINT_URL for another)"
+    elif names & {"ReadTimeoutError", "SocketTimeoutError", "TimeoutError", "FSTimeoutError"}:
+        why = f"the endpoint ({_endpoint()}) accepts connections but does not answer: is it an S3 server?"
     elif isinstance(err, FileNotFoundError):
         why = f"bucket {urlsplit(url).netloc!r} does not exist: create it, or name another"
     elif isinstance(err, PermissionError):
@@ -71,9 +81,13 @@ def remote_error(url: str, err: BaseException) -> RuntimeError:
     return RuntimeError(f"activation store {url}: {why}")
 
 
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default"
+
+
 def check_remote(url: str) -> None:
     """Reach the store's bucket once, before any work, so a wrong endpoint, key or bucket is said at once."""
-    fs, root = _filesystem(url)
+    fs, root = _filesystem(url, CHECK_READ_TIMEOUT)
     bucket = root.split("/", 1)[0]
     try:
         if hasattr(fs, "call_s3"):
@@ -106,23 +120,42 @@ class Remote:
             raise RuntimeError(f"{remote_error(self.url, _unwrap(err))} (while {what})") from err
 
     def listing(self) -> dict[str, int]:
-        """Relative path -> size of every finished file of the remote store (temporary keys left out)."""
+        """Relative path -> size of every finished file of the remote store (temporary keys left out), as the
+        server has it now (not fsspec's cached listing: other processes write here too)."""
+        self.fs.invalidate_cache(self.dir)
         if not self._call("listing", self.fs.exists, self.dir):
             return {}
         found = self._call("listing", self.fs.find, self.dir, detail=True)
-        return {path[len(self.dir) + 1:]: int(info["size"]) for path, info in found.items()
-                if not Path(path).name.startswith(".")}
+        relative = {path[len(self.dir) + 1:]: int(info["size"]) for path, info in found.items()}
+        return {path: size for path, size in relative.items() if not path.startswith(f"{TEMP}/")}
 
     def complete(self) -> bool:
+        self.fs.invalidate_cache(self.dir)
         return bool(self._call("checking", self.fs.exists, f"{self.dir}/{META}"))
 
-    def push(self, relative: str) -> None:
-        """Upload one local file: to a temporary key, then moved to its name (a reader never sees a part)."""
-        target = f"{self.dir}/{relative}"
-        parent, name = target.rsplit("/", 1)
-        temp = f"{parent}/.{name}.tmp"
-        self._call(f"uploading {relative}", self.fs.put_file, str(self.local_dir / relative), temp)
-        self._call(f"publishing {relative}", self.fs.mv, temp, target)
+    def push(self, *relatives: str) -> None:
+        """Upload local files: each under the temporary prefix `.tmp/`, then copied to its name (a reader never sees
+        a part); the files go together (s3fs sends them concurrently, and deletes the temporary keys in one request).
+        fsspec pairs list arguments after sorting them, so the lists are sorted and share their order."""
+        relatives = sorted(relatives)
+        targets = [f"{self.dir}/{r}" for r in relatives]
+        temps = [f"{self.dir}/{TEMP}/{r}" for r in relatives]
+        what = relatives[0] if len(relatives) == 1 else f"{len(relatives)} files"
+        self._call(f"uploading {what}", self.fs.put, [str(self.local_dir / r) for r in relatives], temps)
+        self._call(f"publishing {what}", self.fs.copy, temps, targets)
+        self._call(f"publishing {what}", self.fs.rm, temps)
+
+    def push_later(self, *relatives: str) -> None:
+        """`push` on this process's upload thread, so the next shard's forward passes overlap the upload; `wait`
+        collects it."""
+        global _UPLOADER
+        _UPLOADER = _UPLOADER or ThreadPoolExecutor(1, thread_name_prefix="clearflow-upload")
+        _PENDING.setdefault(self.dir, []).append(_UPLOADER.submit(self.push, *relatives))
+
+    def wait(self) -> None:
+        """Until every upload `push_later` queued for this store is done; the first failure is raised."""
+        for future in _PENDING.pop(self.dir, []):
+            future.result()
 
     def pull(self) -> int:
         """Download every finished remote file the mirror lacks (meta.json only once all the rest are here)."""
@@ -139,8 +172,8 @@ class Remote:
         """Upload what the remote copy lacks of the finished local store, check the listing, then meta.json."""
         local = {str(p.relative_to(self.local_dir)): p.stat().st_size for p in self.local_dir.rglob("*.parquet")}
         remote = self.listing()
-        for relative in sorted(p for p, size in local.items() if remote.get(p) != size):
-            self.push(relative)
+        if missing := sorted(p for p, size in local.items() if remote.get(p) != size):
+            self.push(*missing)
         remote = self.listing()
         wrong = sorted(p for p, size in local.items() if remote.get(p) != size)
         if wrong:

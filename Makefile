@@ -44,8 +44,12 @@ browser:
 	    $(SUDO) apt-get update -q >/dev/null && \
 	    $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }; }
 
+# Two pytest workers (pytest-xdist), a test module per worker at a time (module fixtures built once): most tests
+# spend their time in one thread (Prefect, imports, subprocesses), so two halve the suite on 2 cores. JOBS=1 for
+# one process.
+JOBS    ?= 2
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadscope) $(ARGS)
 
 clean-runs:
 	rm -rf data/runs

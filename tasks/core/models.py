@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tasks.core.config import ModelConfig
-from tasks.core.storage import cache_root
+from tasks.core.storage import cache_root, key_lock
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ def resolve_model_path(name: str) -> str:
         package, gguf_file = EMBEDDED[name]
         out_dir = cache_root() / "models" / name
         if not (out_dir / "config.json").exists():
-            convert_gguf(_embedded_dir(package), gguf_file, out_dir)
+            with key_lock(out_dir.parent / ".locks" / f"{name}.lock", f"converting {name}"):
+                if not (out_dir / "config.json").exists():  # another process may have converted it meanwhile
+                    convert_gguf(_embedded_dir(package), gguf_file, out_dir)
         return str(out_dir)
     return name
 
@@ -130,10 +132,10 @@ def tiny_model_dir(out_dir: Path, layers: int = 4, hidden: int = 64, seed: int =
     """Build a tiny random-weight Llama with a real tokenizer, for tests (no hub needed)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tok_src = resolve_model_path("smollm2-135m")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tok_src)
+    package, gguf_file = EMBEDDED["smollm2-135m"]  # its tokenizer only: read from the GGUF, no weights converted
+    tok = AutoTokenizer.from_pretrained(_embedded_dir(package), gguf_file=gguf_file)
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden,

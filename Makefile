@@ -46,10 +46,15 @@ browser:
 
 # Two pytest workers (pytest-xdist), a test module per worker at a time (module fixtures built once): most tests
 # spend their time in one thread (Prefect, imports, subprocesses), so two halve the suite on 2 cores. JOBS=1 for
-# one process.
+# one process. Tests run in a random order (pytest-randomly); the seed is printed, and SEED=N repeats an order.
 JOBS    ?= 2
+ifndef SEED
+SEED    := $(shell od -An -N3 -tu4 /dev/urandom | tr -d ' ')
+endif
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q --durations=15 $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadscope) $(ARGS)
+	@echo "make test: test order seed $(SEED) (make test SEED=$(SEED) repeats this order)"
+	$(BIN)/python -m pytest -q --durations=15 -p randomly --randomly-seed=$(SEED) \
+	  $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadscope) $(ARGS)
 
 clean-runs:
 	rm -rf data/runs

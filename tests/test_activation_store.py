@@ -281,16 +281,20 @@ def test_kill_9_mid_extraction_then_rerun_completes_without_duplicates(tiny_cfg,
     env = {**os.environ, "CLEARFLOW_STORE": str(tmp_path / "store"), "PYTHONPATH": str(Path(__file__).parents[1])}
     store, layers, _ = open_store(cfg.model_copy(update={"activations": cfg.activations.model_copy(
         update={"store": tmp_path / "store"})}), collect_inputs(paths, cfg.activations))
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(cfg_file)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while len(list(store.layer_dir(2).glob("part-*.parquet"))) < 3 and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    out = tmp_path / "child.log"  # the child's output, shown when the kill misses
+    with out.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(cfg_file)], env=env, stdout=sink,
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while len(list(store.layer_dir(2).glob("part-*.parquet"))) < 3 and time.monotonic() < deadline:
+            assert proc.poll() is None, f"the child ended before the kill:\n{out.read_text()}"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     survived = {p: p.stat().st_ino for p in store.dir.rglob("part-*.parquet")}
-    assert survived and not store.complete(), "the kill must land mid-extraction"
-    assert subprocess.run([sys.executable, "-c", _CHILD, str(cfg_file)], env=env, capture_output=True).returncode == 0
+    assert survived and not store.complete(), f"the kill must land mid-extraction; the child said:\n{out.read_text()}"
+    rerun = subprocess.run([sys.executable, "-c", _CHILD, str(cfg_file)], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
     assert store.complete() and not list(store.dir.rglob("*.tmp"))
     for layer in layers:
         table = pl.from_arrow(pq.read_table(store.layer_dir(layer)))

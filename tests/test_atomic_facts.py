@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -115,17 +114,23 @@ def test_no_key_no_authorization_header_and_no_base_url(server, tmp_path, monkey
     assert server.requests[0]["auth"] is None
 
 
-def test_429_honours_retry_after_then_succeeds(server, tmp_path):
+def test_429_honours_retry_after_then_succeeds(server, tmp_path, monkeypatch):
+    waits = []  # what the client asked tenacity to sleep between attempts (counted, not timed)
+    plain = OpenAIChat._wait
+
+    def recorded(self, state):
+        waits.append(plain(self, state))
+        return waits[-1]
+
+    monkeypatch.setattr(OpenAIChat, "_wait", recorded)
     server.script, server.retry_after = ["429", "ok"], "0.3"
-    start = time.monotonic()
     units = atomic_units(_chat(server, tmp_path), CONTEXTS[1:], progress=False)
-    assert time.monotonic() - start >= 0.29  # the server's wait was honoured, not the millisecond backoff
+    assert waits == [0.3]  # the server's wait was honoured, not the millisecond backoff
     assert units == [[(0, "Mount Everest is the highest mountain.", "fact")]] and len(server.requests) == 2
 
     server.script, server.retry_after = ["429", "ok"], "3600"  # capped, not an hour
-    start = time.monotonic()
     _chat(server, tmp_path, retry_after_max_s=0.05).complete([{"role": "user", "content": "x"}])
-    assert time.monotonic() - start < 3 and len(server.requests) == 4
+    assert waits == [0.3, 0.05] and len(server.requests) == 4
 
 
 def test_persistent_500_names_url_and_attempts_and_caches_nothing(server, tmp_path):

@@ -2,37 +2,56 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import time
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
-import tasks.core.models as models
+from tasks.core.models import resolve_model_path
 
+REPO = Path(__file__).resolve().parents[1]
 
-def _resolve(log: str) -> None:
-    """In a forked child: the conversion replaced by a slow fake that records each call."""
+# A process that needs the embedded model, its conversion replaced by a fake that records each call and converts
+# only once the other process has asked for the model too (so the two overlap).
+_CHILD = textwrap.dedent(
+    r"""
+    import logging, sys, time
+    from pathlib import Path
+    import tasks.core.models as models
 
-    def fake_convert(src_dir, gguf_file, out_dir: Path) -> Path:
-        with open(log, "a") as f:
+    logging.basicConfig(level=logging.INFO)
+    calls = Path(sys.argv[1])
+
+    def fake_convert(src_dir, gguf_file, out_dir):
+        with calls.open("a") as f:
             f.write("converted\n")
-        time.sleep(1.0)  # long enough for the other process to arrive while this one converts
+        deadline = time.monotonic() + 60
+        while calls.read_text().count("arrived") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
         return out_dir
 
     models.convert_gguf = fake_convert
-    models.resolve_model_path("smollm2-135m")
+    with calls.open("a") as f:
+        f.write("arrived\n")
+    print(models.resolve_model_path("smollm2-135m"))
+    """
+)
 
 
 def test_two_processes_convert_the_embedded_model_once(tmp_path, monkeypatch):
     monkeypatch.setenv("CLEARFLOW_CACHE", str(tmp_path / "cache"))
-    log = tmp_path / "calls.txt"
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_resolve, args=(str(log),)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
-    assert log.read_text().splitlines() == ["converted"]
-    assert models.resolve_model_path("smollm2-135m") == str(tmp_path / "cache" / "models" / "smollm2-135m")
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(calls)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert calls.read_text().splitlines().count("converted") == 1, outs
+    want = str(tmp_path / "cache" / "models" / "smollm2-135m")
+    assert [out.strip() for out, _ in outs] == [want, want]
+    assert any("another process is writing it; waiting" in err for _, err in outs), outs  # the second one waited
+    assert resolve_model_path("smollm2-135m") == want

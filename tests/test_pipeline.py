@@ -14,7 +14,8 @@ from tasks.core.storage import RunPaths
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, tmp_path_factory, prefect_harness):
-    """One pipeline run of the tiny model on 60 facts, shared by the tests below."""
+    """One pipeline run of the tiny model on 60 facts, shared by the tests below; its store named in the config, so
+    a test that runs it again finds the same store whatever the test's own CLEARFLOW_STORE."""
     from flows.pipeline import pipeline_flow
     from tasks.core.config import RunConfig
 
@@ -26,6 +27,7 @@ def tiny_run(tiny_model, tmp_path_factory, prefect_harness):
             "model": {"name": tiny_model},
             "finetune": {"max_items": 4, "max_length": 256},
             "evaluate": {"max_new_tokens": 4, "bootstrap": 50},
+            "activations": {"store": str(tmp_path_factory.mktemp("store"))},
         }
     )
     report = pipeline_flow(cfg=cfg)
@@ -59,6 +61,7 @@ def test_second_run_resumes_without_redoing_stages(tiny_run):
     from flows.pipeline import pipeline_flow
 
     cfg, paths, _ = tiny_run
+    pipeline_flow(cfg=cfg)  # current for cfg, whatever another test of the module changed (a probe option)
     before = json.loads(paths.manifest.read_text())["stages"]
     pipeline_flow(cfg=cfg)
     after = json.loads(paths.manifest.read_text())["stages"]

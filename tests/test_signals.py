@@ -106,12 +106,14 @@ class _Watched:
     """A `clearflow run` whose merged output is read as it comes (progress bars' carriage returns end a line too),
     so the test can act on what the run says it is doing and shows all of it when something goes wrong."""
 
-    def __init__(self, tiny_model: str, runs: Path, caches: Path):
+    def __init__(self, tiny_model: str, runs: Path, caches: Path, log: Path | None = None):
         env = {**os.environ, "PYTHONPATH": str(REPO), "CLEARFLOW_STORE": str(caches / "store"),
                "CLEARFLOW_CACHE": str(caches / "cache")}
         cmd = [sys.executable, "-m", "flows.cli", "run", "--run", "r", "--runs-dir", str(runs),
                "--model.name", tiny_model, *_OPTS]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.log = log  # output to a file instead of a pipe: a run nobody reads as it goes never blocks on it
+        out = subprocess.PIPE if log is None else log.open("wb")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
 
     def kill_at(self, pattern: str) -> list[psutil.Process]:
@@ -130,6 +132,7 @@ class _Watched:
 
     def finish(self) -> None:
         out, _ = self.proc.communicate(timeout=600)
+        out = self.log.read_bytes() if self.log is not None else out
         self.lines += out.decode(errors="replace").splitlines()
         assert self.proc.returncode == 0, self.said()
 
@@ -153,6 +156,8 @@ def test_kill_9_mid_stage_then_the_same_command_equals_a_clean_run(tiny_model, t
     """kill -9 during activations (no child outlives it, the port is freed), again during fine-tuning, then the
     same command: every table (and the shared store, and the adapter's bytes) equals a run that was never killed
     (its own store and caches, so nothing is shared with the killed one), with no duplicate row and no temp file."""
+    # the never-killed run goes alongside (one thread each: the two share 2 cores without changing any result)
+    clean_run = _Watched(tiny_model, tmp_path / "clean", tmp_path / "b", log=tmp_path / "clean.log")
     killed = _Watched(tiny_model, tmp_path / "runs", tmp_path / "a")
     children = killed.kill_at(r"activations:\s+\d+%.*\b[1-9]\d*/\d+")  # a shard or more written, not all
     assert _all_gone(children, within=10) == [], killed.said()
@@ -164,7 +169,7 @@ def test_kill_9_mid_stage_then_the_same_command_equals_a_clean_run(tiny_model, t
     assert not (tmp_path / "runs" / "r" / "adapters" / "clear").exists(), "the kill must land mid-training:\n" + \
         again.said()
     _Watched(tiny_model, tmp_path / "runs", tmp_path / "a").finish()
-    _Watched(tiny_model, tmp_path / "clean", tmp_path / "b").finish()
+    clean_run.finish()
 
     resumed, clean = tmp_path / "runs" / "r", tmp_path / "clean" / "r"
     got, want = _tables(resumed), _tables(clean)
@@ -184,3 +189,51 @@ def test_kill_9_mid_stage_then_the_same_command_equals_a_clean_run(tiny_model, t
     leftovers = [p for where in (tmp_path / "runs", tmp_path / "a" / "store")
                  for p in where.rglob("*") if p.name.endswith(".tmp") or ".partial" in p.name]
     assert leftovers == []
+
+
+# A process that rewrites a table and is killed inside the write: the new rows are in its temp file, not yet
+# renamed over the table (the write's last step) when the marker appears.
+_REWRITE = """
+import sys, time
+from pathlib import Path
+import pyarrow.parquet as pq
+import tasks.core.storage as storage
+from schemas.tables import ITEMS
+
+real = pq.write_table
+def slow_write(table, where, **kw):
+    real(table, where, **kw)
+    Path(sys.argv[2]).write_text(str(where))  # the temp file is whole; the rename has not happened
+    time.sleep(120)
+storage.pq.write_table = slow_write
+rows = [{"item_id": f"new{i}", "dataset": "x", "split": "test", "group": f"g{i}", "question": "Q?", "context": "C.",
+         "answers": ["a"], "counterfactual": True} for i in range(5000)]
+storage.write_parquet(rows, Path(sys.argv[1]), ITEMS)
+"""
+
+
+def test_kill_9_inside_a_table_write_leaves_the_previous_table_whole(tmp_path):
+    from schemas.tables import ITEMS
+    from tasks.core.storage import write_parquet
+
+    table = tmp_path / "items.parquet"
+    old = [{"item_id": "old", "dataset": "x", "split": "test", "group": "g", "question": "Q?", "context": "C.",
+            "answers": ["a"], "counterfactual": True}]
+    write_parquet(old, table, ITEMS)
+    before = pl.read_parquet(table)
+    marker = tmp_path / "inside"
+    proc = subprocess.Popen([sys.executable, "-c", _REWRITE, str(table), str(marker)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None, f"the writer ended before the kill:\n{proc.communicate()[0]}"
+        assert time.monotonic() < deadline, "the writer never reached its write"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(30)
+    temp = Path(marker.read_text())
+    assert pl.read_parquet(temp).height == 5000  # the kill landed with the new table written but not renamed
+    assert_frame_equal(pl.read_parquet(table), before)  # the previous table, whole
+    assert temp.name.startswith(".items.parquet.") and temp.suffix == ".tmp"  # hidden from `*.parquet` readers
+    assert [p.name for p in tmp_path.glob("*.parquet")] == ["items.parquet"]

@@ -199,7 +199,7 @@ class FinetuneConfig(Options):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Module names LoRA adapts (names absent from the model are skipped).",
+        description="Module names LoRA adapts (absent ones skipped; none present: peft's default for the model type).",
     )
     attn_lambda: float = Field(0.1, ge=0, le=1, description="Weight of the attention loss.")
     max_length: int = Field(512, ge=16, description="Token budget per training example.")

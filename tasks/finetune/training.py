@@ -36,12 +36,26 @@ log = logging.getLogger(__name__)
 
 
 def present_target_modules(model: nn.Module, wanted: Sequence[str]) -> list[str]:
-    """The configured LoRA target names that exist as Linear leaves of this model (others skipped)."""
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """The configured LoRA target names that exist as linear leaves of this model (others skipped); where none
+    does (an architecture that names its projections otherwise, e.g. GPT-2's fused `c_attn`), peft's own
+    default targets for the model type."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2 style linear layers
+
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
     present = [w for w in wanted if w in names]
-    if not present:
-        raise ValueError(f"none of the LoRA target modules {list(wanted)} exist in the model")
-    return present
+    if present:
+        return present
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    fallback = [w for w in PEFT_DEFAULTS.get(model_type, []) if w in names]
+    if not fallback:
+        raise ValueError(f"none of the LoRA target modules {list(wanted)} exist in the model, and peft has no"
+                         f" default for model type {model_type!r}: set --finetune.target-modules to names among"
+                         f" {sorted(names)[:12]}")
+    log.info("finetune: none of %s in this %s model: LoRA on peft's default targets for it, %s",
+             list(wanted), model_type, fallback)
+    return fallback
 
 
 def lora_model(model_cfg: ModelConfig, fcfg: FinetuneConfig, seed: int) -> tuple[nn.Module, list[str]]:

@@ -130,9 +130,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def tiny_model_dir(out_dir: Path, layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
     """Build a tiny random-weight Llama with a real tokenizer, for tests (no hub needed)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     package, gguf_file = EMBEDDED["smollm2-135m"]  # its tokenizer only: read from the GGUF, no weights converted
     tok = AutoTokenizer.from_pretrained(_embedded_dir(package), gguf_file=gguf_file)

@@ -38,12 +38,6 @@ def _cfg(dataset: str, data_path, tiny_model: str, runs_dir, **extra) -> RunConf
     )
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    """Ingest and LLM caches in a temp dir, so a test never hits another run's entry."""
-    monkeypatch.setenv("CLEARFLOW_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.mark.parametrize("dataset", PUBLISHED)
 def test_each_format_runs_to_a_report(dataset, tiny_model, tmp_path, prefect_harness):
     from flows.pipeline import pipeline_flow

@@ -18,11 +18,6 @@ from tasks.ingest.stage import run_ingest
 from tasks.core.storage import RunPaths, file_sha256
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLEARFLOW_CACHE", str(tmp_path / "cache"))
-
-
 def _cfg(tmp_path, run: str, data_path, **kw) -> RunConfig:
     return RunConfig.model_validate(
         {"run": run, "runs_dir": str(tmp_path / "runs"), "dataset": "confiqa-qa", "data_path": str(data_path),

@@ -11,7 +11,7 @@ import pytest
 from flows.execute import run_stage_with
 from flows.stages import ORDER
 from tasks.core.config import ModelConfig, RunConfig
-from tasks.core.models import EMBEDDED, _embedded_dir, decoder_layers, load_model, model_shape
+from tasks.core.models import decoder_layers, embedded_tokenizer, load_model, model_shape
 from tasks.core.storage import RunPaths
 
 
@@ -19,10 +19,9 @@ from tasks.core.storage import RunPaths
 def tiny_gpt2(tmp_path_factory) -> str:
     """A 3-block, 64-wide random GPT-2 with the SmolLM2 tokenizer (any tokenizer serves a random model)."""
     import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    package, gguf_file = EMBEDDED["smollm2-135m"]
-    tok = AutoTokenizer.from_pretrained(_embedded_dir(package), gguf_file=gguf_file)
+    tok = embedded_tokenizer()
     config = GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=64, n_layer=3, n_head=4,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)

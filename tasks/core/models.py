@@ -128,12 +128,20 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def embedded_tokenizer(name: str = "smollm2-135m"):
+    """An embedded model's tokenizer read straight from its GGUF (seconds; no weights converted): a real tokenizer
+    for the tests' random-weight models."""
+    from transformers import AutoTokenizer
+
+    package, gguf_file = EMBEDDED[name]
+    return AutoTokenizer.from_pretrained(_embedded_dir(package), gguf_file=gguf_file)
+
+
 def tiny_model_dir(out_dir: Path, layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
     """Build a tiny random-weight Llama with a real tokenizer, for tests (no hub needed)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    package, gguf_file = EMBEDDED["smollm2-135m"]  # its tokenizer only: read from the GGUF, no weights converted
-    tok = AutoTokenizer.from_pretrained(_embedded_dir(package), gguf_file=gguf_file)
+    tok = embedded_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden,

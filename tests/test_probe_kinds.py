@@ -17,7 +17,8 @@ from tasks.core.storage import RunPaths, model_slug, read_table
 from tasks.probes.crossfit import FoldPlan, fit_fold_probes
 from tasks.probes.kinds import KINDS, load_probe
 from tasks.probes.kinds.mlp import MLPProbe, _net, fit_mlp, select_mlp, train_mlp
-from tasks.probes.stage import probe_path, run_probes, split_metrics
+from tasks.probes.selection import split_metrics
+from tasks.probes.stage import probe_path, run_probes
 from tasks.report import section_probes
 from tests.test_probes import DIM, make_statements, with_probe, write_case
 

@@ -16,15 +16,8 @@ from tasks.core.config import ProbeConfig
 from tasks.probes.kinds.diffmean import fit_diffmean
 from tasks.probes.kinds.linear import LinearProbe
 from tasks.probes.kinds.logistic import fit_logistic
-from tasks.probes.stage import (
-    fit_on_dev,
-    BEST_KEYS,
-    check_splits,
-    probe_path,
-    run_probes,
-    select_best,
-    split_metrics,
-)
+from tasks.probes.selection import check_splits, select_best, split_metrics
+from tasks.probes.stage import BEST_KEYS, fit_on_dev, probe_path, run_probes
 from tasks.core.marking import marked_contexts
 from tasks.core.prompts import CLOSE, OPEN
 from tasks.core.storage import model_slug, read_table, write_json, write_parquet

@@ -31,7 +31,8 @@ from tasks.core.figures import write_png
 from tasks.core.config import RunConfig
 from tasks.core.storage import RunPaths, model_slug, read_table, write_parquet
 from tasks.probes.kinds import probe_kinds
-from tasks.probes.stage import check_splits, select_best, train_layer
+from tasks.probes.selection import check_splits, select_best
+from tasks.probes.stage import train_layer
 
 log = logging.getLogger(__name__)
 

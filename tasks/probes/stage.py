@@ -2,11 +2,12 @@
 
 The kinds (how a probe is fitted, saved and reloaded) are the entries of tasks/probes/kinds/; the rows each position
 trains on (statements at `last`, labelled context units at ctx_*) are tasks/probes/positions.py. This stage fits
-each configured kind on the train split per layer and position, lets dev pick its strength and the layer, reports
-test only, measures the flagging kind's flags on the test contexts per layer with and without relevance pruning
-(tasks/probes/localisation.py), and scores every context sentence with the chosen probe, except the train-split
-items' sentences (what fine-tuning reads), which cross-fitted fold probes score (tasks/probes/crossfit.py). When the
-relevance filter ran, a unit it did not keep is never flagged (tasks/core/marking.py).
+each configured kind on the train split per layer and position, lets dev pick its strength and the layer
+(tasks/probes/selection.py), reports test only, measures the flagging kind's flags on the test contexts per layer
+with and without relevance pruning (tasks/probes/localisation.py), and scores every context sentence with the chosen
+probe, except the train-split items' sentences (what fine-tuning reads), which cross-fitted fold probes score
+(tasks/probes/crossfit.py). When the relevance filter ran, a unit it did not keep is never flagged
+(tasks/core/marking.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from threadpoolctl import threadpool_limits
 from tasks.core.progress import tqdm
 
@@ -42,60 +42,16 @@ from tasks.probes.crossfit import (
 from tasks.probes.kinds import KINDS, Probe, probe_kinds
 from tasks.probes.localisation import layer_localisation
 from tasks.probes.positions import check_extracted, probe_positions, probe_rows, row_vectors, unit_rows
+from tasks.probes.selection import SPLITS, check_splits, select_best, split_metrics
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "dev", "test")
 LOCALISATION_SPLIT = "test"  # the per-layer probes are fitted on train: test is the split none of them saw
 NORM = partial(fed_text, strip_final_punct=True)  # "X is Y." is the statement "X is Y" (MQuAKE contexts)
 BEST_KEYS = (
     "layer", "probe", "position", "l2", "fitted_on", "dev_auroc", "test_auroc", "test_accuracy",
     "test_auroc_train_only", "threshold", "model", "crossfit_folds", "crossfit_units",
 )
-
-
-def split_metrics(p: np.ndarray, y: np.ndarray, threshold: float) -> dict:
-    """n, accuracy, f1 and AUROC of probabilities against labels (None where undefined)."""
-    n = int(len(y))
-    if n == 0:
-        return {"n": 0, "accuracy": None, "f1": None, "auroc": None}
-    pred = (p > threshold).astype(int)
-    auroc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None
-    return {
-        "n": n,
-        "accuracy": float(accuracy_score(y, pred)),
-        "f1": float(f1_score(y, pred, zero_division=0)),
-        "auroc": auroc,
-    }
-
-
-def check_splits(statements: pl.DataFrame) -> None:
-    """Refuse statements whose splits are unknown or share a group (subject) across splits."""
-    bad = sorted(set(statements["split"].unique().to_list()) - set(SPLITS))
-    if bad:
-        raise ValueError(f"statements have unknown splits {bad}; expected {list(SPLITS)}")
-    per_group = statements.group_by("group").agg(pl.col("split").n_unique().alias("k")).filter(pl.col("k") > 1)
-    if per_group.height:
-        raise ValueError(
-            f"{per_group.height} groups straddle splits (e.g. {per_group['group'][:3].to_list()}): "
-            "train/dev/test would leak subjects"
-        )
-
-
-def select_best(metrics: pl.DataFrame, kind: str, position: str = "last", forced_layer: int | None = None) -> dict:
-    """Best layer by dev AUROC of `kind` at `position` (ties -> smaller layer), or the forced one; never looks at
-    test."""
-    rows = metrics.filter((pl.col("probe") == kind) & (pl.col("position") == position) & (pl.col("split") == "dev"))
-    if forced_layer is not None:
-        if forced_layer not in rows["layer"].to_list():
-            raise ValueError(f"probe.layer={forced_layer} has no {kind} probe at {position}; layers: "
-                             f"{sorted(rows['layer'])}")
-        return {"layer": forced_layer, "dev_auroc": rows.filter(pl.col("layer") == forced_layer)["auroc"][0]}
-    rows = rows.filter(pl.col("auroc").is_not_null() & pl.col("auroc").is_not_nan())
-    if rows.height == 0:
-        raise ValueError("no dev AUROC to choose a layer with (dev needs both labels); set probe.layer instead")
-    best = rows.sort(["auroc", "layer"], descending=[True, False]).row(0, named=True)
-    return {"layer": int(best["layer"]), "dev_auroc": best["auroc"]}
 
 
 def probe_path(paths: RunPaths, kind: str, layer: int, position: str = "last") -> Path:

@@ -24,7 +24,7 @@ from schemas.tables import PROBE_TRANSFER
 from tasks.core.activation_store import CTX_POSITIONS, ActivationStore, model_dir
 from tasks.core.storage import RunPaths, model_slug, read_table, write_parquet
 from tasks.probes.kinds import Probe, load_probe
-from tasks.probes.stage import select_best, split_metrics
+from tasks.probes.selection import select_best, split_metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Building the rows of one record: its item (group, target sentence, context within the token budget), the
-seeded split of its group, and the rejects row that keeps a refused record whole.
+seeded sample of records, and the rejects row that keeps a refused record whole.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from tasks.core.splitter import split_sentences
 from tasks.core.text import normalize
 from tasks.ingest.formats.fields import RecordReject, check_same_answer
 from tasks.ingest.formats.known_facts_options import KnownFactsOptions
-
-SPLIT_FRACTIONS = (("train", 0.6), ("dev", 0.2), ("test", 0.2))
-
 
 @dataclass(frozen=True)
 class ReadOptions:
@@ -77,20 +74,6 @@ def content_hash(question: str, context: str, answers: list[str]) -> str:
     """Short id of an id-less record's content (question + context + answers)."""
     blob = json.dumps([question, context, answers], ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
-
-
-def split_groups(groups: list[str], rng: random.Random) -> dict[str, str]:
-    """Seeded 60/20/20 group split; every split gets a group as soon as there are three."""
-    order = sorted(groups)
-    rng.shuffle(order)
-    n = len(order)
-    n_dev = round(n * SPLIT_FRACTIONS[1][1])
-    n_test = round(n * SPLIT_FRACTIONS[2][1])
-    if n >= 3:
-        n_dev, n_test = max(n_dev, 1), max(n_test, 1)
-    n_train = n - n_dev - n_test
-    names = ["train"] * n_train + ["dev"] * n_dev + ["test"] * n_test
-    return dict(zip(order, names))
 
 
 def sample_positions(n: int, rng: random.Random, opts: ReadOptions) -> tuple[list[int], str]:

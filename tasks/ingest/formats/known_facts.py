@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tasks.core.splitter import split_sentences
 from tasks.ingest.formats import known_facts_options
-from tasks.ingest.formats.items import ReadOptions, item_row, sample_positions, split_groups
+from tasks.ingest.formats.items import ReadOptions, item_row, sample_positions
+from tasks.ingest.formats.splits import split_groups
 from tasks.ingest.formats.known_facts_common import (
     REQUIRED_STR,
     Fact,

@@ -40,7 +40,8 @@ from pathlib import Path
 
 from schemas.tables import CONDITIONS
 from tasks.core.splitter import split_sentences
-from tasks.ingest.formats.items import ReadOptions, item_row, sample_positions, split_groups
+from tasks.ingest.formats.items import ReadOptions, item_row, sample_positions
+from tasks.ingest.formats.splits import split_groups
 from tasks.ingest.formats.known_facts_common import (
     REQUIRED_STR,
     Fact,

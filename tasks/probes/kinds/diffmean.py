@@ -19,7 +19,7 @@ def fit_diffmean(X: np.ndarray, y: np.ndarray, l2: float, seed: int = 0) -> Line
     norm = np.linalg.norm(direction)
     if norm <= 1e-12 * max(1.0, float(np.abs(X).max())):
         rate = float(np.mean(y))
-        return LinearProbe(np.zeros(X.shape[1]), float(np.log(rate / (1 - rate))), {"degenerate": True})
+        return LinearProbe(np.zeros(X.shape[1]), float(np.log(rate / (1 - rate))))
     direction /= norm
     a, b = standardised_logistic((X @ direction)[:, None], y, l2)
     return LinearProbe(a[0] * direction, b)

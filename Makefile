@@ -71,10 +71,14 @@ test: $(STAMP) browser
 # files [tool.mutmut] in pyproject.toml lists, in a fresh ./mutants/ copy, and runs their unit tests against each
 # mutant; tests/mutation_check.py then prints the score and fails on a survivor that tests/mutation_survivors.toml
 # does not account for. `.venv/bin/mutmut show NAME` prints one mutant's diff, `.venv/bin/mutmut browse` them all.
+# The tests' tiny model is built once (tests/conftest.py reads it from CLEARFLOW_TEST_TINY_MODEL) rather than once
+# per mutant.
+TINY    := $(CURDIR)/.cache-tests/tiny-model
 mutation: $(STAMP)
 	$(UV) -e '.[test,mutation]' -c $(LOCK)
-	rm -rf mutants
-	$(BIN)/mutmut run --max-children $(JOBS)
+	rm -rf mutants $(TINY)
+	$(BIN)/python -c "from pathlib import Path; from tasks.core.models import tiny_model_dir; tiny_model_dir(Path('$(TINY)'))"
+	CLEARFLOW_TEST_TINY_MODEL=$(TINY) $(BIN)/mutmut run --max-children $(JOBS)
 	$(BIN)/python tests/mutation_check.py
 
 clean-runs:

@@ -46,9 +46,15 @@ def _own_store(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    """Directory of a 4-layer, 64-wide random Llama with the SmolLM2 tokenizer."""
+    """Directory of a 4-layer, 64-wide random Llama with the SmolLM2 tokenizer (seeded: the same every time).
+
+    `make mutation` runs the tests once per mutant, each time in a fresh process: it builds the model once and
+    names it in CLEARFLOW_TEST_TINY_MODEL, which these tests then read (never write)."""
     from tasks.core.models import tiny_model_dir
 
+    built = os.environ.get("CLEARFLOW_TEST_TINY_MODEL")
+    if built and (Path(built) / "config.json").exists():
+        return built
     return str(tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
 
 

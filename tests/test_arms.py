@@ -13,7 +13,7 @@ import pytest
 
 from schemas.tables import CONDITIONS, ITEMS, SENTENCE_SCORES, SENTENCES
 from tasks.core import chat, prompts
-from tasks.core.marking import context_units
+from tasks.core.marking import ContextUnits, context_units, unit_flags
 from tasks.core.storage import read_table, text_key, write_parquet
 from tasks.evaluate.methods import REGISTRY as METHODS
 from tasks.finetune.arms import ARMS, REGISTRY, resolve_arms
@@ -152,6 +152,18 @@ def test_oracle_markers_are_the_conflicting_labels(arm_run, run_paths):
     with pytest.raises(ValueError, match=r"arm 'clear_oracle_markers' marks the gold `conflicting` units, and 4 of"
                        r" 4 selected train contexts have units without that label"):
         _train_items(run_paths, "clear_oracle_markers")
+
+
+def test_each_marker_source_marks_its_units_and_refuses_what_it_cannot_mark():
+    units = ContextUnits(["a", "b", "c"], flagged=[True, False, False], conflicting=[False, True, False])
+    assert unit_flags(units, "probe", "k") == [True, False, False]
+    assert unit_flags(units, "oracle", "k") == [False, True, False]
+    unlabelled = ContextUnits(["a", "b"], flagged=[True, False], conflicting=[True, None])
+    with pytest.raises(ValueError, match=r"^oracle markers need a `conflicting` label on every unit; 0:item-3 has "
+                                         r"unlabelled units$"):
+        unit_flags(unlabelled, "oracle", "0:item-3")
+    with pytest.raises(ValueError, match=r"^unknown marker source 'gold'; known: \['oracle', 'probe', 'random'\]$"):
+        unit_flags(units, "gold", "k")
 
 
 def test_kaft_covers_the_three_conditions(arm_run, run_paths):

@@ -13,6 +13,7 @@ from schemas.tables import ITEMS, SENTENCES, STATEMENTS, activations_schema
 from tasks.activations.stage import vectors_table
 from tasks.core.activation_store import ActivationStore
 from tasks.core.config import ProbeConfig
+from tasks.probes.kinds import KINDS
 from tasks.probes.kinds.diffmean import fit_diffmean
 from tasks.probes.kinds.linear import LinearProbe
 from tasks.probes.kinds.logistic import fit_logistic
@@ -93,6 +94,30 @@ def test_fitters_separate_separable_data():
         assert ((p > 0.5) == y[300:]).mean() > 0.9
     with pytest.raises(ValueError, match="both 0 and 1"):
         fit_logistic(X[:10], np.zeros(10, dtype=int), 1.0)
+
+
+def test_split_metrics_by_hand():
+    """Flags are p > threshold (strict); AUROC needs both labels; F1 with nothing flagged and nothing true is 0."""
+    p, y = np.array([0.5, 0.7, 0.2, 0.9]), np.array([0, 1, 0, 0])
+    # flags 0, 1, 0, 1: accuracy 3/4; one true positive, one false positive, no miss: F1 = 2 / (2 + 1) = 2/3;
+    # AUROC: the positive (0.7) outranks 2 of the 3 negatives = 2/3
+    got = split_metrics(p, y, 0.5)
+    assert got.keys() == {"n", "accuracy", "f1", "auroc"}
+    assert got["n"] == 4 and got["accuracy"] == 0.75
+    assert got["f1"] == pytest.approx(2 / 3) and got["auroc"] == pytest.approx(2 / 3)
+    assert split_metrics(np.array([0.9]), np.array([1]), 0.5) == {"n": 1, "accuracy": 1.0, "f1": 1.0, "auroc": None}
+    assert split_metrics(np.array([0.1, 0.2]), np.array([0, 0]), 0.5) == {"n": 2, "accuracy": 1.0, "f1": 0.0,
+                                                                          "auroc": None}
+    assert split_metrics(np.array([]), np.array([]), 0.5) == {"n": 0, "accuracy": None, "f1": None, "auroc": None}
+
+
+def test_a_kind_without_a_strength_to_tune_fits_once_at_strength_one():
+    rng = np.random.default_rng(3)
+    y = np.arange(80) % 2
+    X = signal(y, 2.0, rng)
+    probe, strength = KINDS["diffmean"].fit_on_dev(X[:60], y[:60], X[60:], y[60:], ProbeConfig(), 0)
+    assert strength == 1.0
+    np.testing.assert_array_equal(probe.weight, fit_diffmean(X[:60], y[:60], 1.0).weight)
 
 
 def test_a_probe_without_its_metadata_file_still_loads(tmp_path):

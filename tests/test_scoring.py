@@ -57,6 +57,7 @@ def test_negation_zeroes_em_only_on_counterfactual_items():
     # "none" is both the gold and a negation word: the rule applies to counterfactual data only.
     assert exact_match("None", ["none"], counterfactual=True) == 0.0
     assert exact_match("None", ["none"], counterfactual=False) == 1.0
+    assert exact_match("None", ["none"]) == 1.0  # an item is not counterfactual unless said
     assert has_negation("It is not Paris")
     assert has_negation("Nobody knows")
     assert has_negation("cannot say")
@@ -70,6 +71,14 @@ def test_f1_partial_overlap_and_aliases():
     assert f1_score("London", ["Paris"]) == 0.0
     assert f1_score("the big apple", ["New York", "Big Apple"]) == 1.0
     assert f1_score("", ["Paris"]) == 0.0
+    # by hand: precision = common / predicted tokens, recall = common / gold tokens, F1 = 2PR / (P + R)
+    assert f1_score("Paris", ["Paris France"]) == pytest.approx(2 / 3)  # P = 1, R = 1/2
+    assert f1_score("red green blue", ["red yellow"]) == pytest.approx(0.4)  # P = 1/3, R = 1/2: (1/3) / (5/6)
+    assert f1_score("a b b", ["b b c d"]) == pytest.approx(2 / 3)  # "a" is an article: P = 2/2, R = 2/4
+    assert f1_score("b b e", ["b c d"]) == pytest.approx(1 / 3)  # "b" counts once in common: P = R = 1/3
+    # no gold alias left after normalising (articles, punctuation): nothing to match, F1 0 (not undefined)
+    assert f1_score("Paris", []) == 0.0
+    assert f1_score("Paris", ["the", "?!"]) == 0.0
 
 
 def test_contains_answer_on_word_boundaries():
@@ -90,6 +99,10 @@ def test_ps_requires_context_answer_without_negation_or_original():
 
 def test_score_prediction_row():
     assert score_prediction("The Paris", ["Paris"], ["Rome"], True) == {"em": 1.0, "f1": 1.0, "ps": True, "po": False}
+    # a title with a negation word: EM counts it only where the item is not counterfactual (the rule's known cost)
+    title = "Never Let Me Go"
+    assert score_prediction(title, [title], None, True) == {"em": 0.0, "f1": 1.0, "ps": False, "po": False}
+    assert score_prediction(title, [title], None, False)["em"] == 1.0
 
 
 def test_memorisation_ratio():

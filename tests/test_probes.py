@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import polars as pl
@@ -120,6 +121,25 @@ def test_a_kind_without_a_strength_to_tune_fits_once_at_strength_one():
     np.testing.assert_array_equal(probe.weight, fit_diffmean(X[:60], y[:60], 1.0).weight)
 
 
+def test_a_saved_probe_is_a_self_describing_float32_safetensors_file(tmp_path):
+    from safetensors import safe_open
+
+    for meta, kind in (({"kind": "diffmean"}, "diffmean"), ({}, "linear")):
+        path = LinearProbe(np.array([[1.0, 2.0, 3.0]]), -0.5, meta).save(tmp_path / f"{kind}.safetensors")
+        with safe_open(str(path), framework="numpy") as f:
+            assert f.metadata() == {"kind": kind}
+            assert {k: (f.get_tensor(k).dtype, f.get_tensor(k).shape) for k in f.keys()} == {
+                "weight": (np.float32, (3,)), "bias": (np.float32, ())}
+
+
+def test_a_probe_refuses_features_of_another_width_by_name():
+    probe = LinearProbe(np.ones(3), 0.0)
+    assert probe.dim == 3
+    for X in (np.ones((2, 4)), np.ones(3)):
+        with pytest.raises(ValueError, match="^" + re.escape(f"expected features of shape (n, 3), got {X.shape}") + "$"):
+            probe.predict_proba(X)
+
+
 def test_a_probe_without_its_metadata_file_still_loads(tmp_path):
     """The .json beside a probe is metadata only: a probe copied without it keeps its weights and has no meta."""
     path = LinearProbe(np.array([1.5, -2.0, 0.25]), 0.75, {"kind": "logistic"}).save(tmp_path / "p.safetensors")
@@ -195,7 +215,12 @@ def test_select_best_ties_prefer_smaller_layer_and_stay_at_their_position():
     assert select_best(metrics, "logistic")["layer"] == 1
     assert select_best(metrics, "diffmean")["layer"] == 1
     assert select_best(metrics, "logistic", "ctx_last") == {"layer": 2, "dev_auroc": 0.95}
-    with pytest.raises(ValueError, match="probe.layer"):
+    assert select_best(metrics, "logistic", forced_layer=2) == {"layer": 2, "dev_auroc": 0.8}  # forced, with its AUROC
+    nan_best = metrics.with_columns(pl.when(pl.col("layer") == 2).then(float("nan")).otherwise(pl.col("auroc"))
+                                    .alias("auroc"))
+    assert select_best(nan_best, "logistic", "ctx_last") == {"layer": 0, "dev_auroc": 0.7}  # NaN is no AUROC
+    with pytest.raises(ValueError, match=r"^no dev AUROC to choose a layer with \(dev needs both labels\); set "
+                                         r"probe.layer instead$"):
         select_best(metrics.with_columns(pl.lit(None, pl.Float64).alias("auroc")), "logistic")
     with pytest.raises(ValueError, match="has no diffmean probe at ctx_last"):
         select_best(metrics, "diffmean", "ctx_last", forced_layer=1)
@@ -258,6 +283,12 @@ def test_check_splits_refuses_subject_leakage():
     check_splits(statements)
     with pytest.raises(ValueError, match="straddle"):
         check_splits(leaky)
+    # five subjects, each with a statement in train and one in test: the message names the first three
+    shared = {f"{split}{i}": f"g{i}" for split in ("train", "test") for i in range(5)}
+    five = statements.with_columns(pl.col("stmt_id").replace_strict(shared, default=pl.col("group")).alias("group"))
+    with pytest.raises(ValueError, match=r"^5 groups straddle splits \(e\.g\. \['g0', 'g1', 'g2'\]\): train/dev/test "
+                                         r"would leak subjects$"):
+        check_splits(five.sort("group"))
     with pytest.raises(ValueError, match="unknown splits"):
         check_splits(statements.with_columns(pl.lit("val").alias("split")))
 
@@ -309,6 +340,45 @@ def test_l2_is_chosen_on_dev_where_train_would_choose_otherwise():
         probe, l2 = fit_on_dev("logistic", X, y, split, ProbeConfig(l2_grid=grid), 0)
         assert l2 == strong
         assert roc_auc_score(y_dev, probe.predict_proba(X_dev)) == pytest.approx(auroc[strong, "dev"])
+
+
+def test_dev_can_choose_the_weaker_penalty_and_ties_go_to_the_stronger():
+    """The mirror of the test above: the second feature is only noise the first one shares. A strong penalty keeps
+    the probe near the mean-difference direction (the first feature, noisy); a weak one subtracts the shared noise.
+    Dev prefers the weak one here. Where dev cannot tell the strengths apart (both separate it), the stronger wins."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % 2
+        shared = 3 * rng.normal(size=n)
+        return np.column_stack([0.5 * (2 * y - 1) + shared + 0.1 * rng.normal(size=n), shared]), y
+
+    (X_train, y_train), (X_dev, y_dev) = rows(200), rows(200)
+    strong, weak = 1e-4, 10.0
+    dev = {c: roc_auc_score(y_dev, fit_logistic(X_train, y_train, c).predict_proba(X_dev)) for c in (strong, weak)}
+    assert dev[weak] > dev[strong] + 0.2
+    X, y, split = np.vstack([X_train, X_dev]), np.concatenate([y_train, y_dev]), np.array(["train", "dev"]).repeat(200)
+    assert fit_on_dev("logistic", X, y, split, ProbeConfig(l2_grid=[strong, weak]), 0)[1] == weak
+    separable = signal(np.arange(120) % 2, 20.0, rng)
+    tie = np.array(["train", "dev"]).repeat(60)
+    for grid in ([0.5, 2.0], [2.0, 0.5]):
+        assert fit_on_dev("logistic", separable, np.arange(120) % 2, tie, ProbeConfig(l2_grid=grid), 0)[1] == 0.5
+
+
+def test_a_kind_with_its_own_dev_selection_uses_it():
+    """The mlp kind stops on dev AUROC (tasks/probes/kinds/mlp.py): fit_on_dev hands it train and dev as they are."""
+    from tasks.probes.kinds.mlp import select_mlp
+
+    rng = np.random.default_rng(5)
+    y = np.arange(160) % 2
+    X = signal(y, 1.0, rng)
+    cfg = ProbeConfig(mlp_early_stop=2)
+    probe, epochs = KINDS["mlp"].fit_on_dev(X[:100], y[:100], X[100:], y[100:], cfg, 3)
+    again, epochs_again = select_mlp(X[:100], y[:100], X[100:], y[100:], cfg, 3)
+    assert epochs == epochs_again
+    np.testing.assert_array_equal(probe.predict_proba(X), again.predict_proba(X))
 
 
 def test_relevant_mode_scores_only_relevant_sentences(tiny_cfg, run_paths):

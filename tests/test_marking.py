@@ -3,6 +3,7 @@ order, unscored units unflagged, and, once the relevance filter ran, no unit it 
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
 import pytest
 
 from schemas.tables import SENTENCE_SCORES, SENTENCES
@@ -53,3 +54,11 @@ def test_a_unit_the_relevance_filter_dropped_is_never_flagged(paths):
     assert units["a"].flagged == [False, True, False]
     assert units["b"].flagged == [False, True]
     assert marked_contexts(paths)["a"] == "A one. <conflict> A two. </conflict> A three."
+
+
+def test_a_sentences_table_from_before_the_relevance_filter_still_marks(paths):
+    """Tables written before `is_relevant` existed lack the column: every probe flag then stands."""
+    _write(paths, relevance=False)
+    sentences = paths.table("sentences")
+    pq.write_table(pq.read_table(sentences).drop_columns(["is_relevant"]), sentences)
+    assert context_units(paths)["a"].flagged == [False, True, True]

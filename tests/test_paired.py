@@ -16,7 +16,7 @@ from tasks.core.storage import RunPaths, write_parquet
 from tasks.evaluate.comparison import METRIC_LABELS, metric_verdict, section_paired
 from tasks.evaluate.knowledge import with_item_columns
 from tasks.evaluate.methods import method_label as label
-from tasks.evaluate.paired import comparisons
+from tasks.evaluate.paired import PAIR_COLUMNS, comparisons, metric_rows, paired_differences
 from tasks.evaluate.scoring import mcnemar_exact, method_metrics, paired_bootstrap, resample_indices
 
 
@@ -86,13 +86,23 @@ def test_mcnemar_exact_against_the_definition(better, worse):
 
 
 def test_mcnemar_refuses_scores_that_are_not_outcomes():
-    with pytest.raises(ValueError, match="two 0/1 outcome vectors over the same items"):
+    with pytest.raises(ValueError, match="^McNemar's test needs two 0/1 outcome vectors over the same items$"):
         mcnemar_exact(np.array([0.5, 1.0]), np.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="two 0/1 outcome vectors over the same items"):
         mcnemar_exact(np.array([0, 1, 1]), np.array([0, 1]))
 
 
 # ---------------------------------------------------------------- paired bootstrap
+
+
+def test_paired_bootstrap_edge_cases():
+    a, b = np.array([1.0, 0.0, 1.0]), np.array([0.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match=r"^paired scores must cover the same items: shapes \(3, 1\) and \(2, 1\)$"):
+        paired_bootstrap(a, b[:2], 10, 0)
+    assert paired_bootstrap(a, b, 0, 0) == (pytest.approx(1 / 3), None, None)  # no resample, no interval
+    (row,) = resample_indices(3, 1, 5)  # one resample: the interval is its difference at both ends
+    one = float(a[row].mean() - b[row].mean())
+    assert paired_bootstrap(a, b, 1, 5) == (pytest.approx(1 / 3), pytest.approx(one), pytest.approx(one))
 
 
 def test_paired_bootstrap_is_seeded_and_covers_the_true_difference():
@@ -119,6 +129,34 @@ def test_paired_interval_equals_a_second_implementation_at_95_percent():
     idx = np.random.default_rng(21).integers(0, 80, size=(700, 80))
     lo, hi = np.percentile(a[idx].mean(axis=1) - b[idx].mean(axis=1), [2.5, 97.5])
     assert paired_bootstrap(a, b, 700, seed=21) == pytest.approx((a.mean() - b.mean(), lo, hi), abs=1e-12)
+
+
+def test_metric_rows_count_p_s_and_mr_on_counterfactual_items_only():
+    """Rows 0-1 counterfactual, row 2 not, row 3 unknown (null: not counterfactual). p_s and MR see rows 0-1."""
+    part = pl.DataFrame({"counterfactual": [True, True, False, None],
+                         **{f"{m}_{s}": [1.0, 0.0, 1.0, 1.0] if s == "a" else [0.0, 0.0, 0.0, 0.0]
+                            for m in ("em", "f1", "ps") for s in "ab"},
+                         "po_a": [0.0] * 4, "po_b": [1.0, 1.0, 0.0, 0.0]})
+    rows = {r["metric"]: r for r in metric_rows(part, 200, 0)}
+    assert {m: rows[m]["n"] for m in PAIRED_METRICS} == {"ps": 2, "em": 4, "f1": 4, "mr": 2}
+    assert rows["ps"]["diff"] == 0.5 and rows["em"]["diff"] == 0.75 and rows["mr"]["diff"] == -1.0
+    assert all(r.keys() == set(PAIR_COLUMNS) - {"condition", "knowledge"} for r in rows.values())
+    assert (rows["f1"]["p_mcnemar"], rows["f1"]["n_better"], rows["mr"]["p_mcnemar"]) == (None, None, None)
+    assert (rows["em"]["n_better"], rows["em"]["n_worse"]) == (3, 0)
+    narrow = {r["metric"]: r for r in metric_rows(part, 200, 0, level=0.5)}["em"]
+    assert rows["em"]["lo"] < narrow["lo"] <= narrow["hi"] <= rows["em"]["hi"]
+    no_flag = {r["metric"]: r["n"] for r in metric_rows(part.drop("counterfactual"), 50, 0)}
+    assert no_flag == {"ps": 4, "em": 4, "f1": 4, "mr": 4}  # without the column every item is counterfactual
+
+
+def test_comparisons_keep_the_evaluation_order_and_the_table_schema():
+    items = _items(6)
+    preds = pl.concat([_method(m, items, em=[k % 2] * 6, ps=[k % 2] * 6) for k, m in enumerate(["zeta", "alpha", "mid"])])
+    table = comparisons(preds, items, ["mid"], 20, 0)
+    assert table["method"].unique(maintain_order=True).to_list() == ["zeta", "alpha"]
+    want = pl.from_arrow(COMPARISONS.empty_table()).select(PAIR_COLUMNS).schema
+    assert paired_differences(preds, items, "zeta", "mid", 20, 0).schema == want
+    assert paired_differences(None, items, "zeta", "mid", 20, 0).schema == want
 
 
 def test_comparisons_table_is_deterministic_under_the_seed():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.core.prompts import marked_qa_messages, qa_messages
+from tasks.core.prompts import full_question, marked_qa_messages, qa_messages
 from tasks.core.config import RunConfig
 from tasks.evaluate.methods import REGISTRY as METHODS
 from tasks.evaluate.methods import Method, evaluated_methods, kre, method_label
@@ -121,3 +121,9 @@ def test_labels_and_the_default_list_come_from_the_registry():
     assert "clear" in evaluated_methods(default) and "opin" not in evaluated_methods(default)
     named = RunConfig.model_validate({"run": "t", "evaluate": {"methods": ["opin", "closed_book"]}})
     assert evaluated_methods(named) == ["opin", "closed_book"]
+
+
+def test_the_full_question_appends_options_and_the_instruction_on_their_own_lines():
+    assert full_question(" Which city? ", [" Rome", "Paris "], " Answer with one word. ") == (
+        "Which city?\nOptions: Rome; Paris\nAnswer with one word.")
+    assert full_question("Which city?") == "Which city?"

@@ -10,6 +10,8 @@ import pytest
 
 from schemas.tables import METRICS
 from tasks.evaluate.scoring import (
+    iter_subsets,
+    resample_indices,
     bootstrap_cis,
     contains_answer,
     exact_match,
@@ -123,6 +125,10 @@ def test_method_metrics_point_values_and_schema():
     )
     m = method_metrics(preds, n_boot=200, seed=0)
     assert m.columns == METRICS.names
+    assert m.schema == pl.from_arrow(METRICS.empty_table()).schema  # the table's own types, not inferred ones
+    narrow = method_metrics(preds, n_boot=200, seed=0, level=0.5).row(0, named=True)
+    wide = m.row(0, named=True)
+    assert wide["f1_lo"] < narrow["f1_lo"] <= narrow["f1_hi"] < wide["f1_hi"]  # the level reaches the interval
     assert m["method"].to_list() == ["a", "b"]  # order of appearance
     a = m.row(0, named=True)
     assert a["n"] == 4
@@ -195,3 +201,36 @@ def test_intervals_agree_with_scipy_bootstrap():
     theirs = bootstrap((em,), np.mean, n_resamples=20_000, method="percentile", confidence_level=0.95,
                        random_state=np.random.default_rng(6)).confidence_interval
     assert ours == pytest.approx((theirs.low, theirs.high), abs=0.005)
+
+
+def test_bootstrap_edge_cases_by_hand():
+    one = np.array([[1.0, 0.5, 1.0, 0.0]])  # a single item: every resample is that item, so each interval is a point
+    cis = bootstrap_cis(one, 10, 0)
+    assert cis == {"em": (1.0, 1.0), "f1": (0.5, 0.5), "ps": (1.0, 1.0), "po": (0.0, 0.0), "mr": (0.0, 0.0)}
+    assert bootstrap_cis(one, 1, 0)["f1"] == (0.5, 0.5)  # one resample is an interval too
+    none = {m: (None, None) for m in ("em", "f1", "ps", "po", "mr")}
+    assert bootstrap_cis(np.empty((0, 4)), 10, 0) == none and bootstrap_cis(one, 0, 0) == none
+
+
+def test_p_s_intervals_over_few_counterfactual_items_by_a_loop():
+    """Six items, two counterfactual (p_s 1 and 0): resamples hold 0, 1 or more of them. Each resample's p_s is the
+    mean over the counterfactual items it holds, even one; a resample holding none is skipped. Recomputed here with
+    a plain loop over the same resamples and numpy's percentiles."""
+    values = np.array([[0, 0, 1, 0], [0, 0, 0, 0]] + [[1, 1, 0, 0]] * 4, dtype=float)
+    cf = np.array([True, True, False, False, False, False])
+    idx = resample_indices(6, 400, 9)
+    means = []
+    for row in idx:
+        held = [values[i, 2] for i in row if cf[i]]
+        if held:
+            means.append(sum(held) / len(held))
+    assert 0 < len(means) < 400 and any(sum(cf[row]) == 1 for row in idx)  # both edge cases arise
+    for level in (0.95, 0.5):
+        lo, hi = np.percentile(means, [50 - 50 * level, 50 + 50 * level])
+        assert bootstrap_cis(values, 400, 9, level, counterfactual=cf)["ps"] == (pytest.approx(lo), pytest.approx(hi))
+
+
+def test_a_single_row_is_a_subset():
+    frame = pl.DataFrame({"em": [1.0], "condition": ["counterfactual"], "known": [True]})
+    assert [(c, k, part.height) for c, k, part in iter_subsets(frame)] == [
+        ("all", "all", 1), ("all", "known", 1), ("counterfactual", "all", 1), ("counterfactual", "known", 1)]

@@ -301,3 +301,14 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_cfg, tok, monke
     assert "torch.compile failed" in caplog.text and "no C++ compiler found" in caplog.text
     assert fallback.ce == eager.ce and fallback.attn == eager.attn
     assert all(torch.equal(eager_w[k], fallback_w[k]) for k in eager_w)
+
+
+def test_the_attention_loss_reads_the_last_decoder_layer():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.finetune.attention import last_attention_module
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(config)
+    assert last_attention_module(model) is model.model.layers[2].self_attn

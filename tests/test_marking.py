@@ -7,7 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.tables import SENTENCE_SCORES, SENTENCES
-from tasks.core.marking import context_units, marked_contexts
+import polars as pl
+
+from tasks.core.marking import context_units, marked_contexts, pruned
 from tasks.core.storage import RunPaths, text_key, write_parquet
 
 # (item, sent_idx, text, conflicting, kept by the relevance filter, probe flag or None where unscored), written in
@@ -62,3 +64,8 @@ def test_a_sentences_table_from_before_the_relevance_filter_still_marks(paths):
     sentences = paths.table("sentences")
     pq.write_table(pq.read_table(sentences).drop_columns(["is_relevant"]), sentences)
     assert context_units(paths)["a"].flagged == [False, True, True]
+
+
+def test_a_unit_the_filter_has_no_verdict_on_is_not_flagged():
+    sentences = pl.DataFrame({"is_relevant": [True, None, False], "flagged": [True, True, True]})
+    assert sentences.select(pruned(pl.col("flagged"), sentences))["flagged"].to_list() == [True, False, False]

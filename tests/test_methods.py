@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.core.prompts import full_question, marked_qa_messages, qa_messages
+from tasks.core.prompts import full_question, item_question, marked_qa_messages, qa_messages
 from tasks.core.config import RunConfig
 from tasks.evaluate.methods import REGISTRY as METHODS
 from tasks.evaluate.methods import Method, evaluated_methods, kre, method_label
@@ -127,3 +127,6 @@ def test_the_full_question_appends_options_and_the_instruction_on_their_own_line
     assert full_question(" Which city? ", [" Rome", "Paris "], " Answer with one word. ") == (
         "Which city?\nOptions: Rome; Paris\nAnswer with one word.")
     assert full_question("Which city?") == "Which city?"
+    item = {"question": "Which city?", "choices": ["Rome", "Paris"], "instruction": "Answer with one word."}
+    assert item_question(item) == "Which city?\nOptions: Rome; Paris\nAnswer with one word."
+    assert item_question({"question": "Which city?", "choices": None}) == "Which city?"

@@ -17,7 +17,6 @@ from pathlib import Path
 from tasks.core.splitter import split_sentences
 from tasks.ingest.formats import known_facts_options
 from tasks.ingest.formats.items import ReadOptions, item_row, sample_positions
-from tasks.ingest.formats.splits import split_groups
 from tasks.ingest.formats.known_facts_common import (
     REQUIRED_STR,
     Fact,
@@ -33,6 +32,7 @@ from tasks.ingest.formats.known_facts_templates import fill_sentence, sentence_s
 from tasks.ingest.formats.known_facts_v2 import build_v2
 from tasks.ingest.formats.reader import Ingested, Reader
 from tasks.ingest.formats.records import load_format
+from tasks.ingest.formats.splits import split_groups
 
 log = logging.getLogger(__name__)
 

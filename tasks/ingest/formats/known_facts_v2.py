@@ -41,7 +41,6 @@ from pathlib import Path
 from schemas.tables import CONDITIONS
 from tasks.core.splitter import split_sentences
 from tasks.ingest.formats.items import ReadOptions, item_row, sample_positions
-from tasks.ingest.formats.splits import split_groups
 from tasks.ingest.formats.known_facts_common import (
     REQUIRED_STR,
     Fact,
@@ -64,6 +63,7 @@ from tasks.ingest.formats.known_facts_templates import (
 )
 from tasks.ingest.formats.reader import Ingested
 from tasks.ingest.formats.records import RawRecord, load_format
+from tasks.ingest.formats.splits import split_groups
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from tasks.ingest.formats.items import (
     substitution_labels,
     target_sentence,
 )
-from tasks.ingest.formats.splits import split_groups
 from tasks.ingest.formats.records import MAX_DEPTH, RawRecord, has_surrogates, load_format, nesting, require_path
+from tasks.ingest.formats.splits import split_groups
 
 
 @dataclass

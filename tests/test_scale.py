@@ -75,11 +75,13 @@ def local_tables(decomposed) -> dict:
 
 
 def _dask_workers(parent: psutil.Process) -> list[psutil.Process]:
-    """The LocalCluster's worker processes: children the command's in-process nannies spawned."""
+    """The LocalCluster's worker processes: children the command's in-process nannies spawned (a multiprocessing
+    spawn, or "dask worker [...]" where the setproctitle package is installed and distributed renames them)."""
     found = []
     for child in parent.children():
         try:
-            if "spawn_main" in " ".join(child.cmdline()):
+            cmdline = " ".join(child.cmdline())
+            if "spawn_main" in cmdline or cmdline.startswith("dask worker"):
                 found.append(child)
         except psutil.NoSuchProcess:
             continue

@@ -353,12 +353,16 @@ def main(argv: list[str] | None = None) -> None:
             handler.addFilter(_TERMINAL)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        CliApp.run(Clearflow, cli_args=args)
-    except (ValueError, OSError, RuntimeError, KeyError) as exc:
-        if debug:
-            raise
-        print(f"clearflow: error: {one_line(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        try:
+            CliApp.run(Clearflow, cli_args=args)
+        except (ValueError, OSError, RuntimeError, KeyError) as exc:
+            stop = wrapped_interrupt(exc)
+            if stop is not None:
+                raise stop from None
+            if debug:
+                raise
+            print(f"clearflow: error: {one_line(exc)}", file=sys.stderr)
+            raise SystemExit(2) from None
     except Terminated:
         print("clearflow: stopped by SIGTERM; the same command resumes (finished stages are kept)", file=sys.stderr)
         raise SystemExit(143) from None
@@ -379,6 +383,18 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum: int, frame: Any) -> None:
     raise Terminated()
+
+
+def wrapped_interrupt(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind an error, where a signal landed inside code that wrapped it in its own error
+    (Python 3.11 wraps an exception raised while a class is being built in a RuntimeError): a stop, not an error."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def one_line(exc: Exception) -> str:

@@ -74,6 +74,26 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def test_a_sigterm_wrapped_in_another_error_is_still_a_stop(monkeypatch, capsys):
+    """SIGTERM landing while a class is built (an import mid-run) reaches the CLI as RuntimeError("Error calling
+    __set_name__ ...") on Python 3.11: it must still stop as SIGTERM (143), not report an error (2)."""
+    from flows import cli
+
+    def run(*args, **kwargs):
+        try:
+            raise cli.Terminated()
+        except cli.Terminated as stop:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'keys'") from stop
+
+    monkeypatch.setattr(cli.CliApp, "run", run)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["stages"])
+    assert exit_.value.code == 143
+    assert capsys.readouterr().err.strip().endswith("stopped by SIGTERM; the same command resumes (finished stages are"
+                                                    " kept)")
+    assert cli.wrapped_interrupt(ValueError("plain")) is None
+
+
 @pytest.mark.parametrize("how", ["SIGTERM"])  # SIGKILL: the kill -9 test below
 def test_stopping_a_run_leaves_no_child_alive(tiny_model, tmp_path, how):
     runs = tmp_path / "runs"

@@ -139,6 +139,8 @@ class Sql(BaseModel):
     param: list[str] = Field([], description="NAME=VALUE parameter of the example (repeat the option).")
     runs_dir: Path = Field(Path("data/runs"), description="Where run directories live.")
     run: str | None = Field(None, description="Run the plain views show; default: the latest finished run.")
+    store: str | None = Field(None, description="A remote activation store (s3://bucket/prefix): the activations"
+                              " views read the runs' vectors from it, where they lie, instead of the local copies.")
 
     def sql(self) -> str:
         """The query to run: the given SQL, or the named example with its parameters filled in."""
@@ -159,10 +161,14 @@ class Sql(BaseModel):
     def cli_cmd(self) -> None:
         import duckdb
 
+        from tasks.catalog.remote import check_store_url
         from tasks.catalog.views import format_table, query
 
+        sql = self.sql()
+        if self.store:  # a wrong endpoint, key or bucket is one line, before the catalog is built
+            check_remote(check_store_url(self.store))
         try:
-            columns, rows = query(self.sql(), self.runs_dir, run=self.run, confine=_OWNS_PROCESS)
+            columns, rows = query(sql, self.runs_dir, run=self.run, confine=_OWNS_PROCESS, store=self.store)
         except duckdb.Error as exc:  # the analyst's SQL: say what DuckDB said, no traceback
             raise ValueError(f"query failed: {exc}") from None
         print(format_table(columns, rows))

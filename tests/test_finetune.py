@@ -1,4 +1,4 @@
-"""Conflict-aware fine-tuning: the attention loss, the example encoding and a tiny end-to-end run."""
+"""Conflict-aware fine-tuning: the example encoding, the attention hook on a model and a tiny end-to-end run."""
 
 from __future__ import annotations
 
@@ -26,37 +26,6 @@ FACTS = [
     ("Danielle Darrieux speaks English.", "Which language does Danielle Darrieux speak?", "English"),
 ]
 FILLER = ["Paris is the capital of France.", "Water boils at 100 degrees.", "The Nile flows north."]
-
-
-def test_attention_loss_hand_case():
-    # 2 heads, 4 positions, key 2 is marked: queries 2 and 3 can see it, queries 0-1 cannot.
-    p = torch.zeros(2, 4, 4)
-    p[:, 0, 0] = 1.0
-    p[:, 1, :2] = 0.5
-    p[0, 2, :3] = torch.tensor([0.25, 0.25, 0.5])  # mass on marked 0.5
-    p[1, 2, :3] = torch.tensor([0.0, 0.0, 1.0])  # 1.0
-    p[0, 3] = torch.tensor([0.1, 0.1, 0.8, 0.0])  # 0.8
-    p[1, 3] = torch.tensor([0.4, 0.3, 0.2, 0.1])  # 0.2
-    mask = torch.tensor([False, False, True, False])
-    expected = ((1 - 0.5) + (1 - 1.0) + (1 - 0.8) + (1 - 0.2)) / 4
-    assert attention_loss(p, mask).item() == pytest.approx(expected)
-    # All mass on marked keys costs nothing; no marked key gives 0 but keeps a graph.
-    q = torch.zeros(1, 3, 3, requires_grad=True)
-    assert attention_loss(q, torch.zeros(3, dtype=torch.bool)).item() == 0.0
-    assert attention_loss(q, torch.zeros(3, dtype=torch.bool)).requires_grad
-    full = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])
-    assert attention_loss(full, torch.tensor([True, True])).item() == pytest.approx(0.0)
-
-
-def test_attention_loss_has_useful_gradient():
-    logits = torch.zeros(1, 3, 3, requires_grad=True)
-    causal = torch.triu(torch.ones(3, 3, dtype=torch.bool), 1)
-    probs = logits.masked_fill(causal, float("-inf")).softmax(-1)
-    loss = attention_loss(probs, torch.tensor([False, True, False]))
-    loss.backward()
-    # Gradient descent raises the logit of the marked key for every query that sees it.
-    assert logits.grad[0, 1, 1] < 0 and logits.grad[0, 2, 1] < 0
-    assert logits.grad[0, 0].abs().sum() == 0  # query 0 cannot see the marked key
 
 
 @pytest.fixture(scope="module")
@@ -301,14 +270,3 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_cfg, tok, monke
     assert "torch.compile failed" in caplog.text and "no C++ compiler found" in caplog.text
     assert fallback.ce == eager.ce and fallback.attn == eager.attn
     assert all(torch.equal(eager_w[k], fallback_w[k]) for k in eager_w)
-
-
-def test_the_attention_loss_reads_the_last_decoder_layer():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tasks.finetune.attention import last_attention_module
-
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1)
-    model = LlamaForCausalLM(config)
-    assert last_attention_module(model) is model.model.layers[2].self_attn

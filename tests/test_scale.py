@@ -237,3 +237,46 @@ def test_a_bad_s3_store_is_one_clear_line(decomposed, s3, fault, said):
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert f"activation store s3://{bucket}/stores: {said}" in last, done.stderr[-3000:]
+
+
+def test_sql_reads_a_runs_activations_from_the_s3_store_and_nothing_outside_it(decomposed, local_tables, s3,
+                                                                                 monkeypatch):
+    """`clearflow sql --store`: DuckDB reads the run's vectors from the remote store itself (only one layer is
+    uploaded, so the answers show where they came from); the example queries run unchanged; reads stay confined."""
+    import duckdb
+
+    from tasks.catalog.queries import example_sql
+    from tasks.catalog.views import query
+
+    root, _ = decomposed
+    env, client = s3
+    for name, value in env.items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    (key,) = [d for d in (root / "store-local").iterdir() if d.is_dir()]
+    layer = sorted(key.glob("layer=*"))[0]
+    for path in sorted(layer.glob(SHARD_GLOB)):
+        client.upload_file(str(path), BUCKET, f"sql/{key.name}/{layer.name}/{path.name}")
+    client.upload_file(str(path), BUCKET, "outside/part-0.parquet")
+    runs, url, rows = root / "runs", f"s3://{BUCKET}/sql", "SELECT * FROM activations ORDER BY ALL"
+    local_cols, local = query(rows, runs, run="r")
+    cols, got = query(rows, runs, run="r", store=url)
+    n = int(layer.name.split("=")[1])
+    assert cols == local_cols and got == [r for r in local if r[cols.index("layer")] == n] and got
+    _, local_sep = query(example_sql("layer_separation"), runs, run="r")
+    _, remote_sep = query(example_sql("layer_separation"), runs, run="r", store=url)
+    assert remote_sep == [r for r in local_sep if r[1] == n]
+    _, every = query("SELECT count(*) FROM all_activations", runs, store=url)
+    assert every == [(len(got),)]
+    with pytest.raises(duckdb.PermissionException):
+        query(f"SELECT count(*) FROM read_parquet('s3://{BUCKET}/outside/*.parquet')", runs, store=url)
+    with pytest.raises(ValueError, match="give a remote store URL"):
+        query(rows, runs, store=str(root / "store-local"))
+    cli = [sys.executable, "-m", "flows.cli", "sql", "--runs-dir", str(runs), "--run", "r"]
+    done = subprocess.run([*cli, "--example", "layer_separation", "--store", url], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)  # the CLI confines its writes too
+    assert done.returncode == 0 and f"{remote_sep[0][2]:.6g}" in done.stdout, done.stdout + done.stderr[-3000:]
+    done = subprocess.run([*cli, rows, "--store", "s3://no-such-bucket/sql"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    assert "bucket 'no-such-bucket' does not exist" in done.stderr.strip().splitlines()[-1], done.stderr[-3000:]

@@ -23,6 +23,7 @@ import duckdb
 
 from schemas.layout import ANALYSES
 from schemas.tables import TABLES
+from tasks.catalog import remote
 from tasks.core.activation_store import DUCKDB_HIVE, ActivationStore, tree_glob
 from tasks.core.sandbox import confine_writes
 from tasks.core.storage import RunPaths, atomic_path, cache_root
@@ -164,20 +165,33 @@ def _sources(run: RunInfo) -> dict[str, tuple[str, bool]]:
     return out
 
 
-def _create_views(
-    con: duckdb.DuckDBPyConnection, runs: list[RunInfo], selected: RunInfo | None, runs_dir: Path | None
-) -> None:
+def _remote_activations_sql(run: RunInfo, store: str) -> str:
+    """View body over the run's activations as the remote store holds them (columns as the local view's)."""
+    hive = "hive_partitioning = true, hive_types = {'layer': INTEGER}"
+    bodies = [f"SELECT {_lit(run.name)}::VARCHAR AS run, *, {_lit(slug)}::VARCHAR AS model"
+              f" FROM read_parquet({_lit(glob)}, {hive})" for slug, glob in remote.run_store_globs(run.root, store)]
+    return " UNION ALL BY NAME ".join(bodies)
+
+
+def _view_sql(run: RunInfo, name: str, rel: str, hive: bool, store: str | None) -> str:
+    """One run's view body: its local table, or with a remote `store` its activations read from there."""
+    return _remote_activations_sql(run, store) if store and name == "activations" else _run_view_sql(run, rel, hive)
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, runs: list[RunInfo], selected: RunInfo | None,
+                  runs_dir: Path | None, store: str | None = None) -> None:
     """`<table>` views over the selected run; `all_<table>` over every run (glob under runs_dir if given)."""
     for name, (rel, hive) in (_sources(selected) if selected else {}).items():
-        con.execute(f"CREATE VIEW {name} AS {_run_view_sql(selected, rel, hive)}")
+        con.execute(f"CREATE VIEW {name} AS {_view_sql(selected, name, rel, hive, store)}")
     present: dict[str, tuple[str, bool]] = {}
     for run in runs:
         present.update(_sources(run))
     for name, (rel, hive) in present.items():
-        if runs_dir is not None:
+        if runs_dir is not None and not (store and name == "activations"):
             body = _all_view_sql(runs_dir, rel, hive)
-        else:  # a single run's own catalog: union its per-run view
-            body = " UNION ALL BY NAME ".join(_run_view_sql(r, rel, hive) for r in runs if name in _sources(r))
+        else:  # one view per run, unioned: a single run's own catalog, or activations read from a remote store
+            body = " UNION ALL BY NAME ".join(_view_sql(r, name, rel, hive, store) for r in runs
+                                              if name in _sources(r))
         con.execute(f"CREATE VIEW all_{name} AS {body}")
     con.execute("CREATE TABLE runs (run VARCHAR, path VARCHAR, finished_at TIMESTAMPTZ, selected BOOLEAN)")
     rows = [(r.name, r.root.as_posix(), r.finished_at, selected is not None and r.name == selected.name) for r in runs]
@@ -186,14 +200,16 @@ def _create_views(
 
 
 def _write_catalog(db_path: Path, runs: list[RunInfo], selected: RunInfo | None, runs_dir: Path | None,
-                   sweeps: list[RunInfo] | None = None) -> Path:
+                   sweeps: list[RunInfo] | None = None, store: str | None = None) -> Path:
     """Build the catalog in a temp file beside db_path, then rename it over db_path."""
     db_path = Path(db_path)
     with atomic_path(db_path) as tmp:
         tmp.unlink()  # DuckDB refuses to open an empty file
         try:
             with duckdb.connect(str(tmp)) as con:
-                _create_views(con, runs, selected, runs_dir)
+                if store:
+                    remote.register(con, store)  # a view's files are read when it is created
+                _create_views(con, runs, selected, runs_dir, store)
                 _create_sweep_views(con, sweeps or [])
                 con.execute("CHECKPOINT")
         finally:
@@ -211,8 +227,10 @@ def _select_run(runs: list[RunInfo], run: str | None) -> RunInfo:
     raise ValueError(f"no run named {run!r}; known runs: {[r.name for r in runs]}")
 
 
-def build_catalog(runs_dir: Path, db_path: Path | None = None, run: str | None = None) -> Path:
-    """(Re)create the runs catalog: views over the chosen run and over every run; returns its path."""
+def build_catalog(runs_dir: Path, db_path: Path | None = None, run: str | None = None,
+                  store: str | None = None) -> Path:
+    """(Re)create the runs catalog: views over the chosen run and over every run; returns its path. With a remote
+    `store` URL the activations views read that store's shards (tasks/catalog/remote.py)."""
     runs_dir = Path(runs_dir).resolve()
     runs, sweeps = list_runs(runs_dir), list_sweeps(runs_dir)
     if not runs and not sweeps:
@@ -220,7 +238,8 @@ def build_catalog(runs_dir: Path, db_path: Path | None = None, run: str | None =
             f"no runs under {runs_dir}: run `clearflow run` or `clearflow sweep` first (or pass --runs-dir)"
         )
     selected = _select_run(runs, run) if runs or run else None
-    return _write_catalog(Path(db_path) if db_path else runs_dir / "catalog.duckdb", runs, selected, runs_dir, sweeps)
+    return _write_catalog(Path(db_path) if db_path else runs_dir / "catalog.duckdb", runs, selected, runs_dir, sweeps,
+                          store)
 
 
 def write_run_catalog(paths: RunPaths) -> Path:
@@ -286,30 +305,38 @@ def _readable_dirs(runs_dir: Path) -> list[str]:
     return sorted(dirs)
 
 
-def _connect_read_only(db_path: Path, runs_dir: Path) -> duckdb.DuckDBPyConnection:
-    """Open the catalog read-only, able to read nothing but the runs (defence beyond the statement check)."""
+def _connect_read_only(db_path: Path, runs_dir: Path, store: str | None = None) -> duckdb.DuckDBPyConnection:
+    """Open the catalog read-only, able to read nothing but the runs and the remote store's prefix (defence beyond
+    the statement check)."""
     con = duckdb.connect(
         str(db_path), read_only=True, config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
     )
-    con.execute("SET allowed_directories = ?", [_readable_dirs(runs_dir)])
+    readable = _readable_dirs(runs_dir)
+    if store:
+        remote.register(con, store)
+        readable += remote.readable_prefixes(store)
+    con.execute("SET allowed_directories = ?", [readable])
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
 
 
-def query(sql: str, runs_dir: Path, run: str | None = None, confine: bool = False) -> tuple[list[str], list[tuple]]:
+def query(sql: str, runs_dir: Path, run: str | None = None, confine: bool = False,
+          store: str | None = None) -> tuple[list[str], list[tuple]]:
     """Answer one read-only SQL statement over the runs; returns (column names, rows). The catalog is built in a
     private temporary directory, so a query writes nothing under runs_dir (a read-only share can be queried, and
     two queries never race on one catalog file). With `confine` (the CLI's process, which ends after the query) the
-    kernel then refuses this process every file write outside that scratch space (tasks/core/sandbox.py)."""
+    kernel then refuses this process every file write outside that scratch space (tasks/core/sandbox.py). With a
+    remote `store` URL, the activations views read its shards there."""
     (stmt,) = check_read_only(sql)
     runs_dir = Path(runs_dir).resolve()
+    store = remote.check_store_url(store) if store else None
     scratch = _scratch_root() if confine else None
     with tempfile.TemporaryDirectory(prefix="clearflow-sql-", dir=scratch) as tmp:
-        db_path = build_catalog(runs_dir, db_path=Path(tmp) / "catalog.duckdb", run=run)
+        db_path = build_catalog(runs_dir, db_path=Path(tmp) / "catalog.duckdb", run=run, store=store)
         if scratch is not None:  # before DuckDB starts the threads that will run the query: they inherit it
             confine_writes(scratch)
-        with _connect_read_only(db_path, runs_dir) as con:
+        with _connect_read_only(db_path, runs_dir, store) as con:
             cur = con.execute(stmt)
             columns = [d[0] for d in cur.description] if cur.description else []
             rows = cur.fetchall() if cur.description else []

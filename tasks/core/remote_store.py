@@ -63,6 +63,11 @@ def _filesystem(url: str, read_timeout: int | None = None) -> tuple[Any, str]:
     return fs, root.rstrip("/")
 
 
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec file system a remote store URL lives on, and the store root's path in it."""
+    return _filesystem(url)
+
+
 def remote_error(url: str, err: BaseException) -> RuntimeError:
     """One line that says what is wrong with a remote store and what to do."""
     names = {cls.__name__ for cls in type(err).__mro__}

@@ -29,15 +29,16 @@ def attention_loss(attn_probs: torch.Tensor, marked_mask: torch.Tensor) -> torch
     if attn_probs.dim() != 3:
         raise ValueError(f"attn_probs must be [heads, q, k], got {tuple(attn_probs.shape)}")
     n_q, n_k = attn_probs.shape[-2:]
+    if not 0 < n_q <= n_k:
+        raise ValueError(f"attn_probs needs 1 to k queries for its k keys, got {n_q} for {n_k}")
     if marked_mask.shape != (n_k,):
         raise ValueError(f"marked_mask must be [{n_k}], got {tuple(marked_mask.shape)}")
     marked = marked_mask.to(device=attn_probs.device, dtype=torch.bool)
     if not bool(marked.any()):
         return attn_probs.sum() * 0.0
     first_marked = int(marked.nonzero()[0])
-    first_query = max(first_marked - (n_k - n_q), 0)  # query i sits at key position n_k - n_q + i
-    if first_query >= n_q:
-        return attn_probs.sum() * 0.0
+    # Query i sits at key position n_k - n_q + i, so some query always sees the first marked key.
+    first_query = max(first_marked - (n_k - n_q), 0)
     mass = (attn_probs[:, first_query:, :] * marked.to(attn_probs.dtype)).sum(dim=-1)  # [heads, queries]
     return (1.0 - mass).float().mean()
 

@@ -47,7 +47,7 @@ class Run(RunConfig):
 
     def given(self) -> dict[str, Any]:
         """The run options given on the command line."""
-        return self.model_dump(mode="json", exclude_unset=True, exclude={"force", "preset", "seeds"})
+        return self.model_dump(mode="json", exclude_unset=True, exclude={"force", "preset", "seeds", "parallel"})
 
     def cli_cmd(self) -> None:
         from flows.runner import paths_of, pipeline_current
@@ -72,6 +72,8 @@ class Sweep(Run):
     """
 
     seeds: CliVariadicArg[list[int]] = Field([0, 1, 2], description="Fine-tuning seeds, e.g. --seeds 0 1 2.")
+    parallel: int = Field(1, ge=1, description="Seeds run at once after the first (each a pipeline sub-flow in its"
+                          " own thread, torch's threads shared out unless --threads is given). Changes only speed.")
 
     def cli_cmd(self) -> None:
         from flows.sweep import check_seeds, sweep_flow
@@ -79,7 +81,8 @@ class Sweep(Run):
         check_seeds(self.seeds)
         before_flows(preset_config(self.preset, self.given()))  # a bad preset, option or address fails here
         given = RunConfig.model_validate(self.given())  # knows which options were given: the preset fills the rest
-        report = Path(sweep_flow(cfg=given, seeds=self.seeds, preset=self.preset, force=self.force))
+        report = Path(sweep_flow(cfg=given, seeds=self.seeds, preset=self.preset, force=self.force,
+                                 parallel=self.parallel))
         print(f"\nsweep report: {report}")
         print(f"query it: clearflow sql \"select * from sweep_metrics\" --runs-dir {given.runs_dir}")
         print(f"its seed runs: clearflow sql \"select * from all_metrics\" --runs-dir {report.parent}")

@@ -27,6 +27,7 @@ from flows.stages import ORDER, STAGES, Stage
 from schemas.layout import LAYOUT
 from tasks.core.config import MAX_SEED, RunConfig
 from tasks.core.storage import RunPaths, write_json
+from tasks.core.threads import usable_cpus
 from tasks.evaluate.seeds import SweepPaths, write_aggregate
 
 log = logging.getLogger("clearflow")
@@ -164,22 +165,53 @@ def aggregate(sweep_dir: str, seeds: list[int]) -> bool:
     return True
 
 
+def _seed_run(cfg: RunConfig, sweep: SweepPaths, seed: int, donor: RunPaths | None, force: bool) -> RunPaths:
+    """One seed's pipeline (a sub-flow), after taking over what it shares with the donor (the first seed's run)."""
+    seed_cfg = seed_config(cfg, sweep, seed)
+    if donor is not None:
+        share_stages(str(donor.root), seed_cfg, force)
+    pipeline_flow(cfg=seed_cfg, force=force and donor is None)
+    return paths_of(seed_cfg)
+
+
+@task(name="seed", cache_policy=NO_CACHE)
+def seed_task(cfg: RunConfig, sweep_dir: str, seed: int, donor_dir: str, force: bool) -> str:
+    """A later seed's run as a task, so that several run at once (each its own pipeline sub-flow)."""
+    return str(_seed_run(cfg, SweepPaths(Path(sweep_dir)), seed, RunPaths(Path(donor_dir)), force).root)
+
+
+def _parallel_seeds(cfg: RunConfig, sweep: SweepPaths, seeds: list[int], donor: RunPaths, parallel: int,
+                    force: bool) -> None:
+    """The later seeds, `parallel` at a time, torch's threads shared out between them (unless --threads is given)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    at_once = min(parallel, len(seeds))
+    cfg = cfg.model_copy(update={"threads": cfg.threads or max(1, usable_cpus() // at_once)})
+    log.info("seeds %s: %d at a time, %d torch thread(s) each", seeds, at_once, cfg.threads)
+    with ThreadPoolTaskRunner(max_workers=at_once) as runner:
+        futures = [runner.submit(seed_task, {"cfg": cfg, "sweep_dir": str(sweep.root), "seed": seed,
+                                             "donor_dir": str(donor.root), "force": force}) for seed in seeds]
+        for future in futures:
+            future.result()  # a failed seed raises here, after the others have finished
+
+
 @flow(name="sweep", log_prints=True)
-def sweep_flow(
-    cfg: RunConfig = RunConfig(), seeds: list[int] | None = None, preset: str | None = None, force: bool = False
-) -> str:
+def sweep_flow(cfg: RunConfig = RunConfig(), seeds: list[int] | None = None, preset: str | None = None,
+               force: bool = False, parallel: int = 1) -> str:
     """The pipeline once per fine-tuning seed (default 0, 1, 2), sharing the stages a seed does not change, and the
-    aggregate over the seeds; `cfg.run` names the sweep. Returns the sweep report's path."""
+    aggregate over the seeds; `cfg.run` names the sweep. The first seed computes every stage; with `parallel` > 1
+    the later seeds then run that many at a time. Returns the sweep report's path."""
     cfg = resolve_run(with_preset(preset, cfg))
     seeds = check_seeds(list(DEFAULT_SEEDS) if seeds is None else seeds)
+    if parallel < 1:
+        raise ValueError(f"--parallel must be at least 1: got {parallel}")
     sweep = SweepPaths(Path(cfg.runs_dir) / cfg.run)
     start_sweep(sweep, cfg, seeds, preset)
-    donor: RunPaths | None = None
-    for seed in seeds:
-        seed_cfg = seed_config(cfg, sweep, seed)
-        if donor is not None:
-            share_stages(str(donor.root), seed_cfg, force)
-        pipeline_flow(cfg=seed_cfg, force=force and donor is None)
-        donor = donor or paths_of(seed_cfg)
+    donor = _seed_run(cfg, sweep, seeds[0], None, force)
+    if parallel > 1 and len(seeds) > 2:
+        _parallel_seeds(cfg, sweep, seeds[1:], donor, parallel, force)
+    else:
+        for seed in seeds[1:]:
+            _seed_run(cfg, sweep, seed, donor, force)
     aggregate(str(sweep.root), seeds)
     return str(sweep.report)

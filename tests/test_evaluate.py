@@ -371,3 +371,31 @@ def test_opinion_prompts_follow_zhou_et_al_templates():
     assert opin[0] == oi[0] == REGISTRY["full_context"].messages("q", "c")[0]  # the same short-answer system line
     with pytest.raises(ValueError, match="needs a context"):
         REGISTRY["kre"].messages("q", None)
+
+
+def test_generation_fanned_out_on_dask_gives_the_local_predictions(tiny_cfg, run_with_items, monkeypatch):
+    """`--executor dask`: each greedy method's prompts go out in chunks of batch_size to a real LocalCluster of 2
+    worker processes (the adapter merged on the worker); CAD keeps its own decoding here. Same table as local."""
+    import tasks.evaluate.generation_jobs as jobs_module
+    from flows.scale import dask_mapper
+    from tasks.core.fanout import fan_out, mapping_with
+
+    _save_random_adapter(tiny_cfg, run_with_items)
+    methods = ["closed_book", "full_context", "clear", "cad"]
+    evaluate = tiny_cfg.evaluate.model_copy(update={"batch_size": 2, "methods": methods})
+    cfg = tiny_cfg.model_copy(update={"evaluate": evaluate})
+    ev.run_evaluate(cfg, run_with_items)
+    local = read_table(run_with_items.table("predictions"))
+    sent = []
+
+    def counted(fn, jobs, name):
+        sent.extend((name, job.desc, job.adapter is not None, len(job.prompts)) for job in jobs)
+        return fan_out(fn, jobs, name)
+
+    monkeypatch.setattr(jobs_module, "fan_out", counted)
+    dask_cfg = cfg.model_copy(update={"executor": "dask", "dask_workers": 2, "threads": 1})
+    with mapping_with(dask_mapper(dask_cfg)):
+        ev.run_evaluate(dask_cfg, run_with_items)
+    assert read_table(run_with_items.table("predictions")).equals(local)
+    # 5 test items in chunks of 2, per greedy method; the adapter only for clear; CAD not fanned out
+    assert sent == [("generation", m, m == "clear", n) for m in methods[:3] for n in (2, 2, 1)]

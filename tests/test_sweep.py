@@ -16,6 +16,7 @@ from flows.cli import main
 from flows.stages import ORDER, STAGES
 from tasks.core.config import RunConfig, finetune_seed
 from tasks.evaluate.methods import REGISTRY
+from tasks.core.storage import read_table
 from tasks.evaluate.seeds import SweepPaths
 
 UPSTREAM = ("ingest", "decompose", "activations", "probes", "insideout")  # what no fine-tuning option reaches
@@ -198,19 +199,21 @@ def test_cli_sweep_takes_seeds_and_applies_the_preset_under_given_options(tmp_pa
 
     seen = {}
 
-    def fake_sweep(cfg, seeds, preset, force):
-        seen.update(cfg=with_preset(preset, cfg), seeds=seeds)
+    def fake_sweep(cfg, seeds, preset, force, parallel):
+        seen.update(cfg=with_preset(preset, cfg), seeds=seeds, parallel=parallel)
         return str(tmp_path / "sw" / "sweep_report.md")
 
     monkeypatch.setattr(flows.sweep, "sweep_flow", fake_sweep)
     main(["sweep", "--seeds", "3", "4", "--preset", "full", "--evaluate.bootstrap", "7", "--runs-dir", str(tmp_path)])
-    assert seen["seeds"] == [3, 4]
+    assert seen["seeds"] == [3, 4] and seen["parallel"] == 1
     full = [n for n in REGISTRY if not n.endswith("_unmarked") or n == "clear_unmarked"]
     assert seen["cfg"].evaluate.methods == full and seen["cfg"].evaluate.bootstrap == 7
     assert set(REGISTRY) - set(full) == {"clear_markers_only_unmarked", "clear_random_markers_unmarked",
                                          "clear_oracle_markers_unmarked"}
-    main(["sweep", "--preset", "full", "--evaluate.methods", '["clear"]', "--runs-dir", str(tmp_path)])
+    main(["sweep", "--preset", "full", "--evaluate.methods", '["clear"]', "--runs-dir", str(tmp_path),
+          "--parallel", "2"])
     assert seen["seeds"] == [0, 1, 2] and seen["cfg"].evaluate.methods == ["clear"]  # given options win
+    assert seen["parallel"] == 2
 
 
 @pytest.mark.parametrize("command", ["run", "sweep"])
@@ -286,3 +289,33 @@ def test_sweep_comparisons_pair_every_seed_answer(swept):
     assert "## Paired comparisons over seeds" in sweep.report.read_text()
     _, rows = query("select count(*) from sweep_comparisons", cfg.runs_dir)
     assert rows[0][0] == table.height
+
+
+def test_later_seeds_run_at_once_as_sub_flows_and_give_the_sequential_tables(tiny_model, tmp_path, prefect_harness,
+                                                                            monkeypatch):
+    """--parallel 2: after the first seed, seeds 1 and 2 fine-tune at the same time (each waits inside its
+    fine-tuning until the other has started it: run one after another, they could not both arrive), and every
+    seed's predictions equal those of the sweep run one seed at a time."""
+    import threading
+
+    import tasks.finetune.stage as finetune_stage
+    from flows.sweep import sweep_flow
+
+    seeds = [0, 1, 2]
+    runs = {}
+    for parallel in (1, 2):
+        cfg = _tiny_config(tiny_model, tmp_path / f"runs-{parallel}").model_copy(update={"threads": 1})
+        if parallel == 2:
+            both = threading.Barrier(2, timeout=120)
+            real = finetune_stage.run_finetune
+
+            def meeting(view, paths, real=real, both=both):
+                if not paths.root.name.endswith("-0"):  # the first seed runs alone
+                    both.wait()  # BrokenBarrierError after the timeout when the seeds run one after another
+                return real(view, paths)
+
+            monkeypatch.setattr(finetune_stage, "run_finetune", meeting)
+        sweep = SweepPaths(Path(sweep_flow(cfg=cfg, seeds=seeds, parallel=parallel)).parent)
+        runs[parallel] = {s: read_table(sweep.run(s).table("predictions")) for s in seeds}
+    for seed in seeds:
+        assert runs[2][seed].equals(runs[1][seed]), seed

@@ -15,11 +15,13 @@ import torch
 
 from schemas.tables import COMPARISONS, LFD_LAYERS, METRICS, PREDICTIONS
 from tasks.core.config import RunConfig
+from tasks.core.fanout import fanned_out
 from tasks.core.models import load_model, load_tokenizer
 from tasks.core.chat import render
 from tasks.core.prompts import item_question
 from tasks.evaluate.answer_cache import AnswerCache, kept
 from tasks.evaluate.decoding_loop import generate
+from tasks.evaluate.generation_jobs import fanned_answers
 from tasks.evaluate.methods import Method, resolve_methods
 from tasks.evaluate.knowledge import CLOSED_BOOK, known_by_item, with_item_columns
 from tasks.evaluate.paired import comparisons, missing_references
@@ -134,24 +136,34 @@ def _keep_answers(cache: AnswerCache, cfg: RunConfig, m: Method, prompts: list[s
 
 def _answer_with_models(cfg: RunConfig, paths: RunPaths, methods: list[Method], items: pl.DataFrame,
                         marked: dict[str, str] | None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """(prompts, answers) per model-based method, grouped by the weights that answer: one model in memory at a time."""
+    """(prompts, answers) per model-based method: kept answers first; then, when jobs fan out, the greedy methods'
+    generation as jobs; the rest here, grouped by the weights that answer (one model in memory at a time)."""
     prompts: dict[str, list[str]] = {}
     answers: dict[str, list[str]] = {}
     if not methods:
         return prompts, answers
     tok, cache = load_tokenizer(cfg.model), AnswerCache.of(cfg)
-    for weights in dict.fromkeys(m.weights for m in methods):  # in method order, each weights loaded once
-        group = [m for m in methods if m.weights == weights]
-        model = None  # loaded when a method of the group has no kept answers
+    for m in methods:
+        prompts[m.name] = build_prompts(m, items, tok, marked)
+        if (found := _kept_answers(cache, cfg, m, prompts[m.name], tok, paths)) is not None:
+            answers[m.name] = found
+    todo = [m for m in methods if m.name not in answers]
+
+    def answered(m: Method, found: list[str]) -> None:  # kept at once: a run stopped later resumes from it
+        answers[m.name] = found
+        if cache:
+            _keep_answers(cache, cfg, m, prompts[m.name], found, tok, paths)
+
+    if fanned_out():
+        greedy = [m for m in todo if m.decoding == "greedy"]
+        for m, found in zip(greedy, fanned_answers(cfg, paths, greedy, prompts).values()):
+            answered(m, found)
+        todo = [m for m in todo if m.decoding != "greedy"]
+    for weights in dict.fromkeys(m.weights for m in todo):  # in method order, each weights loaded once
+        group = [m for m in todo if m.weights == weights]
+        model = load_model(cfg.model) if weights == "base" else _load_adapter(cfg, paths, group[0].arm)
         for m in group:
-            prompts[m.name] = build_prompts(m, items, tok, marked)
-            answers[m.name] = _kept_answers(cache, cfg, m, prompts[m.name], tok, paths)
-            if answers[m.name] is None:
-                if model is None:
-                    model = load_model(cfg.model) if weights == "base" else _load_adapter(cfg, paths, group[0].arm)
-                answers[m.name] = _answer(m, model, tok, prompts[m.name], items, cfg, paths)
-                if cache:
-                    _keep_answers(cache, cfg, m, prompts[m.name], answers[m.name], tok, paths)
+            answered(m, _answer(m, model, tok, prompts[m.name], items, cfg, paths))
         model = None
         _release_memory()
     return prompts, answers

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tasks.core.config import RunConfig, finetune_seed
+from tasks.core.config import ModelConfig, RunConfig, finetune_seed
 from tasks.core.marking import context_units
 from tasks.core.models import load_model, load_tokenizer
 from tasks.core.storage import RunPaths, read_table, write_json
@@ -124,11 +124,15 @@ def require_adapters(paths: RunPaths, arms: Sequence[str]) -> None:
 
 def load_finetuned(cfg: RunConfig, paths: RunPaths, arm: str = "clear") -> nn.Module:
     """The base model with one arm's trained adapter merged in, in eval mode, for evaluation."""
+    require_adapters(paths, [arm])
+    return merged_adapter(cfg.model, paths.arm_adapter(arm))
+
+
+def merged_adapter(model_cfg: ModelConfig, adapter_dir: Path) -> nn.Module:
+    """The base model with the adapter saved in `adapter_dir` merged in, in eval mode (also on a Dask worker)."""
     from peft import PeftModel
 
-    require_adapters(paths, [arm])
-    base = load_model(cfg.model)
-    model = PeftModel.from_pretrained(base, str(paths.arm_adapter(arm))).merge_and_unload()
+    model = PeftModel.from_pretrained(load_model(model_cfg), str(adapter_dir)).merge_and_unload()
     return model.eval()
 
 

@@ -76,10 +76,12 @@ class Sweep(Run):
                           " own thread, torch's threads shared out unless --threads is given). Changes only speed.")
 
     def cli_cmd(self) -> None:
-        from flows.sweep import check_seeds, sweep_flow
+        from flows.sweep import check_parallel, check_seeds, sweep_flow
 
         check_seeds(self.seeds)
-        before_flows(preset_config(self.preset, self.given()))  # a bad preset, option or address fails here
+        cfg = preset_config(self.preset, self.given())
+        check_parallel(self.parallel, cfg)
+        before_flows(cfg)  # a bad preset, option or address fails here
         given = RunConfig.model_validate(self.given())  # knows which options were given: the preset fills the rest
         report = Path(sweep_flow(cfg=given, seeds=self.seeds, preset=self.preset, force=self.force,
                                  parallel=self.parallel))

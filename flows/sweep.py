@@ -45,6 +45,17 @@ def check_seeds(seeds: list[int]) -> list[int]:
     return list(seeds)
 
 
+def check_parallel(parallel: int, cfg: RunConfig) -> int:
+    """How many seeds may run at once: refused where concurrent seeds would not give the sequential tables."""
+    if parallel < 1:
+        raise ValueError(f"--parallel must be at least 1: got {parallel}")
+    if parallel > 1 and cfg.finetune.lora_dropout > 0:
+        raise ValueError("--parallel with --finetune.lora-dropout > 0: dropout draws from torch's process-wide random"
+                         " generator, which seeds trained at once would share (their adapters would depend on timing);"
+                         " run the seeds one at a time")
+    return parallel
+
+
 def seed_config(cfg: RunConfig, sweep: SweepPaths, seed: int) -> RunConfig:
     """A seed's run: the sweep's options with this fine-tuning seed, in the sweep directory, with its answer cache."""
     return cfg.model_copy(update={
@@ -203,8 +214,7 @@ def sweep_flow(cfg: RunConfig = RunConfig(), seeds: list[int] | None = None, pre
     the later seeds then run that many at a time. Returns the sweep report's path."""
     cfg = resolve_run(with_preset(preset, cfg))
     seeds = check_seeds(list(DEFAULT_SEEDS) if seeds is None else seeds)
-    if parallel < 1:
-        raise ValueError(f"--parallel must be at least 1: got {parallel}")
+    check_parallel(parallel, cfg)
     sweep = SweepPaths(Path(cfg.runs_dir) / cfg.run)
     start_sweep(sweep, cfg, seeds, preset)
     donor = _seed_run(cfg, sweep, seeds[0], None, force)

@@ -232,6 +232,14 @@ def test_seeds_given_twice_are_refused(tmp_path, capsys):
     assert "seed twice" in capsys.readouterr().err
 
 
+def test_parallel_seeds_with_lora_dropout_are_refused_before_any_flow(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", "--parallel", "2", "--finetune.lora-dropout", "0.1", "--runs-dir", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "--parallel with --finetune.lora-dropout > 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no sweep started
+
+
 def test_presets_command_lists_every_preset(capsys):
     from flows.presets import PRESETS
 

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -74,6 +75,10 @@ def resolve_model_path(name: str) -> str:
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+# One model load at a time per process: transformers builds a model under a process-wide patch of nn.Module (its
+# empty-weights context), so two threads loading at once (a sweep's seeds run with --parallel) leave each other's
+# parameters on the meta device, and can leave the patch in place for every later load.
+LOADING = threading.RLock()
 
 
 def _pretrained(auto, cfg: ModelConfig, **kwargs):
@@ -85,7 +90,8 @@ def _pretrained(auto, cfg: ModelConfig, **kwargs):
         raise ValueError(f"model {cfg.name!r}: its weights are pickle files only ({', '.join(PICKLE_WEIGHTS)}), which"
                          " clearflow does not load; save the model with safetensors (save_pretrained does by default)")
     try:
-        return auto.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+        with LOADING:
+            return auto.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except OSError as exc:
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         offline = " (the hub is off: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""

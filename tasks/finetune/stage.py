@@ -20,7 +20,7 @@ from torch import nn
 
 from tasks.core.config import ModelConfig, RunConfig, finetune_seed
 from tasks.core.marking import context_units
-from tasks.core.models import load_model, load_tokenizer
+from tasks.core.models import LOADING, load_model, load_tokenizer
 from tasks.core.storage import RunPaths, read_table, write_json
 from tasks.finetune.arms import REGISTRY, Arm, resolve_arms
 from tasks.finetune.data import TrainItem, arm_items
@@ -132,7 +132,9 @@ def merged_adapter(model_cfg: ModelConfig, adapter_dir: Path) -> nn.Module:
     """The base model with the adapter saved in `adapter_dir` merged in, in eval mode (also on a Dask worker)."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_model(model_cfg), str(adapter_dir)).merge_and_unload()
+    base = load_model(model_cfg)
+    with LOADING:  # as transformers' loading (tasks/core/models.py)
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     return model.eval()
 
 

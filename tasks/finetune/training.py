@@ -25,7 +25,7 @@ from torch import nn
 from tasks.core.progress import tqdm
 
 from tasks.core.config import FinetuneConfig, ModelConfig
-from tasks.core.models import decoder_layers, load_model
+from tasks.core.models import LOADING, decoder_layers, load_model
 from tasks.core.storage import write_json
 from tasks.finetune.attention import AttentionGrabber, attention_loss, last_attention_module
 from tasks.finetune.examples import IGNORE, Example
@@ -62,14 +62,15 @@ def lora_model(model_cfg: ModelConfig, fcfg: FinetuneConfig, seed: int) -> tuple
     """The base model (eager attention, for the hook) with fresh LoRA weights drawn under `seed`, in train mode."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)
-    model = load_model(model_cfg, attn_implementation="eager")
-    targets = present_target_modules(model, fcfg.target_modules)
-    lora = LoraConfig(
-        r=fcfg.lora_r, lora_alpha=fcfg.lora_alpha, lora_dropout=fcfg.lora_dropout,
-        target_modules=targets, task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    with LOADING:  # the LoRA init draws from torch's process-wide generator: no other thread's draws in between
+        torch.manual_seed(seed)
+        model = load_model(model_cfg, attn_implementation="eager")
+        targets = present_target_modules(model, fcfg.target_modules)
+        lora = LoraConfig(
+            r=fcfg.lora_r, lora_alpha=fcfg.lora_alpha, lora_dropout=fcfg.lora_dropout,
+            target_modules=targets, task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
     model.train()
     if fcfg.compile:
         compile_blocks(model)

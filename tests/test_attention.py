@@ -51,9 +51,14 @@ def test_no_marked_key_costs_nothing_and_keeps_the_graph():
     assert torch.count_nonzero(logits.grad) == 0
 
 
+def test_one_query_of_a_decoding_step_sees_every_key():
+    p = torch.tensor([[[0.2, 0.5, 0.3]], [[0.6, 0.1, 0.3]]])  # 2 heads, 1 query, 3 keys
+    assert attention_loss(p, _mask(3, 1)).item() == pytest.approx(((1 - 0.5) + (1 - 0.1)) / 2)
+
+
 def test_an_integer_mask_marks_its_nonzero_keys():
     p = torch.tensor([[[1.0, 0.0], [0.25, 0.75]]])
-    assert attention_loss(p, torch.tensor([0, 1])).item() == pytest.approx(1 - 0.75)
+    assert attention_loss(p, torch.tensor([0, 2])).item() == pytest.approx(1 - 0.75)  # 2 marks once, not twice
 
 
 def test_the_loss_is_float32_for_half_precision_attention():
@@ -143,18 +148,20 @@ def test_a_layer_without_attention_is_refused_by_name():
 class Eager(nn.Module):
     """An attention module's output shape: (output, weights) in eager mode, weights None otherwise."""
 
-    def __init__(self, weights: torch.Tensor | None, as_tuple: bool = True):
+    def __init__(self, weights: torch.Tensor | None, returns: str = "pair"):
         super().__init__()
-        self.weights, self.as_tuple = weights, as_tuple
+        self.weights, self.returns = weights, returns
 
     def forward(self, x):
-        return (x, self.weights) if self.as_tuple else x
+        return {"pair": (x, self.weights), "single": (x,), "tensor": x}[self.returns]
 
 
 def test_the_grabber_keeps_the_weights_once_and_lets_go():
     weights = torch.rand(1, 2, 2)
     module = Eager(weights)
     grabber = AttentionGrabber(module)
+    with pytest.raises(RuntimeError, match=r"^no attention weights captured in this forward pass$"):
+        grabber.pop()  # nothing before the first forward pass
     module(torch.zeros(1))
     assert grabber.pop() is weights
     with pytest.raises(RuntimeError, match=r"^no attention weights captured in this forward pass$"):
@@ -165,9 +172,10 @@ def test_the_grabber_keeps_the_weights_once_and_lets_go():
         grabber.pop()
 
 
-@pytest.mark.parametrize("module", [Eager(None), Eager(torch.rand(1, 2, 2), as_tuple=False)])
-def test_the_grabber_refuses_a_module_that_returns_no_weights(module):
+@pytest.mark.parametrize("returns", ["pair", "single", "tensor"])
+def test_the_grabber_refuses_a_module_that_returns_no_weights(returns):
+    module = Eager(None, returns)  # weights None; a 1-tuple; a bare tensor (of 3 rows: never read as weights)
     AttentionGrabber(module)
     with pytest.raises(RuntimeError, match=r"^attention weights unavailable: load the model with "
                                            r"attn_implementation='eager'$"):
-        module(torch.zeros(1))
+        module(torch.zeros(3))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -106,27 +107,49 @@ def _start(runner: Any, cfg: RunConfig) -> Any:
         raise _unreachable(str(cfg.dask_address), err) from None
 
 
+@contextmanager
+def _environ_kept() -> Iterator[None]:
+    """Undo what the cluster writes into this process's environment: distributed's nannies set their
+    pre-spawn-environ (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, ...) in os.environ before each worker starts and leave
+    it there, which would pin every later stage and child process of the command to one thread."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(before):
+            del os.environ[name]
+        os.environ.update(before)
+
+
 def dask_mapper(cfg: RunConfig) -> Mapper:
     """A mapper that runs each job as a Prefect task on the configured Dask cluster, results in the jobs' order."""
     from prefect import task
     from prefect.cache_policies import NO_CACHE
-    from prefect.utilities.annotations import unmapped
 
     def run(fn: Callable[[Any], Any], jobs: Sequence[Any], name: str) -> list[Any]:
         runner, threads = _runner(cfg)
         job_task = task(run_job, name=name, cache_policy=NO_CACHE, retries=JOB_RETRIES, retry_delay_seconds=1)
-        started = _start(runner, cfg)
-        try:
-            where = cfg.dask_address or f"a local cluster of {cfg.dask_workers or usable_cpus()} workers"
-            log.info("%s: %d jobs on %s (%d torch thread(s) per worker)", name, len(jobs), where, threads)
-            futures = started.map(job_task, {"fn": unmapped(fn), "job": list(jobs), "threads": unmapped(threads)})
-            results = []
-            with tqdm(total=len(jobs), desc=name, unit="job", dynamic_ncols=True) as bar:
-                for future in futures:
-                    results.append(future.result())
-                    bar.update(1)
-            return results
-        finally:
-            runner.__exit__(None, None, None)
+        with _environ_kept():
+            return _map(runner, cfg, job_task, fn, jobs, name, threads)
 
     return run
+
+
+def _map(runner: Any, cfg: RunConfig, job_task: Any, fn: Callable[[Any], Any], jobs: Sequence[Any], name: str,
+         threads: int) -> list[Any]:
+    """Start the runner, map the jobs over it as task runs and collect their results in order, then stop it."""
+    from prefect.utilities.annotations import unmapped
+
+    started = _start(runner, cfg)
+    try:
+        where = cfg.dask_address or f"a local cluster of {cfg.dask_workers or usable_cpus()} workers"
+        log.info("%s: %d jobs on %s (%d torch thread(s) per worker)", name, len(jobs), where, threads)
+        futures = started.map(job_task, {"fn": unmapped(fn), "job": list(jobs), "threads": unmapped(threads)})
+        results = []
+        with tqdm(total=len(jobs), desc=name, unit="job", dynamic_ncols=True) as bar:
+            for future in futures:
+                results.append(future.result())
+                bar.update(1)
+        return results
+    finally:
+        runner.__exit__(None, None, None)

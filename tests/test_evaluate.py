@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import polars as pl
@@ -394,8 +395,10 @@ def test_generation_fanned_out_on_dask_gives_the_local_predictions(tiny_cfg, run
 
     monkeypatch.setattr(jobs_module, "fan_out", counted)
     dask_cfg = cfg.model_copy(update={"executor": "dask", "dask_workers": 2, "threads": 1})
+    environ = dict(os.environ)
     with mapping_with(dask_mapper(dask_cfg)):
         ev.run_evaluate(dask_cfg, run_with_items)
+    assert dict(os.environ) == environ  # the nannies' OMP_NUM_THREADS=1 & co. do not outlive the cluster
     assert read_table(run_with_items.table("predictions")).equals(local)
     # 5 test items in chunks of 2, per greedy method; the adapter only for clear; CAD not fanned out
     assert sent == [("generation", m, m == "clear", n) for m in methods[:3] for n in (2, 2, 1)]

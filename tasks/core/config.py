@@ -291,9 +291,8 @@ class RunConfig(Options):
         None, ge=1, description="torch threads for the run's compute (per worker with --executor dask); default: the"
         " CPUs this process may use (OMP_NUM_THREADS when exported). Changes no result, only speed."
     )
-    executor: Literal["local", "dask"] = Field("local", description="Where fanned-out jobs (activation shards, the"
-        " evaluation's generation) run: 'local', here in turn; 'dask', as Prefect tasks on a Dask cluster (the dask"
-        " extra). Changes only speed.")
+    executor: Literal["local", "dask"] = Field("local", description="Where fanned-out jobs (activation shards,"
+        " generation) run: 'local', here; 'dask', as Prefect tasks on a Dask cluster (dask extra). Only speed changes.")
     dask_address: str | None = Field(None, description="Scheduler of a running Dask cluster (tcp://host:8786) for"
                                      " --executor dask; default: a local cluster of --dask-workers processes.")
     dask_workers: int | None = Field(None, ge=1, description="Processes of the local Dask cluster (one torch thread"

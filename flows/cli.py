@@ -362,15 +362,16 @@ def main(argv: list[str] | None = None) -> None:
     for handler in logging.getLogger().handlers:
         if _TERMINAL not in handler.filters:
             handler.addFilter(_TERMINAL)
+    _SIGTERMS.clear()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         try:
             CliApp.run(Clearflow, cli_args=args)
-        except (ValueError, OSError, RuntimeError, KeyError) as exc:
-            stop = wrapped_interrupt(exc)
+        except Exception as exc:  # noqa: BLE001  (any error, a stop's included; others re-raised below)
+            stop = wrapped_interrupt(exc) or (_SIGTERMS[0] if _SIGTERMS else None)
             if stop is not None:
                 raise stop from None
-            if debug:
+            if debug or not isinstance(exc, (ValueError, OSError, RuntimeError, KeyError)):
                 raise
             print(f"clearflow: error: {one_line(exc)}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -392,8 +393,15 @@ class Terminated(KeyboardInterrupt):
     leave the server running)."""
 
 
+_SIGTERMS: list[Terminated] = []  # the stops raised since `main` began
+
+
 def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
+    """Raise the stop, and remember it: code unwinding from it may raise an error of its own that does not chain it
+    (Prefect's "Task run is not set" when the signal lands inside a task run's setup), and that error is the stop."""
+    stop = Terminated()
+    _SIGTERMS.append(stop)
+    raise stop
 
 
 def wrapped_interrupt(exc: BaseException | None) -> KeyboardInterrupt | None:

@@ -94,6 +94,35 @@ def test_a_sigterm_wrapped_in_another_error_is_still_a_stop(monkeypatch, capsys)
     assert cli.wrapped_interrupt(ValueError("plain")) is None
 
 
+def test_an_error_raised_while_unwinding_from_a_sigterm_is_the_stop(monkeypatch, capsys):
+    """SIGTERM landing in a Prefect task run's setup: Prefect catches the stop, reports "Crash detected!", and raises
+    ValueError("Task run is not set") (or fails its assert of the same words) while unwinding, chained to nothing. The run was stopped (143), not failed (2);
+    and the next command in the same process, with no SIGTERM, reports its error as an error again."""
+    from flows import cli
+
+    def stopped_then_unwound(*args, **kwargs):
+        try:
+            cli._terminate(signal.SIGTERM, None)
+        except cli.Terminated:
+            pass  # Prefect's engine swallows the stop here
+        raise AssertionError("Task run is not set")
+
+    monkeypatch.setattr(cli.CliApp, "run", stopped_then_unwound)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["stages"])
+    assert exit_.value.code == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+
+    def failed(*args, **kwargs):
+        raise ValueError("Task run is not set")
+
+    monkeypatch.setattr(cli.CliApp, "run", failed)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["stages"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "clearflow: error: Task run is not set"
+
+
 @pytest.mark.parametrize("how", ["SIGTERM"])  # SIGKILL: the kill -9 test below
 def test_stopping_a_run_leaves_no_child_alive(tiny_model, tmp_path, how):
     runs = tmp_path / "runs"

@@ -1,4 +1,5 @@
-"""The embedded model's one-time conversion: two processes that need it at once convert it once."""
+"""Loading models: the embedded model's one-time conversion (two processes that need it at once convert it once), and
+a fanned-out worker's kept weights."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+from torch import nn
+
+import tasks.core.models as models
+from tasks.core.config import ModelConfig
 from tasks.core.models import resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,3 +61,28 @@ def test_two_processes_convert_the_embedded_model_once(tmp_path, monkeypatch):
     assert [out.strip() for out, _ in outs] == [want, want]
     assert any("another process is writing it; waiting" in err for _, err in outs), outs  # the second one waited
     assert resolve_model_path("smollm2-135m") == want
+
+
+def test_a_worker_loads_each_weights_once_for_consecutive_jobs(tiny_model, monkeypatch):
+    """Fanned-out jobs of the same weights reuse the worker's model (one load, one merge); other weights reload."""
+    cfg = ModelConfig(name=tiny_model)
+    loads, merges = [], []
+    monkeypatch.setattr(models, "load_model", lambda c: loads.append(c.name) or nn.Linear(1, 1))
+
+    def merge(c, adapter):
+        merges.append(adapter.name)
+        return nn.Linear(1, 1)
+
+    models._kept_weights.cache_clear()
+    try:
+        base = models.worker_weights(cfg)[0]
+        assert models.worker_weights(cfg)[0] is base
+        a = models.worker_weights(cfg, "/x/arm_a", merge)[0]
+        assert models.worker_weights(cfg, "/x/arm_a", merge)[0] is a is not base
+        models.worker_weights(cfg, "/x/arm_b", merge)
+        assert models.worker_weights(cfg)[0] is not base  # evicted by the adapters: loaded again
+        assert loads == [tiny_model, tiny_model] and merges == ["arm_a", "arm_b"]
+        with pytest.raises(ValueError, match="merges it"):
+            models.worker_weights(cfg, "/x/arm_a")
+    finally:
+        models._kept_weights.cache_clear()

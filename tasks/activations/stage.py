@@ -13,7 +13,6 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import polars as pl
@@ -47,7 +46,7 @@ from tasks.activations.extraction import (  # noqa: F401  (re-exported: the stag
 )
 from tasks.activations.subject import iter_last_and_subject, subject_spans
 from tasks.core.remote_store import is_remote
-from tasks.core.models import load_model, load_tokenizer, model_fingerprint, model_shape
+from tasks.core.models import load_model, load_tokenizer, model_fingerprint, model_shape, worker_weights
 from tasks.core.storage import RunPaths, model_slug, read_table, text_key
 
 log = logging.getLogger(__name__)
@@ -248,16 +247,9 @@ class ShardJob:
     layers: tuple[int, ...]
 
 
-@lru_cache(maxsize=1)
-def _worker_model(model_json: str):
-    """The model and tokenizer, loaded once per worker process and kept for its later shards."""
-    cfg = ModelConfig.model_validate_json(model_json)
-    return load_model(cfg), load_tokenizer(cfg)
-
-
 def run_shard_job(job: ShardJob) -> str:
     """Extract and write one shard (a fanned-out job; it may run on another machine); returns its file name."""
-    model, tok = _worker_model(job.model.model_dump_json())
+    model, tok = worker_weights(job.model)
     if not job.store.shard_done(job.shard, job.layers):  # a retried job whose first try finished writes nothing
         extract_shards(model, tok, job.store, job.inputs, [job.shard], list(job.layers), job.act, progress=False)
     if job.store.remote:  # the job is done once its shard is published, not merely queued

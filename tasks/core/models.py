@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -116,6 +118,22 @@ def load_model(cfg: ModelConfig, attn_implementation: str | None = None) -> nn.M
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = _pretrained(AutoModelForCausalLM, cfg, dtype=DTYPES[cfg.dtype], **kwargs)
     return model.to(resolve_device(cfg.device)).eval()
+
+
+def worker_weights(cfg: ModelConfig, adapter: str | None = None,
+                   merge: Callable[[ModelConfig, Path], nn.Module] | None = None):
+    """The model and tokenizer a fanned-out job uses, loaded once per worker process and kept for its next jobs of the
+    same weights: the base model, or `merge(cfg, adapter)` (an adapter merged into it)."""
+    if adapter is not None and merge is None:
+        raise ValueError("an adapter needs the function that merges it into the base model")
+    return _kept_weights(cfg.model_dump_json(), adapter, merge)
+
+
+@lru_cache(maxsize=1)
+def _kept_weights(model_json: str, adapter: str | None, merge: Callable | None):
+    cfg = ModelConfig.model_validate_json(model_json)
+    model = load_model(cfg) if adapter is None else merge(cfg, Path(adapter))
+    return model, load_tokenizer(cfg)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -10,12 +10,10 @@ weights. Answers do not depend on how prompts are batched (tests/test_evaluate.p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 from tasks.core.config import ModelConfig, RunConfig
 from tasks.core.fanout import fan_out
-from tasks.core.models import load_model, load_tokenizer
+from tasks.core.models import worker_weights
 from tasks.core.storage import RunPaths
 from tasks.evaluate.decoding_loop import generate
 from tasks.evaluate.methods import Method
@@ -34,20 +32,11 @@ class GenerationJob:
     desc: str
 
 
-@lru_cache(maxsize=1)
-def _worker_weights(model_json: str, adapter: str | None):
-    """The answering model and tokenizer, loaded once per worker for consecutive jobs of the same weights."""
-    cfg = ModelConfig.model_validate_json(model_json)
-    if adapter is None:
-        return load_model(cfg), load_tokenizer(cfg)
-    from tasks.finetune.stage import merged_adapter
-
-    return merged_adapter(cfg, Path(adapter)), load_tokenizer(cfg)
-
-
 def run_generation_job(job: GenerationJob) -> list[str]:
     """Greedy answers to the job's prompts, in their order (a fanned-out job)."""
-    model, tok = _worker_weights(job.model.model_dump_json(), job.adapter)
+    from tasks.finetune.stage import merged_adapter
+
+    model, tok = worker_weights(job.model, job.adapter, merged_adapter)
     return generate(model, tok, list(job.prompts), job.max_new_tokens, job.batch_size, desc=job.desc,
                     draft_tokens=job.draft_tokens)
 

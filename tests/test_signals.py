@@ -96,8 +96,9 @@ def test_a_sigterm_wrapped_in_another_error_is_still_a_stop(monkeypatch, capsys)
 
 def test_an_error_raised_while_unwinding_from_a_sigterm_is_the_stop(monkeypatch, capsys):
     """SIGTERM landing in a Prefect task run's setup: Prefect catches the stop, reports "Crash detected!", and raises
-    ValueError("Task run is not set") (or fails its assert of the same words) while unwinding, chained to nothing. The run was stopped (143), not failed (2);
-    and the next command in the same process, with no SIGTERM, reports its error as an error again."""
+    ValueError("Task run is not set") (or fails its assert of the same words) while unwinding, chained to nothing.
+    The run was stopped (143), not failed (2); and the next command in the same process, with no SIGTERM, reports
+    its error as an error again."""
     from flows import cli
 
     def stopped_then_unwound(*args, **kwargs):

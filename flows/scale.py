@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -107,11 +108,18 @@ def check_scheduler(cfg: RunConfig) -> None:
         raise _unreachable(cfg.dask_address, err) from None
 
 
+_STARTING = threading.Lock()  # parallel seeds start their clusters one at a time, under the same Dask config
+
+
 def _start(runner: Any, cfg: RunConfig) -> Any:
-    """Enter the runner (connect or start the cluster); an unreachable scheduler is one clear line."""
+    """Enter the runner (connect or start the cluster; its nannies read the local cluster's config as they are built
+    and keep it for the workers they restart); an unreachable scheduler is one clear line."""
+    import dask
+
     try:
-        started = runner.__enter__()
-        started.client  # noqa: B018  (the runner connects, or starts its cluster, on first use: here, not mid-map)
+        with _STARTING, dask.config.set(local_cluster_config()):
+            started = runner.__enter__()
+            started.client  # noqa: B018  (the runner connects, or starts its cluster, on first use: here)
         return started
     except (OSError, TimeoutError) as err:
         raise _unreachable(str(cfg.dask_address), err) from None
@@ -139,9 +147,7 @@ def dask_mapper(cfg: RunConfig) -> Mapper:
     def run(fn: Callable[[Any], Any], jobs: Sequence[Any], name: str) -> list[Any]:
         runner, threads = _runner(cfg)
         job_task = task(run_job, name=name, cache_policy=NO_CACHE, retries=JOB_RETRIES, retry_delay_seconds=1)
-        import dask
-
-        with _environ_kept(), dask.config.set(local_cluster_config()):  # the nannies read it as they start
+        with _environ_kept():
             return _map(runner, cfg, job_task, fn, jobs, name, threads)
 
     return run

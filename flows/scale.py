@@ -51,29 +51,41 @@ def run_job(fn: Callable[[Any], Any], job: Any, threads: int) -> Any:
 
 
 def prefect_api_url() -> str | None:
-    """The Prefect API this process reports to: the configured one, or the temporary server Prefect started here."""
-    from prefect.settings import get_current_settings
+    """The Prefect API this process reports to: the configured one, else the temporary server Prefect runs for this
+    process (started now if it is not yet running, as Prefect would for its first task run); None if neither."""
+    from prefect import get_client
 
-    if url := get_current_settings().api.url:
-        return str(url)
-    from prefect.server.api.server import SubprocessASGIServer
+    try:
+        return str(get_client(sync_client=True).api_url)
+    except ValueError:  # no API configured and temporary servers turned off
+        return None
 
-    server = SubprocessASGIServer()  # the process's one temporary server (a singleton)
-    return server.api_url if server.running else None
+
+@contextmanager
+def _reporting_to(api: str | None) -> Iterator[None]:
+    """Name this process's API in its Prefect settings while jobs go out: each task run carries these settings to
+    its worker, and a worker whose settings name no API starts a temporary server of its own (~10 s per worker,
+    measured; its task runs then never reach this process's UI)."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if api is None or get_current_settings().api.url:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        yield
 
 
 def _local(url: str) -> bool:
     return "127.0.0.1" in url or "localhost" in url
 
 
-def _runner(cfg: RunConfig) -> tuple[Any, int]:
+def _runner(cfg: RunConfig, api: str | None) -> tuple[Any, int]:
     """The DaskTaskRunner for cfg and the torch threads each of its workers gets (--threads, else the CPUs shared
     out over a local cluster's workers, else 1). The workers report their task runs to this process's Prefect API."""
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as err:
         raise RuntimeError("--executor dask needs the dask extra: pip install 'clearflow[dask]'") from err
-    api = prefect_api_url()
     quiet = "DASK_LOGGING__DISTRIBUTED" not in os.environ
     if quiet:  # distributed's own INFO lines (nannies, comms) only when asked for, Dask's way; its warnings always
         logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -145,9 +157,10 @@ def dask_mapper(cfg: RunConfig) -> Mapper:
     from prefect.cache_policies import NO_CACHE
 
     def run(fn: Callable[[Any], Any], jobs: Sequence[Any], name: str) -> list[Any]:
-        runner, threads = _runner(cfg)
+        api = prefect_api_url()
+        runner, threads = _runner(cfg, api)
         job_task = task(run_job, name=name, cache_policy=NO_CACHE, retries=JOB_RETRIES, retry_delay_seconds=1)
-        with _environ_kept():
+        with _environ_kept(), _reporting_to(api):
             return _map(runner, cfg, job_task, fn, jobs, name, threads)
 
     return run

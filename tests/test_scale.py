@@ -159,6 +159,39 @@ def test_local_cluster_workers_start_without_dasks_malloc_trim_and_profiler(tmp_
     assert mapped(os.getenv, ["MALLOC_TRIM_THRESHOLD_"], "environ") == ["131072"]
 
 
+def _settings_api(_: object) -> tuple[str | None, bool]:
+    """On a worker, inside a task run: the Prefect API the run's settings name (None: none, so it starts its own),
+    and whether the model code a first model load imports (seconds) is already there."""
+    import sys
+
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return None if url is None else str(url), "transformers.models.llama.modeling_llama" in sys.modules
+
+
+def test_a_cluster_you_run_reports_to_the_commands_prefect_api(tmp_path, monkeypatch, prefect_harness):
+    """Workers started as the README says (`dask worker ... --preload flows.worker_preload`, no PREFECT_API_URL) get
+    the API of the process that sends the jobs, as the CLI has it (its temporary server, named in no setting):
+    otherwise each worker started a temporary server of its own (~10 s per worker, measured) and its task runs never
+    reached the command's UI. The preload has imported the model code before the first job."""
+    from distributed import LocalCluster
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    import flows.scale
+    from tasks.core.config import RunConfig
+
+    api = str(get_current_settings().api.url)  # the session's server stands in for the command's temporary one
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, preload=["flows.worker_preload"]) as cluster, temporary_settings(restore_defaults={PREFECT_API_URL}):
+        monkeypatch.setattr(flows.scale, "prefect_api_url", lambda: api)
+        cfg = RunConfig.model_validate({"run": "r", "runs_dir": str(tmp_path), "executor": "dask", "threads": 1,
+                                        "dask_address": cluster.scheduler_address})
+        assert flows.scale.dask_mapper(cfg)(_settings_api, [0, 1], "api") == [(api, True)] * 2
+        assert get_current_settings().api.url is None  # named for the jobs only
+
+
 # ---------------------------------------------------------------- the store on S3 (moto's server, on 127.0.0.1)
 
 BUCKET = "clearflow-test"

@@ -18,7 +18,8 @@ Three figures per variant, medians over the rounds:
   steady rows/s: rows written per second once every worker has written its first shard (from the shard files'
            modification times), i.e. throughput without the one-off start: what a long extraction converges to;
   command seconds: the whole `clearflow stage activations` command (for s3: uploads and publishing included).
-Issue 14's targets: dask-2 >= 1.6x local (seconds) on 2 cores; s3 within 1.3x of local (command seconds).
+Issue 14's targets: dask-2 and dask-2-running >= 1.6x local (seconds) on 2 cores; s3 within 1.3x of local (command
+seconds).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scale.py [--limit 804] [--rounds 2] [--positions last,ctx_last]
 """

@@ -56,7 +56,8 @@ def prefect_api_url() -> str | None:
     from prefect import get_client
 
     try:
-        return str(get_client(sync_client=True).api_url)
+        with get_client(sync_client=True) as client:
+            return str(client.api_url)
     except ValueError:  # no API configured and temporary servers turned off
         return None
 

@@ -7,9 +7,9 @@ store again and again, each time into a fresh store, the variants taking turns f
   dask-1:   `--executor dask --dask-workers 1` (one worker process, one thread);
   dask-2:   `--executor dask --dask-workers 2` (two worker processes, one thread each);
   dask-2-running: `--executor dask --dask-address ...` on a cluster of two one-thread workers started before the
-            clock, as the README says to start one (`dask scheduler`, `dask worker --nthreads 1`, the README's Dask
-            config, `--preload flows.worker_preload`): a fresh cluster each round, so each worker still loads the
-            model inside the timed extraction, but no worker process starts or imports torch in it;
+            clock, as the README says to start one (`dask scheduler` and `dask worker --nthreads 1`, both with
+            `--preload flows.dask_preload`, the README's Dask config): a fresh cluster each round, so each worker
+            still loads the model inside the timed extraction, but no worker process starts or imports torch in it;
   s3:       as local, into `--activations.store s3://bench/...` on an S3-compatible server (moto, a subprocess on
             127.0.0.1 started here): every shard uploaded as written, the store published at the end.
 Three figures per variant, medians over the rounds:
@@ -114,10 +114,11 @@ def running_cluster(workers: int, env: dict[str, str], tmp: str) -> Iterator[str
     address = f"tcp://127.0.0.1:{free_port()}"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env, "cwd": HERE.parent}
     procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", address.rsplit(":", 1)[1], "--no-dashboard"], **quiet)]
+                               "--port", address.rsplit(":", 1)[1], "--no-dashboard", "--preload",
+                               "flows.dask_preload"], **quiet)]
     procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers",
                                    str(workers), "--nthreads", "1", "--no-dashboard",
-                                   "--preload", "flows.worker_preload"], **quiet))
+                                   "--preload", "flows.dask_preload"], **quiet))
     try:
         with Client(address, timeout=60) as client:
             client.wait_for_workers(workers, timeout=120)

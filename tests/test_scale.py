@@ -171,7 +171,7 @@ def _settings_api(_: object) -> tuple[str | None, bool]:
 
 
 def test_a_cluster_you_run_reports_to_the_commands_prefect_api(tmp_path, monkeypatch, prefect_harness):
-    """Workers started as the README says (`dask worker ... --preload flows.worker_preload`, no PREFECT_API_URL) get
+    """Workers started as the README says (`dask worker ... --preload flows.dask_preload`, no PREFECT_API_URL) get
     the API of the process that sends the jobs, as the CLI has it (its temporary server, named in no setting):
     otherwise each worker started a temporary server of its own (~10 s per worker, measured) and its task runs never
     reached the command's UI. The preload has imported the model code before the first job."""
@@ -184,7 +184,8 @@ def test_a_cluster_you_run_reports_to_the_commands_prefect_api(tmp_path, monkeyp
     api = str(get_current_settings().api.url)  # the session's server stands in for the command's temporary one
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None, preload=["flows.worker_preload"]) as cluster, temporary_settings(restore_defaults={PREFECT_API_URL}):
+                      dashboard_address=None, preload=["flows.dask_preload"]) as cluster, \
+            temporary_settings(restore_defaults={PREFECT_API_URL}):
         monkeypatch.setattr(flows.scale, "prefect_api_url", lambda: api)
         cfg = RunConfig.model_validate({"run": "r", "runs_dir": str(tmp_path), "executor": "dask", "threads": 1,
                                         "dask_address": cluster.scheduler_address})

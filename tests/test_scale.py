@@ -183,9 +183,9 @@ def test_a_cluster_you_run_reports_to_the_commands_prefect_api(tmp_path, monkeyp
 
     api = str(get_current_settings().api.url)  # the session's server stands in for the command's temporary one
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None, preload=["flows.dask_preload"]) as cluster, \
-            temporary_settings(restore_defaults={PREFECT_API_URL}):
+    with flows.scale._environ_kept(), LocalCluster(  # its nannies write OMP/MKL_NUM_THREADS=1 into os.environ
+            n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+            preload=["flows.dask_preload"]) as cluster, temporary_settings(restore_defaults={PREFECT_API_URL}):
         monkeypatch.setattr(flows.scale, "prefect_api_url", lambda: api)
         cfg = RunConfig.model_validate({"run": "r", "runs_dir": str(tmp_path), "executor": "dask", "threads": 1,
                                         "dask_address": cluster.scheduler_address})

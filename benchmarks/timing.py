@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: interleaved best-of-N rates, and what else the machine was doing."""
+"""Timing helpers shared by the benchmarks: interleaved best-of-N rates, paired rounds with per-round ratios, and
+what else the machine was doing."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import gc
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 
 
 def interleaved_rates(methods: dict[str, tuple[Callable[[], object], Callable[[], object]]], n: int,
@@ -27,6 +28,34 @@ def interleaved_rates(methods: dict[str, tuple[Callable[[], object], Callable[[]
             results[name] = run()
             best[name] = min(best[name], time.perf_counter() - start)
     return {name: n / seconds for name, seconds in best.items()}, results
+
+
+def paired_rounds(methods: dict[str, tuple[Callable[[], object], Callable[[], object]]], rounds: int,
+                  once: Collection[str] = ()) -> tuple[dict[str, list[float]], dict[str, object]]:
+    """Seconds of each method's runs, round by round, and its last result: a warm-up each, then `rounds` rounds in
+    which every method runs once (those in `once` in the first round only), the order reversed every other round.
+
+    Two methods' runs in one round sit minutes apart at most, so their ratio in that round compares them under
+    the same load; on a shared machine the load moves between rounds by more than the methods differ.
+    """
+    for _, warmup in methods.values():
+        warmup()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    results: dict[str, object] = {}
+    for r in range(rounds):
+        for name in list(methods) if r % 2 == 0 else list(methods)[::-1]:
+            if name in once and times[name]:
+                continue
+            gc.collect()
+            start = time.perf_counter()
+            results[name] = methods[name][0]()
+            times[name].append(time.perf_counter() - start)
+    return times, results
+
+
+def round_ratios(fast: Sequence[float], slow: Sequence[float]) -> list[float]:
+    """How many times faster `fast` ran than `slow` in each round both ran in (seconds per round, in order)."""
+    return [s / f for f, s in zip(fast, slow)]
 
 
 def machine_note(top: int = 3) -> str:

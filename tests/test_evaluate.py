@@ -166,6 +166,42 @@ def test_generate_equals_one_prompt_at_a_time_generate(tiny_model, monkeypatch):
     assert len({len(steps) for steps in trace.values()}) > 1  # rows ended at different steps: some left early
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_rows_leave_in_place_and_take_their_padding_with_them(tiny_model):
+    """When rows leave, the last rows take their places inside the same KV slab (no new cache, only the moved rows
+    copied), leading positions that only the leavers used are dropped (left padding: here the whole prompts, with
+    no shared prefix; in a run, joined batches'), and every remaining row's next scores equal those of a fresh
+    batch of just those prompts fed the same tokens (an independent route)."""
+    from tasks.core.config import ModelConfig
+    from tasks.core.models import load_model, load_tokenizer
+
+    cfg = ModelConfig(name=tiny_model)
+    model, tok = load_model(cfg), load_tokenizer(cfg)
+    words = ["alpha beta gamma delta epsilon zeta eta theta", "iota", "kappa lambda", "mu", "nu xi omicron"]
+    prompts = [render(tok, qa_messages(f"What comes after {w}?", "A list.")) + w for w in words]
+    ids = dl.token_ids(tok, prompts)
+    prefix, pad = dl.Prefix(model, []), dl.pad_id(model, tok)
+    first, second = torch.tensor([5, 6, 7, 8, 9]), torch.tensor([11, 12, 13, 14, 15])
+    with torch.inference_mode():
+        stream = dl.Stream(model, ids, prefix, pad)
+        stream.advance(first)
+        decoder = dl.Decoder([stream], dl.plain_scores)
+        slab = stream.cache.layers[0]._slab[0]
+        width = stream.mask.shape[1]
+        order = decoder.drop([1, 2, 4], 5)  # the longest prompt (row 0) and row 3 leave
+        assert order == [4, 1, 2]  # row 4 fills row 0's place; rows 1 and 2 stay where they were
+        stream.advance(second[order])
+        layer = stream.cache.layers[0]
+        assert layer._slab[0].data_ptr() == slab.data_ptr()  # the same slab: nothing reallocated
+        longest = max(len(ids[j]) for j in order)
+        assert len(ids[0]) > longest  # row 0 was the longest: the others' padding goes with it
+        assert stream.mask.shape[1] == layer.get_seq_length() == width - (len(ids[0]) - longest) + 1
+        fresh = dl.Stream(model, [ids[j] for j in order], prefix, pad)
+        fresh.advance(first[order])
+        fresh.advance(second[order])
+    torch.testing.assert_close(stream.logits, fresh.logits, rtol=0, atol=1e-5)
+
+
 def test_length_groups_bound_the_padding_fed():
     """Hand-worked: in [10, 10, 10, 10, 11, 20, 20] the fifth row would pad 4 of 55 positions (7% > 5%) to a group of
     4 rows, so it starts a new one; that group, under 4 rows, takes the 20s whatever they pad."""

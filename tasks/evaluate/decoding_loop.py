@@ -9,7 +9,10 @@ changing what a row computes:
   cache seeds each batch's;
 - a row leaves the batch once it has ended (EOS or a complete first non-empty line: nothing after it is read), and
   once a quarter of the batch has left, the next prompts join the rows still answering (their caches left-padded to
-  one length), so steps run near-full batches: on SmolLM2 on 2 cores a step costs 103 ms for 16 rows, 113 ms for 32.
+  one length), so steps run near-full batches: on SmolLM2 on 2 cores a step costs 103 ms for 16 rows, 113 ms for 32;
+- the KV cache is written in place (`SlabLayer`): a step writes into spare room, a row that leaves is replaced by
+  the last row rather than closing the gap, and positions that only departed rows used are dropped, so the cache
+  stays as wide as its longest live row (without that, joins widened it by a third over a 159-prompt call).
 Positions are counted from each row's first real token, so a row's answer does not depend on its batch. Answers are
 normalised the same way everywhere: the text before EOS, its first non-empty line.
 """
@@ -100,39 +103,67 @@ class Prefix:
 class SlabLayer(DynamicLayer):
     """A KV cache layer that writes each step's keys and values into spare room of a preallocated slab instead of
     concatenating (a transformers `DynamicLayer` copies its whole cache on every step: a fifth of a decoding step's
-    time at batch 32). `keys`/`values` are views of the slab's filled part; anything that replaces them (selecting
-    rows, merging streams) is copied into a fresh slab at the next step."""
+    time at batch 32), and drops rows and leading positions in place. `keys`/`values` are views of the slab's rows
+    `[:rows]` and positions `[lo, lo + length)`; anything that replaces them (merging streams) is copied into a fresh
+    slab at the next step."""
 
     ROOM = 32  # spare positions per slab: one allocation covers a short answer
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
         self.lazy_initialization(keys, values)
-        self.keys, self.values, self._slab = keys, values, None
+        self.keys, self.values = keys, values
+        self._slab: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lo, self._views = 0, None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         n, new = self.get_seq_length(), key_states.shape[-2]
-        if not self._fits(n + new):
-            self._slab = tuple(_with_room(t, key_states, n + new + self.ROOM) for t in (self.keys, self.values))
-        keys, values = self._slab
-        keys[..., n : n + new, :] = key_states
-        values[..., n : n + new, :] = value_states
-        self.keys, self.values = keys[..., : n + new, :], values[..., : n + new, :]
+        if not self._ours() or self._lo + n + new > self._slab[0].shape[-2]:
+            self.adopt(*(_with_room(t, key_states, n, n + new + self.ROOM) for t in (self.keys, self.values)), n)
+        end = self._lo + n
+        for slab, states in zip(self._slab, (key_states, value_states)):
+            slab[: states.shape[0], :, end : end + new] = states
+        self._show(key_states.shape[0], n + new)
         return self.keys, self.values
 
-    def _fits(self, length: int) -> bool:
-        """Whether `keys` still are the slab's filled part and the slab has room for `length` positions."""
-        return (self._slab is not None and self._slab[0].shape[-2] >= length
-                and self._slab[0].shape[0] == self.keys.shape[0] and self._slab[0].data_ptr() == self.keys.data_ptr())
+    def select(self, rows: torch.Tensor, start: int) -> None:
+        """Keep these rows (distinct indices, in their new order), and the positions from `start` on, within the slab:
+        only rows whose place changes are copied, and the next step still writes into the spare room."""
+        n, order = self.get_seq_length(), rows.tolist()
+        if not self._ours():
+            self.keys, self.values = self.keys[rows, :, start:], self.values[rows, :, start:]
+            return
+        lo, end = self._lo + start, self._lo + n
+        moved = [(dst, src) for dst, src in enumerate(order) if dst != src]
+        if moved:
+            dst, src = (torch.tensor(ix, device=rows.device) for ix in zip(*moved))
+            for slab in self._slab:
+                slab[dst, :, lo:end] = slab[src, :, lo:end]  # the right side is gathered first: no overlap
+        self._lo = lo
+        self._show(len(order), n - start)
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take slabs whose first `length` positions hold every row's keys and values (the rest is spare room)."""
+        self._slab, self._lo = (keys, values), 0
+        self._show(keys.shape[0], length)
+
+    def _show(self, rows: int, length: int) -> None:
+        """Point `keys`/`values` at the slab's filled part."""
+        keys, values = (t[:rows, :, self._lo : self._lo + length] for t in self._slab)
+        self.keys, self.values, self._views = keys, values, (keys, values)
+
+    def _ours(self) -> bool:
+        """Whether `keys`/`values` are still the views of the slab this layer made (nothing replaced them)."""
+        return self._views is not None and self.keys is self._views[0] and self.values is self._views[1]
 
 
-def _with_room(filled: torch.Tensor, like: torch.Tensor, length: int) -> torch.Tensor:
-    """A slab of `length` positions holding `filled` at its start (`like` gives shape and dtype when it is empty)."""
-    shape = (like.shape[0], like.shape[1], length, like.shape[-1])
-    slab = like.new_empty(shape)
-    if filled.numel():
-        slab[..., : filled.shape[-2], :] = filled
+def _with_room(filled: torch.Tensor, like: torch.Tensor, length: int, size: int) -> torch.Tensor:
+    """A slab of `size` positions holding `filled`'s first `length` positions at its start (`like` gives shape and
+    dtype when it is empty)."""
+    slab = like.new_empty((like.shape[0], like.shape[1], size, like.shape[-1]))
+    if length:
+        slab[:, :, :length] = filled[:, :, :length]
     return slab
 
 
@@ -193,10 +224,22 @@ class Stream:
         self.logits = self.block[torch.arange(self.block.shape[0], device=kept.device), kept]
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Go on with these rows only (indices into the current rows)."""
-        self.cache.batch_select_indices(rows.to(self.mask.device))
+        """Go on with these rows only (indices into the current rows); positions that no row kept still uses (the
+        padding of rows that left) are dropped with them."""
+        rows = rows.to(self.mask.device)
         self.mask, self.logits = self.mask[rows], self.logits[rows]
         self.extra = None if self.extra is None else self.extra[rows]
+        if self.mergeable:
+            start = self.unused()
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                _select(layer, rows, start)
+        else:
+            self.cache.batch_select_indices(rows)
+
+    def unused(self) -> int:
+        """Leading positions masked out in every row (padding only: dropping them changes no position or score)."""
+        return int(self.mask.any(0).int().argmax())
 
     @property
     def mergeable(self) -> bool:
@@ -204,23 +247,52 @@ class Stream:
         return _growing(self.cache.layers)
 
     def merge(self, *others: Stream) -> None:
-        """Append other streams' rows after this one's, in order: masks and caches left-padded to one length and
-        concatenated once (padding is masked out, positions come from each row's own mask, so no row's next scores
-        change)."""
+        """Append other streams' rows after this one's, in order: leading positions no row uses dropped, masks and
+        caches left-padded to one length and concatenated once (padding is masked out, positions come from each
+        row's own mask, so no row's next scores change)."""
         group = [self, *others]
-        width = max(s.mask.shape[1] for s in group)
-        self.mask = torch.cat([_left_pad(s.mask, width, -1) for s in group])
+        starts = [s.unused() for s in group]
+        width = max(s.mask.shape[1] - start for s, start in zip(group, starts))
+        self.mask = torch.cat([_left_pad(s.mask[:, start:], width) for s, start in zip(group, starts)])
         for layers in zip(*(s.cache.layers for s in group), strict=True):
-            layers[0].keys = torch.cat([_left_pad(layer.keys, width, -2) for layer in layers])
-            layers[0].values = torch.cat([_left_pad(layer.values, width, -2) for layer in layers])
+            keys, values = ([t[..., start:, :] for t, start in zip(ts, starts)]
+                            for ts in ([layer.keys for layer in layers], [layer.values for layer in layers]))
+            joined = type(layers[0]) is SlabLayer
+            room = SlabLayer.ROOM if joined else 0
+            keys, values = _joined(keys, width, room), _joined(values, width, room)
+            if joined:
+                layers[0].adopt(keys, values, width)
+            else:
+                layers[0].keys, layers[0].values = keys, values
         self.logits = torch.cat([s.logits for s in group])
         self.extra = None if self.extra is None else torch.cat([s.extra for s in group])
 
 
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """Zeros before `t`'s entries along `dim` (-1 or -2) up to `width`."""
-    missing = width - t.shape[dim]
-    return t if missing == 0 else F.pad(t, (missing, 0) if dim == -1 else (0, 0, missing, 0))
+def _select(layer, rows: torch.Tensor, start: int) -> None:
+    """A growing cache layer keeps these rows, from position `start` on."""
+    if isinstance(layer, SlabLayer):
+        layer.select(rows, start)
+    elif layer.get_seq_length():
+        layer.keys, layer.values = layer.keys[rows, :, start:], layer.values[rows, :, start:]
+
+
+def _joined(parts: Sequence[torch.Tensor], width: int, room: int) -> torch.Tensor:
+    """The parts' rows in order, each left-padded with zeros to `width` positions, in one tensor with `room` spare
+    positions after them."""
+    first = parts[0]
+    out = first.new_empty((sum(p.shape[0] for p in parts), first.shape[1], width + room, first.shape[-1]))
+    row = 0
+    for p in parts:
+        pad = width - p.shape[-2]
+        out[row : row + p.shape[0], :, :pad] = 0
+        out[row : row + p.shape[0], :, pad:width] = p
+        row += p.shape[0]
+    return out
+
+
+def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros (masked-out positions) before a mask's columns up to `width`."""
+    return F.pad(mask, (width - mask.shape[1], 0))
 
 
 @dataclass
@@ -241,6 +313,17 @@ class Decoder:
     def keep(self, rows: torch.Tensor) -> None:
         for s in self.streams:
             s.keep(rows)
+
+    def drop(self, going: list[int], rows: int) -> list[int]:
+        """Go on with the rows in `going` (increasing indices of the current `rows`); returns their old indices in
+        their new order: rows stay in place and the last ones fill the places of those that left, so the cache moves
+        as many rows as left, not every row after the first to leave."""
+        tail = iter(j for j in going if j >= len(going))
+        staying = set(going)
+        order = [j if j in staying else next(tail) for j in range(len(going))]
+        if order and len(order) < rows:
+            self.keep(torch.tensor(order))
+        return order
 
     def feed_block(self, block: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Several tokens per row at once (prompt-lookup drafts): single-stream greedy decoders only."""
@@ -312,13 +395,12 @@ def decode_batched(model, tokenizer, prompts: Sequence[str], batch_size: int, ma
             chosen = scores.argmax(-1).tolist()
             going = [j for j, (i, token) in enumerate(zip(live, chosen)) if rows.add(i, token, scores[j])]
             before = len(live)
-            if going and len(going) < len(live):
-                decoder.keep(torch.tensor(going))
-            live = [live[j] for j in going]
+            order = decoder.drop(going, len(live))
+            live = [live[j] for j in order]
             if live and lookup is not None:
-                live = lookup.advance(decoder, live, [chosen[j] for j in going], rows)
+                live = lookup.advance(decoder, live, [chosen[j] for j in order], rows)
             elif live:
-                decoder.advance(torch.tensor([chosen[j] for j in going], device=scores.device))
+                decoder.advance(torch.tensor([chosen[j] for j in order], device=scores.device))
             bar.update(before - len(live))
     if trace is not None:
         trace.update(enumerate(rows.scores))

@@ -59,6 +59,4 @@ class PromptLookup:
             if on:
                 going.append(j)
         decoder.settle(torch.tensor(accepted))
-        if going and len(going) < len(live):  # none going: the loop ends or opens a fresh decoder
-            decoder.keep(torch.tensor(going))
-        return [live[j] for j in going]
+        return [live[j] for j in decoder.drop(going, len(live))]  # none going: the loop ends or opens a fresh decoder

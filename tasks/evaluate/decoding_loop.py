@@ -189,12 +189,10 @@ class Stream:
         width = max(s.mask.shape[1] - start for s, start in zip(group, starts))
         self.mask = torch.cat([_left_pad(s.mask[:, start:], width) for s, start in zip(group, starts)])
         for layers in zip(*(s.cache.layers for s in group), strict=True):
-            keys, values = ([t[..., start:, :] for t, start in zip(ts, starts)]
-                            for ts in ([layer.keys for layer in layers], [layer.values for layer in layers]))
-            slab = type(layers[0]) is SlabLayer
-            room = SlabLayer.ROOM if slab else 0
-            keys, values = joined(keys, width, room), joined(values, width, room)
-            if slab:
+            room = SlabLayer.ROOM if type(layers[0]) is SlabLayer else 0
+            keys = joined([layer.keys[..., start:, :] for layer, start in zip(layers, starts)], width, room)
+            values = joined([layer.values[..., start:, :] for layer, start in zip(layers, starts)], width, room)
+            if room:
                 layers[0].adopt(keys, values, width)
             else:
                 layers[0].keys, layers[0].values = keys, values

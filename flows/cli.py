@@ -364,11 +364,12 @@ def main(argv: list[str] | None = None) -> None:
             handler.addFilter(_TERMINAL)
     _SIGTERMS.clear()
     previous = signal.signal(signal.SIGTERM, _terminate)
+    witness = _SignalWitness()
     try:
         try:
             CliApp.run(Clearflow, cli_args=args)
         except Exception as exc:  # noqa: BLE001  (any error, a stop's included; others re-raised below)
-            stop = wrapped_interrupt(exc) or (_SIGTERMS[0] if _SIGTERMS else None)
+            stop = wrapped_interrupt(exc) or (_SIGTERMS[0] if _SIGTERMS else None) or witness.sigterm()
             if stop is not None:
                 raise stop from None
             if debug or not isinstance(exc, (ValueError, OSError, RuntimeError, KeyError)):
@@ -384,7 +385,44 @@ def main(argv: list[str] | None = None) -> None:
         print("clearflow: interrupted; the same command resumes (finished stages are kept)", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
+        witness.close()
         signal.signal(signal.SIGTERM, previous)
+
+
+class _SignalWitness:
+    """Whether a SIGTERM arrived, whichever Python handler took it. Prefect's flow engine swaps in its own handler
+    while a flow runs, and where the signal lands in a task run's setup its engine turns the stop into
+    ValueError("Task run is not set") chained to nothing, so neither our handler nor the exception says it was a stop.
+    The interpreter's C-level handler writes every signal's number to the wakeup fd, whoever handles it in Python."""
+
+    def __init__(self) -> None:
+        self.read_end, write_end = os.pipe()
+        os.set_blocking(self.read_end, False)
+        os.set_blocking(write_end, False)
+        self.write_end = write_end
+        self.armed = False
+        try:
+            held = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: no witness, the handler and the exception chain still count
+            return
+        if held != -1:  # the fd of an event loop the caller runs: leave it to the loop
+            signal.set_wakeup_fd(held)
+            return
+        self.armed = True
+
+    def sigterm(self) -> Terminated | None:
+        """A stop if SIGTERM's number was written since the witness began."""
+        try:
+            seen = os.read(self.read_end, 4096)
+        except BlockingIOError:
+            return None
+        return Terminated() if signal.SIGTERM in seen else None
+
+    def close(self) -> None:
+        if self.armed:
+            signal.set_wakeup_fd(-1)
+        os.close(self.read_end)
+        os.close(self.write_end)
 
 
 class Terminated(KeyboardInterrupt):

@@ -124,6 +124,34 @@ def test_an_error_raised_while_unwinding_from_a_sigterm_is_the_stop(monkeypatch,
     assert capsys.readouterr().err.strip() == "clearflow: error: Task run is not set"
 
 
+def test_a_sigterm_taken_by_prefects_handler_and_lost_in_its_unwinding_is_the_stop(monkeypatch, capsys):
+    """The CI failure of 2026-12-04: SIGTERM lands while Prefect's flow engine holds the signal (its own handler,
+    installed by its real `capture_sigterm`), a task engine catches Prefect's TerminationSignal and raises
+    ValueError("Task run is not set") in its place, chained to nothing, so Prefect never hands the signal back to
+    ours. The run was stopped (143), not failed (2)."""
+    from prefect.exceptions import TerminationSignal
+    from prefect.utilities.engine import capture_sigterm
+
+    from flows import cli
+
+    def stopped_inside_prefect(*args, **kwargs):
+        with capture_sigterm():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises before this ends
+            except TerminationSignal:
+                pass
+            raise ValueError("Task run is not set")
+
+    monkeypatch.setattr(cli.CliApp, "run", stopped_inside_prefect)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["stages"])
+    assert exit_.value.code == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is not cli._terminate  # main's handler is gone once it returns
+    assert signal.set_wakeup_fd(-1) == -1  # and so is its witness
+
+
 @pytest.mark.parametrize("how", ["SIGTERM"])  # SIGKILL: the kill -9 test below
 def test_stopping_a_run_leaves_no_child_alive(tiny_model, tmp_path, how):
     runs = tmp_path / "runs"

@@ -4,9 +4,12 @@ plain versions), the stage flows, what the UI shows of them."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Completed, State
 
 from flows.execute import do_quality_check, do_stage_work, run_stage_with
@@ -60,3 +63,13 @@ def make_stage_flow(stage_name: str):
     stage_flow.__module__ = f"flows.{stage_name}"
     return flow(stage_flow, name=stage_name, log_prints=True, validate_parameters=True,
                 flow_run_name=stage_run_namer(stage_name))
+
+
+@contextmanager
+def subflows_without_heartbeats() -> Iterator[None]:
+    """Flows called in here (a pipeline's stages, a sweep's seeds) send no heartbeats of their own: the calling
+    flow's heartbeat already says this process lives, and Prefect's heartbeat thread holds every flow run's end for
+    up to a second (it sleeps in one-second steps and is joined): a trivial flow run took 1.2 s with it, 0.35 s
+    without, measured; a pipeline has eight stage flows."""
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield

@@ -8,6 +8,7 @@ import time
 from prefect import flow
 
 from flows.observe import pipeline_run_name
+from flows.orchestrate import subflows_without_heartbeats
 from flows.presets import with_preset
 from flows.runner import load_manifest, now, paths_of, resolve_run
 from flows.stages import ORDER
@@ -43,7 +44,8 @@ def pipeline_flow(cfg: RunConfig = RunConfig(), force: bool = False, preset: str
     sets); returns the report's path."""
     cfg = resolve_run(with_preset(preset, cfg))
     t0 = time.perf_counter()
-    for run_stage_flow in stage_flows().values():
-        run_stage_flow(cfg=cfg, force=force)
+    with subflows_without_heartbeats():
+        for run_stage_flow in stage_flows().values():
+            run_stage_flow(cfg=cfg, force=force)
     finish_run(cfg, time.perf_counter() - t0)
     return str(paths_of(cfg).report)

@@ -20,6 +20,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.orchestrate import subflows_without_heartbeats
 from flows.pipeline import pipeline_flow
 from flows.presets import with_preset
 from flows.runner import PROVENANCE, fingerprint, is_current, load_manifest, now, paths_of, resolve_run, start_manifest
@@ -181,7 +182,8 @@ def _seed_run(cfg: RunConfig, sweep: SweepPaths, seed: int, donor: RunPaths | No
     seed_cfg = seed_config(cfg, sweep, seed)
     if donor is not None:
         share_stages(str(donor.root), seed_cfg, force)
-    pipeline_flow(cfg=seed_cfg, force=force and donor is None)
+    with subflows_without_heartbeats():
+        pipeline_flow(cfg=seed_cfg, force=force and donor is None)
     return paths_of(seed_cfg)
 
 

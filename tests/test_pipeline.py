@@ -25,7 +25,7 @@ def tiny_run(tiny_model, tmp_path_factory, prefect_harness):
             "runs_dir": str(tmp_path_factory.mktemp("runs")),
             "limit": 60,
             "model": {"name": tiny_model},
-            "finetune": {"max_items": 4, "max_length": 256},
+            "finetune": {"max_items": 4, "max_length": 256, "compile": False},  # compiling: tests/test_finetune.py
             "evaluate": {"max_new_tokens": 4, "bootstrap": 50},
             "activations": {"store": str(tmp_path_factory.mktemp("store"))},
         }
@@ -66,6 +66,31 @@ def test_second_run_resumes_without_redoing_stages(tiny_run):
     pipeline_flow(cfg=cfg)
     after = json.loads(paths.manifest.read_text())["stages"]
     assert {s: r["finished_at"] for s, r in after.items()} == {s: r["finished_at"] for s, r in before.items()}
+
+
+def test_stage_flows_in_the_pipeline_send_no_heartbeats_and_a_stage_flow_alone_does(tiny_run, monkeypatch):
+    """Inside the pipeline's flow (whose own heartbeat says the process lives) the stage flows send none: Prefect's
+    heartbeat thread holds each flow run's end up to a second. A stage flow run on its own (a deployment, `clearflow
+    stage` with a server) keeps Prefect's heartbeat, which its crash detection reads."""
+    import flows.orchestrate as orchestrate
+    from flows.pipeline import pipeline_flow, stage_flow
+    from prefect.settings import Settings, get_current_settings
+
+    cfg, _, _ = tiny_run
+    seen = []
+    real = orchestrate.run_stage
+
+    def recording(*args, **kwargs):
+        seen.append(get_current_settings().flows.heartbeat_frequency)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(orchestrate, "run_stage", recording)
+    pipeline_flow(cfg=cfg)
+    assert seen == [None] * len(ORDER)
+    seen.clear()
+    stage_flow("report")(cfg=cfg)
+    assert seen == [Settings().flows.heartbeat_frequency] and seen[0] is not None
+    assert get_current_settings().flows.heartbeat_frequency is not None  # the pipeline gave the setting back
 
 
 def test_an_unchanged_run_starts_no_orchestrator_and_force_does(tiny_run, monkeypatch, capsys):

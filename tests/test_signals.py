@@ -184,9 +184,11 @@ class _Watched:
     """A `clearflow run` whose merged output is read as it comes (progress bars' carriage returns end a line too),
     so the test can act on what the run says it is doing and shows all of it when something goes wrong."""
 
-    def __init__(self, tiny_model: str, runs: Path, caches: Path, log: Path | None = None):
+    def __init__(self, tiny_model: str, runs: Path, caches: Path, log: Path | None = None, api: str | None = None):
         env = {**os.environ, "PYTHONPATH": str(REPO), "CLEARFLOW_STORE": str(caches / "store"),
                "CLEARFLOW_CACHE": str(caches / "cache")}
+        if api:  # a running Prefect API (the session's) instead of a temporary server: ~30 s less to start
+            env["PREFECT_API_URL"] = api
         cmd = [sys.executable, "-m", "flows.cli", "run", "--run", "r", "--runs-dir", str(runs),
                "--model.name", tiny_model, *_OPTS]
         self.log = log  # output to a file instead of a pipe: a run nobody reads as it goes never blocks on it
@@ -195,7 +197,8 @@ class _Watched:
         self.lines: list[str] = []
 
     def kill_at(self, pattern: str) -> list[psutil.Process]:
-        """Read until a line matches, then kill -9 the run at once; its descendants at that moment."""
+        """Read until a line matches, then kill -9 the run at once; its descendants at that moment (`servers`: the
+        temporary Prefect servers among them)."""
         buffer = b""
         while chunk := self.proc.stdout.read1(4096):
             buffer += chunk
@@ -203,6 +206,7 @@ class _Watched:
             self.lines += [d.decode(errors="replace") for d in done]
             if done and any(re.search(pattern, line) for line in self.lines[-len(done):]):
                 children = psutil.Process(self.proc.pid).children(recursive=True)
+                self.servers = [c.pid for c in children if "uvicorn" in " ".join(c.cmdline())]
                 self.proc.kill()
                 self.proc.wait(60)
                 return children
@@ -230,23 +234,29 @@ def _store_rows(store_root: Path) -> dict[int, pl.DataFrame]:
             for d in sorted(store.dir.glob("layer=*"))}
 
 
-def test_kill_9_mid_stage_then_the_same_command_equals_a_clean_run(tiny_model, tmp_path):
-    """kill -9 during activations (no child outlives it, the port is freed), again during fine-tuning, then the
-    same command: every table (and the shared store, and the adapter's bytes) equals a run that was never killed
-    (its own store and caches, so nothing is shared with the killed one), with no duplicate row and no temp file."""
+def test_kill_9_mid_stage_then_the_same_command_equals_a_clean_run(tiny_model, tmp_path, prefect_harness):
+    """kill -9 during activations (no child outlives it, its temporary Prefect server included, the port is freed),
+    again during fine-tuning, then the same command: every table (and the shared store, and the adapter's bytes)
+    equals a run that was never killed (its own store and caches, so nothing is shared with the killed one), with no
+    duplicate row and no temp file. Only the first run starts a temporary server (the one whose end is checked);
+    the others report to the session's."""
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
     # the never-killed run goes alongside (one thread each: the two share 2 cores without changing any result)
-    clean_run = _Watched(tiny_model, tmp_path / "clean", tmp_path / "b", log=tmp_path / "clean.log")
+    clean_run = _Watched(tiny_model, tmp_path / "clean", tmp_path / "b", log=tmp_path / "clean.log", api=api)
     killed = _Watched(tiny_model, tmp_path / "runs", tmp_path / "a")
     children = killed.kill_at(r"activations:\s+\d+%.*\b[1-9]\d*/\d+")  # a shard or more written, not all
+    assert killed.servers, "the first run had no temporary Prefect server:\n" + killed.said()
     assert _all_gone(children, within=10) == [], killed.said()
     stores = [d for d in (tmp_path / "a" / "store").iterdir() if d.is_dir()]
     assert len(stores) == 1 and not (stores[0] / "meta.json").exists(), "the kill must land mid-extraction:\n" + \
         killed.said()
-    again = _Watched(tiny_model, tmp_path / "runs", tmp_path / "a")
+    again = _Watched(tiny_model, tmp_path / "runs", tmp_path / "a", api=api)
     again.kill_at(r"finetune clear:\s+\d+%.*\b[1-9]\d*/\d+")  # a training step or more done, not all
     assert not (tmp_path / "runs" / "r" / "adapters" / "clear").exists(), "the kill must land mid-training:\n" + \
         again.said()
-    _Watched(tiny_model, tmp_path / "runs", tmp_path / "a").finish()
+    _Watched(tiny_model, tmp_path / "runs", tmp_path / "a", api=api).finish()
     clean_run.finish()
 
     resumed, clean = tmp_path / "runs" / "r", tmp_path / "clean" / "r"

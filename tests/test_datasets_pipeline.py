@@ -38,13 +38,23 @@ def _cfg(dataset: str, data_path, tiny_model: str, runs_dir, **extra) -> RunConf
     )
 
 
-@pytest.mark.parametrize("dataset", PUBLISHED)
-def test_each_format_runs_to_a_report(dataset, tiny_model, tmp_path, prefect_harness):
-    from flows.pipeline import pipeline_flow
+def pipeline(cfg: RunConfig) -> str:
+    """Every stage in order, each checked by its suites and recorded in the manifest, through the runner that
+    `clearflow stage` uses without a server (flows/execute.py): this module tests the formats, not the orchestration
+    (tests/test_pipeline.py runs the Prefect flows), which costs seconds a run."""
+    from flows.execute import run_stage_with
+    from flows.stages import ORDER
 
+    for stage in ORDER:
+        run_stage_with(stage, cfg, False)
+    return str(RunPaths(cfg.runs_dir / cfg.run).report)
+
+
+@pytest.mark.parametrize("dataset", PUBLISHED)
+def test_each_format_runs_to_a_report(dataset, tiny_model, tmp_path):
     data_path = _writer(dataset)(tmp_path / "data")
     cfg = _cfg(dataset, data_path, tiny_model, tmp_path / "runs")
-    report = pipeline_flow(cfg=cfg)
+    report = pipeline(cfg)
     paths = RunPaths(cfg.runs_dir / dataset)
     assert report == str(paths.report) and paths.report.exists()
     items = pl.read_parquet(paths.table("items"))
@@ -59,14 +69,13 @@ def test_each_format_runs_to_a_report(dataset, tiny_model, tmp_path, prefect_har
     assert manifest["inputs"]["loaders"]["data"]["dataset"] == dataset
 
 
-def test_a_dataset_registered_with_one_reader_runs_to_a_report(tiny_model, tmp_path, prefect_harness, monkeypatch):
+def test_a_dataset_registered_with_one_reader_runs_to_a_report(tiny_model, tmp_path, monkeypatch):
     """A new dataset is one reader (tests/format_fixtures.py:toy_reader) plus one registry entry."""
-    from flows.pipeline import pipeline_flow
     from tasks.ingest.formats import READERS
 
     monkeypatch.setitem(READERS, fixtures.TOY, fixtures.toy_reader())
     cfg = _cfg(fixtures.TOY, fixtures.write_toy(tmp_path / "data", broken=True), tiny_model, tmp_path / "runs")
-    assert pipeline_flow(cfg=cfg) == str(RunPaths(cfg.runs_dir / fixtures.TOY).report)
+    assert pipeline(cfg) == str(RunPaths(cfg.runs_dir / fixtures.TOY).report)
     paths = RunPaths(cfg.runs_dir / fixtures.TOY)
     assert set(pl.read_parquet(paths.table("items"))["dataset"]) == {fixtures.TOY}
     rejects = pl.read_parquet(paths.table("rejects")).filter(pl.col("source") == "toy.jsonl")
@@ -74,17 +83,15 @@ def test_a_dataset_registered_with_one_reader_runs_to_a_report(tiny_model, tmp_p
     assert set(pl.read_parquet(paths.table("metrics"))["method"]) == {"full_context", "clear"}
 
 
-def test_llm_facts_relevance_and_relevant_only_probing_through_the_pipeline(tiny_model, tmp_path, prefect_harness):
+def test_llm_facts_relevance_and_relevant_only_probing_through_the_pipeline(tiny_model, tmp_path):
     """The reference's decomposition options end to end: local-LLM facts, relevance filter, only relevant units probed."""
-    from flows.pipeline import pipeline_flow
-
     data_path = fixtures.write_nq_swap(tmp_path / "data")
     cfg = _cfg(
         "nq-swap", data_path, tiny_model, tmp_path / "runs",
         decompose={"method": "llm", "llm": {"max_new_tokens": 24}, "relevance": True, "top_k": 1},
         activations={"sentences": "relevant"},
     )
-    pipeline_flow(cfg=cfg)
+    pipeline(cfg)
     paths = RunPaths(cfg.runs_dir / "nq-swap")
     sentences = pl.read_parquet(paths.table("sentences"))
     assert sentences["unit"].is_in(["sentence", "fact"]).all() and sentences["source_idx"].min() == 0

@@ -39,6 +39,7 @@ def test_usable_cpus_follow_the_affinity_mask():
 def test_a_busy_neighbour_takes_a_cpu_from_the_stage(monkeypatch):
     """With one CPU-bound process beside it, a stage starting now gets one CPU fewer (at least one)."""
     monkeypatch.setattr(threads, "_user_set_threads", False)
+    monkeypatch.setattr(threads, "_last_reading", None)  # no reading an earlier stage of this process took
     monkeypatch.delenv("CLEARFLOW_THREAD_POLICY", raising=False)
     before = torch.get_num_threads()
     hog = subprocess.Popen([sys.executable, "-c", "while True:\n    pass"])
@@ -53,6 +54,20 @@ def test_a_busy_neighbour_takes_a_cpu_from_the_stage(monkeypatch):
         hog.wait()
         torch.set_num_threads(before)
     assert got <= max(1, threads.usable_cpus() - 1)
+
+
+def test_stages_starting_in_quick_succession_share_one_load_reading(monkeypatch):
+    """A reading under READING_REUSE_S old is reused (each sample sleeps 0.2 s); an older one is taken again."""
+    readings = iter([2, 1])
+    monkeypatch.setattr(threads, "free_cpus", lambda: next(readings))
+    monkeypatch.setattr(threads, "_last_reading", None)
+    clock = [100.0]
+    monkeypatch.setattr(threads, "_clock", lambda: clock[0])
+    assert threads.recent_free_cpus() == 2
+    clock[0] += threads.READING_REUSE_S - 0.5
+    assert threads.recent_free_cpus() == 2  # the same reading, not sampled again
+    clock[0] += 1.0
+    assert threads.recent_free_cpus() == 1  # stale: sampled anew
 
 
 def test_an_explicit_count_or_the_default_policy_is_kept(monkeypatch):

@@ -5,7 +5,7 @@ thread. On a shared machine the scheduler parks one of them for the neighbour, a
 cores beside one busy process ran 18x slower than alone (issue 12). So, before torch loads, clearflow sets passive
 waiting (threads sleep instead of spinning) and a thread count from the CPUs this process may use (its affinity
 mask and cgroup quota, not the host's core count); and when a stage starts it uses as many threads as CPUs the
-other processes leave free at that moment (`set_threads`). Whatever the user exported (OMP_WAIT_POLICY,
+other processes leave free at that moment (`set_threads`; a reading under 5 s old is reused). Whatever the user exported (OMP_WAIT_POLICY,
 OMP_NUM_THREADS) wins, `--threads N` fixes the count for a run, and CLEARFLOW_THREAD_POLICY=default keeps the
 libraries' own defaults.
 """
@@ -22,6 +22,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 _user_set_threads = False  # OMP_NUM_THREADS was exported before clearflow set it: the user's count stands
+READING_REUSE_S = 5.0  # a stage starting this soon after the last load reading takes it (no new 0.2 s sample)
+_last_reading: tuple[float, int] | None = None  # (_clock() when sampled, free CPUs)
+_clock = time.monotonic
 
 
 def usable_cpus() -> int:
@@ -67,12 +70,22 @@ def free_cpus(sample_seconds: float = 0.2) -> int:
     return max(1, usable_cpus() - round(busy))
 
 
+def recent_free_cpus() -> int:
+    """free_cpus(), or the reading taken under READING_REUSE_S ago: stages that start in quick succession (small
+    ones, a pipeline on few items) would otherwise each sleep 0.2 s to learn what the last one just measured."""
+    global _last_reading
+    now = _clock()
+    if _last_reading is None or now - _last_reading[0] > READING_REUSE_S:
+        _last_reading = (now, free_cpus())
+    return _last_reading[1]
+
+
 def set_threads(threads: int | None) -> int:
     """torch's intra-op threads for the work about to start: `--threads` when given, else (unless
     CLEARFLOW_THREAD_POLICY=default, or OMP_NUM_THREADS was exported) the CPUs other processes leave free now:
     threads that must meet at every parallel region run at the pace of the one the scheduler parks."""
     if threads is None and os.environ.get("CLEARFLOW_THREAD_POLICY") != "default" and not _user_set_threads:
-        threads = free_cpus()
+        threads = recent_free_cpus()
         if threads < current_threads():
             log.info("threads: %d (other processes keep %d of %d CPUs busy)", threads, usable_cpus() - threads,
                      usable_cpus())

@@ -30,6 +30,7 @@ def _tiny_config(tiny_model: str, runs_dir: Path) -> RunConfig:
             "run": "sw",
             "runs_dir": str(runs_dir),
             "limit": 60,
+            "threads": 1,  # results equal across runs whatever the machine's load (tests compare runs' tables)
             "model": {"name": tiny_model},
             "finetune": {"max_items": 4, "max_length": 256, "compile": False},  # compiling: tests/test_finetune.py
             "evaluate": {"max_new_tokens": 4, "bootstrap": 50},
@@ -299,32 +300,29 @@ def test_sweep_comparisons_pair_every_seed_answer(swept):
     assert rows[0][0] == table.height
 
 
-def test_later_seeds_run_at_once_as_sub_flows_and_give_the_sequential_tables(tiny_model, tmp_path, prefect_harness,
-                                                                            monkeypatch):
+def test_later_seeds_run_at_once_as_sub_flows_and_give_the_sequential_tables(swept, tmp_path, monkeypatch):
     """--parallel 2: after the first seed, seeds 1 and 2 fine-tune at the same time (each waits inside its
-    fine-tuning until the other has started it: run one after another, they could not both arrive), and every
-    seed's predictions equal those of the sweep run one seed at a time."""
+    fine-tuning until the other has started it: run one after another, they could not both arrive), and the seeds
+    the module's sweep ran one at a time (0 and 1, same options, one thread each) have the same predictions."""
     import threading
 
     import tasks.finetune.stage as finetune_stage
     from flows.sweep import sweep_flow
 
-    seeds = [0, 1, 2]
-    runs = {}
-    for parallel in (1, 2):
-        cfg = _tiny_config(tiny_model, tmp_path / f"runs-{parallel}").model_copy(update={"threads": 1})
-        if parallel == 2:
-            # generous: on a loaded CI machine the second seed once reached fine-tuning over 120 s after the first
-            both = threading.Barrier(2, timeout=600)
-            real = finetune_stage.run_finetune
+    sequential_cfg, sequential, _, _ = swept
+    cfg = sequential_cfg.model_copy(update={"runs_dir": tmp_path / "runs"})
+    # generous: on a loaded CI machine the second seed once reached fine-tuning over 120 s after the first
+    both = threading.Barrier(2, timeout=600)
+    real = finetune_stage.run_finetune
 
-            def meeting(view, paths, real=real, both=both):
-                if not paths.root.name.endswith("-0"):  # the first seed runs alone
-                    both.wait()  # BrokenBarrierError after the timeout when the seeds run one after another
-                return real(view, paths)
+    def meeting(view, paths):
+        if not paths.root.name.endswith("-0"):  # the first seed runs alone
+            both.wait()  # BrokenBarrierError after the timeout when the seeds run one after another
+        return real(view, paths)
 
-            monkeypatch.setattr(finetune_stage, "run_finetune", meeting)
-        sweep = SweepPaths(Path(sweep_flow(cfg=cfg, seeds=seeds, parallel=parallel)).parent)
-        runs[parallel] = {s: read_table(sweep.run(s).table("predictions")) for s in seeds}
-    for seed in seeds:
-        assert runs[2][seed].equals(runs[1][seed]), seed
+    monkeypatch.setattr(finetune_stage, "run_finetune", meeting)
+    parallel = SweepPaths(Path(sweep_flow(cfg=cfg, seeds=[*SEEDS, 2], parallel=2)).parent)
+    assert parallel.run(2).table("predictions").exists()
+    for seed in SEEDS:
+        assert read_table(parallel.run(seed).table("predictions")).equals(
+            read_table(sequential.run(seed).table("predictions"))), seed

@@ -20,13 +20,27 @@ def _session_store(tmp_path_factory):
     cache. Each test then gets its own (`_own_store`)."""
     saved = {k: os.environ.get(k) for k in ("CLEARFLOW_STORE", "CLEARFLOW_CACHE")}
     os.environ["CLEARFLOW_STORE"] = str(tmp_path_factory.mktemp("store"))
-    os.environ["CLEARFLOW_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["CLEARFLOW_CACHE"] = str(cache)
+    (cache / "models").symlink_to(_models_of_this_session(tmp_path_factory), target_is_directory=True)
     yield
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def _models_of_this_session(tmp_path_factory) -> Path:
+    """Converted models, shared by the session's xdist workers (their temp roots' parent, this session's alone):
+    converting the embedded model costs 25-45 s, and the conversion is safe across processes (a lock, then a
+    rename: tests/test_models.py), so a second worker reuses the first's instead of converting again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    models = root / "converted-models"
+    models.mkdir(exist_ok=True)
+    return models
 
 
 @pytest.fixture(autouse=True)

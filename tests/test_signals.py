@@ -74,6 +74,16 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _main_with(run, monkeypatch, capsys) -> tuple[int, str]:
+    """`clearflow stages` with the CLI's work replaced by `run`: its exit code and what it printed to stderr."""
+    from flows import cli
+
+    monkeypatch.setattr(cli.CliApp, "run", run)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["stages"])
+    return exit_.value.code, capsys.readouterr().err
+
+
 def test_a_sigterm_wrapped_in_another_error_is_still_a_stop(monkeypatch, capsys):
     """SIGTERM landing while a class is built (an import mid-run) reaches the CLI as RuntimeError("Error calling
     __set_name__ ...") on Python 3.11: it must still stop as SIGTERM (143), not report an error (2)."""
@@ -85,11 +95,9 @@ def test_a_sigterm_wrapped_in_another_error_is_still_a_stop(monkeypatch, capsys)
         except cli.Terminated as stop:
             raise RuntimeError("Error calling __set_name__ on 'Field' instance 'keys'") from stop
 
-    monkeypatch.setattr(cli.CliApp, "run", run)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["stages"])
-    assert exit_.value.code == 143
-    assert capsys.readouterr().err.strip().endswith("stopped by SIGTERM; the same command resumes (finished stages are"
+    code, err = _main_with(run, monkeypatch, capsys)
+    assert code == 143
+    assert err.strip().endswith("stopped by SIGTERM; the same command resumes (finished stages are"
                                                     " kept)")
     assert cli.wrapped_interrupt(ValueError("plain")) is None
 
@@ -108,20 +116,14 @@ def test_an_error_raised_while_unwinding_from_a_sigterm_is_the_stop(monkeypatch,
             pass  # Prefect's engine swallows the stop here
         raise AssertionError("Task run is not set")
 
-    monkeypatch.setattr(cli.CliApp, "run", stopped_then_unwound)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["stages"])
-    assert exit_.value.code == 143
-    assert "stopped by SIGTERM" in capsys.readouterr().err
+    code, err = _main_with(stopped_then_unwound, monkeypatch, capsys)
+    assert code == 143 and "stopped by SIGTERM" in err
 
     def failed(*args, **kwargs):
         raise ValueError("Task run is not set")
 
-    monkeypatch.setattr(cli.CliApp, "run", failed)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["stages"])
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip() == "clearflow: error: Task run is not set"
+    code, err = _main_with(failed, monkeypatch, capsys)
+    assert code == 2 and err.strip() == "clearflow: error: Task run is not set"
 
 
 def test_a_sigterm_taken_by_prefects_handler_and_lost_in_its_unwinding_is_the_stop(monkeypatch, capsys):
@@ -143,11 +145,8 @@ def test_a_sigterm_taken_by_prefects_handler_and_lost_in_its_unwinding_is_the_st
                 pass
             raise ValueError("Task run is not set")
 
-    monkeypatch.setattr(cli.CliApp, "run", stopped_inside_prefect)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["stages"])
-    assert exit_.value.code == 143
-    assert "stopped by SIGTERM" in capsys.readouterr().err
+    code, err = _main_with(stopped_inside_prefect, monkeypatch, capsys)
+    assert code == 143 and "stopped by SIGTERM" in err
     assert signal.getsignal(signal.SIGTERM) is not cli._terminate  # main's handler is gone once it returns
     assert signal.set_wakeup_fd(-1) == -1  # and so is its witness
 

@@ -396,13 +396,12 @@ class _SignalWitness:
     The interpreter's C-level handler writes every signal's number to the wakeup fd, whoever handles it in Python."""
 
     def __init__(self) -> None:
-        self.read_end, write_end = os.pipe()
+        self.read_end, self.write_end = os.pipe()
         os.set_blocking(self.read_end, False)
-        os.set_blocking(write_end, False)
-        self.write_end = write_end
+        os.set_blocking(self.write_end, False)
         self.armed = False
         try:
-            held = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+            held = signal.set_wakeup_fd(self.write_end, warn_on_full_buffer=False)
         except ValueError:  # not the main thread: no witness, the handler and the exception chain still count
             return
         if held != -1:  # the fd of an event loop the caller runs: leave it to the loop

@@ -5,9 +5,9 @@ thread. On a shared machine the scheduler parks one of them for the neighbour, a
 cores beside one busy process ran 18x slower than alone (issue 12). So, before torch loads, clearflow sets passive
 waiting (threads sleep instead of spinning) and a thread count from the CPUs this process may use (its affinity
 mask and cgroup quota, not the host's core count); and when a stage starts it uses as many threads as CPUs the
-other processes leave free at that moment (`set_threads`; a reading under 5 s old is reused). Whatever the user exported (OMP_WAIT_POLICY,
-OMP_NUM_THREADS) wins, `--threads N` fixes the count for a run, and CLEARFLOW_THREAD_POLICY=default keeps the
-libraries' own defaults.
+other processes leave free at that moment (`set_threads`; a reading under 5 s old is reused). Whatever the user
+exported (OMP_WAIT_POLICY, OMP_NUM_THREADS) wins, `--threads N` fixes the count for a run, and
+CLEARFLOW_THREAD_POLICY=default keeps the libraries' own defaults.
 """
 
 from __future__ import annotations

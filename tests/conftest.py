@@ -48,8 +48,7 @@ def _own_store(tmp_path_factory, monkeypatch):
     """Every test its own activation store and caches, so no test reads what another wrote or deletes what another
     needs, whatever the order. Converted models are the exception: read-only once written (under a lock), they
     are shared through a link to the session's cache, as a user's runs share them."""
-    models = Path(os.environ["CLEARFLOW_CACHE"]) / "models"
-    models.mkdir(parents=True, exist_ok=True)
+    models = Path(os.environ["CLEARFLOW_CACHE"]) / "models"  # the session's link (`_session_store`)
     own = tmp_path_factory.mktemp("own")  # beside the test's tmp_path, which some tests list
     cache = own / "cache"
     cache.mkdir()

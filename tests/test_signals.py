@@ -97,8 +97,7 @@ def test_a_sigterm_wrapped_in_another_error_is_still_a_stop(monkeypatch, capsys)
 
     code, err = _main_with(run, monkeypatch, capsys)
     assert code == 143
-    assert err.strip().endswith("stopped by SIGTERM; the same command resumes (finished stages are"
-                                                    " kept)")
+    assert err.strip().endswith("stopped by SIGTERM; the same command resumes (finished stages are kept)")
     assert cli.wrapped_interrupt(ValueError("plain")) is None
 
 
@@ -194,6 +193,7 @@ class _Watched:
         out = subprocess.PIPE if log is None else log.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
+        self.servers: list[int] = []  # pids of the temporary Prefect servers it had when `kill_at` struck
 
     def kill_at(self, pattern: str) -> list[psutil.Process]:
         """Read until a line matches, then kill -9 the run at once; its descendants at that moment (`servers`: the
